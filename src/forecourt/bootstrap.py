@@ -1,0 +1,88 @@
+"""The composition root: the one place that wires contexts, infrastructure and HTTP apps.
+
+Nothing connects at import time; :meth:`HeadOffice.start` connects, migrates and starts the
+relay; :meth:`HeadOffice.stop` undoes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Gauge
+
+from forecourt import __version__
+from forecourt.infra.bus import Bus, make_bus
+from forecourt.infra.db import Database
+from forecourt.infra.http import install_common
+from forecourt.infra.migrate import upgrade
+from forecourt.infra.relay import OutboxRelay
+from forecourt.kernel.clock import Clock
+from forecourt.network import api as network_api
+from forecourt.network.handlers import DbStationDirectory
+from forecourt.sales import api as sales_api
+from forecourt.settings import Settings
+
+
+@dataclass
+class HeadOffice:
+    settings: Settings
+    db: Database
+    bus: Bus
+    relay: OutboxRelay
+    directory: DbStationDirectory
+    registry: CollectorRegistry
+    app: FastAPI = field(init=False)
+    bus_ready: bool = False
+
+    async def start(self, *, migrate: bool = True, relay: bool = True) -> None:
+        await self.db.connect()
+        if migrate:
+            await upgrade(self.db)
+        await self.bus.connect()
+        self.bus_ready = True
+        if relay:
+            self.relay.start()
+
+    async def stop(self) -> None:
+        await self.relay.stop()
+        await self.bus.close()
+        self.bus_ready = False
+        await self.db.dispose()
+
+
+def build_head_office(settings: Settings, *, clock: Clock | None = None) -> HeadOffice:
+    db = Database(settings.database_url, clock=clock)
+    bus = make_bus(settings.bus_url, stream=settings.nats_stream)
+    relay = OutboxRelay(
+        db, bus, batch_size=settings.relay_batch_size, idle_seconds=settings.relay_idle_seconds
+    )
+    registry = CollectorRegistry()
+    directory = DbStationDirectory(db)
+    hq = HeadOffice(settings, db, bus, relay, directory, registry)
+
+    backlog = Gauge(
+        "forecourt_outbox_backlog", "Events waiting in the outbox", registry=registry
+    )
+    published = Gauge(
+        "forecourt_outbox_published", "Events published by this process's relay", registry=registry
+    )
+    published.set_function(lambda: relay.published)
+
+    async def ready() -> dict[str, bool]:
+        checks = {"bus": hq.bus_ready and await bus.ready()}
+        try:
+            backlog.set(await relay.backlog())
+            checks["database"] = True
+        except Exception:  # noqa: BLE001 - not ready is the answer, not a crash
+            checks["database"] = False
+        return checks
+
+    app = FastAPI(title="Forecourt head office", version=__version__)
+    install_common(app, registry, ready)
+    if "network" in settings.services:
+        app.include_router(network_api.build_router(db, directory))
+    if "sales" in settings.services:
+        app.include_router(sales_api.build_router(db, directory, registry))
+    hq.app = app
+    return hq

@@ -1,0 +1,1 @@
+"""Infrastructure: database, outbox relay, buses, inbox, idempotency, logging, metrics."""

@@ -1,0 +1,271 @@
+"""Database access for SQLite and PostgreSQL behind one interface, and the unit of work.
+
+Each context owns its tables in its own PostgreSQL schema (``network``, ``sales``, and
+``platform`` for the outbox, inbox, idempotency and audit-outbox tables). On SQLite the
+schema names are translated away (``schema_translate_map``), so the same SQLAlchemy Core
+statements run on both; table names are therefore unique across contexts.
+
+SQLite is opened in WAL mode with ``synchronous=FULL``, and writers are serialised inside the
+process (one asyncio lock, ``BEGIN IMMEDIATE``), because SQLite has one writer at a time and
+an early write lock avoids lock-upgrade deadlocks between connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from forecourt.infra.logging import trace_id_var
+from forecourt.kernel.clock import Clock, SystemClock
+from forecourt.kernel.events import Envelope
+from forecourt.kernel.ids import new_id
+
+SCHEMAS = ("platform", "network", "sales")
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware timestamps on both backends; naive values are refused."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} cannot be stored")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def normalise_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``sqlite:///`` and pick the async drivers we ship."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    elif parsed.drivername == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    return parsed.render_as_string(hide_password=False)
+
+
+class Database:
+    """One database (SQLite file or PostgreSQL server) and its engine."""
+
+    def __init__(self, url: str, *, clock: Clock | None = None, pool_size: int = 10) -> None:
+        self.url = normalise_url(url)
+        self.backend = make_url(self.url).get_backend_name()
+        if self.backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {self.backend!r}")
+        self.clock = clock or SystemClock()
+        self._pool_size = pool_size
+        self._engine: AsyncEngine | None = None
+        self._write_lock = asyncio.Lock()
+        self.outbox_signal = asyncio.Event()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.backend == "sqlite"
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("Database.connect() has not been called")
+        return self._engine
+
+    def schema(self, context: str) -> str | None:
+        return None if self.is_sqlite else context
+
+    async def connect(self) -> None:
+        if self._engine is not None:
+            return
+        if self.is_sqlite:
+            path = make_url(self.url).database
+            if path and path != ":memory:":
+                from pathlib import Path
+
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(self.url)
+            _configure_sqlite(engine)
+            engine = engine.execution_options(schema_translate_map=dict.fromkeys(SCHEMAS))
+        else:
+            engine = create_async_engine(
+                self.url, pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=True
+            )
+        self._engine = engine
+
+    async def dispose(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        """A read connection (autocommit-free; rolled back at the end)."""
+        async with self.engine.connect() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[UnitOfWork]:
+        """A write transaction; events and audit records commit atomically with it."""
+        if self.is_sqlite:
+            async with self._write_lock, self.engine.begin() as conn:
+                uow = UnitOfWork(conn, self)
+                yield uow
+        else:
+            async with self.engine.begin() as conn:
+                uow = UnitOfWork(conn, self)
+                yield uow
+        if uow.emitted:
+            self.outbox_signal.set()
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# --- platform tables (the outbox and friends), shared by every context -------------------
+
+platform_md = sa.MetaData(schema="platform")
+
+outbox_table = sa.Table(
+    "outbox",
+    platform_md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(200), nullable=False),
+    sa.Column("subject", sa.String(200)),
+    sa.Column("time", UTCDateTime(), nullable=False),
+    sa.Column("traceparent", sa.String(64)),
+    sa.Column("data", sa.Text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("published_at", UTCDateTime()),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text()),
+)
+
+inbox_table = sa.Table(
+    "inbox",
+    platform_md,
+    sa.Column("consumer", sa.String(100), primary_key=True),
+    sa.Column("event_id", sa.String(64), primary_key=True),
+    sa.Column("processed_at", UTCDateTime(), nullable=False),
+)
+
+dead_letter_table = sa.Table(
+    "dead_letter",
+    platform_md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("consumer", sa.String(100), nullable=False),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("headers", sa.Text(), nullable=False),
+    sa.Column("body", sa.Text(), nullable=False),
+    sa.Column("deliveries", sa.Integer(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=False),
+    sa.Column("dead_at", UTCDateTime(), nullable=False),
+)
+
+idempotency_table = sa.Table(
+    "idempotency",
+    platform_md,
+    sa.Column("scope", sa.String(100), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("status_code", sa.Integer()),
+    sa.Column("response", sa.Text()),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+audit_outbox_table = sa.Table(
+    "audit_outbox",
+    platform_md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("record_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(200), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("details", sa.Text(), nullable=False),
+    sa.Column("trace_id", sa.String(32)),
+)
+
+
+def outbox_row(envelope: Envelope, now: datetime) -> dict[str, Any]:
+    return {
+        "event_id": envelope.id,
+        "type": envelope.type,
+        "source": envelope.source,
+        "subject": envelope.subject,
+        "time": envelope.time,
+        "traceparent": envelope.traceparent,
+        "data": json.dumps(envelope.data, separators=(",", ":"), sort_keys=True),
+        "created_at": now,
+    }
+
+
+class UnitOfWork:
+    """One transaction. What a handler writes, emits and audits commits or rolls back together."""
+
+    def __init__(self, conn: AsyncConnection, db: Database) -> None:
+        self.conn = conn
+        self.db = db
+        self.emitted = 0
+
+    async def emit(self, *envelopes: Envelope) -> None:
+        """Append events to the transactional outbox (the relay publishes them later)."""
+        await self.emit_many(envelopes)
+
+    async def emit_many(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        now = self.db.clock.now()
+        await self.conn.execute(outbox_table.insert(), [outbox_row(e, now) for e in envelopes])
+        self.emitted += len(envelopes)
+
+    async def record_audit(
+        self, *, actor: str, action: str, target: str, details: dict[str, Any] | None = None
+    ) -> None:
+        """Append to the audit outbox in this transaction (chained and verified downstream)."""
+        await self.conn.execute(
+            audit_outbox_table.insert().values(
+                record_id=str(new_id()),
+                at=self.db.clock.now(),
+                actor=actor,
+                action=action,
+                target=target,
+                details=json.dumps(details or {}, sort_keys=True, default=str),
+                trace_id=trace_id_var.get(),
+            )
+        )

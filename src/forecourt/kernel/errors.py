@@ -1,0 +1,63 @@
+"""The root error type: every error Forecourt raises on purpose carries a stable code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ForecourtError(Exception):
+    """An expected failure with a stable, documented ``code`` (e.g. ``sales.schema_invalid``).
+
+    ``http_status`` is a hint for the one place that maps errors to HTTP; domain code never
+    depends on it.
+    """
+
+    code: str = "forecourt.error"
+    http_status: int = 400
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.details = details
+
+    def with_status(self, http_status: int) -> ForecourtError:
+        self.http_status = http_status
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class InvalidValue(ForecourtError):
+    code = "kernel.invalid_value"
+    http_status = 422
+
+
+class CurrencyMismatch(ForecourtError):
+    code = "kernel.currency_mismatch"
+    http_status = 422
+
+
+class NotFound(ForecourtError):
+    code = "kernel.not_found"
+    http_status = 404
+
+
+class Unauthorized(ForecourtError):
+    code = "kernel.unauthorized"
+    http_status = 401
+
+
+class Forbidden(ForecourtError):
+    code = "kernel.forbidden"
+    http_status = 403
+
+
+class Conflict(ForecourtError):
+    code = "kernel.conflict"
+    http_status = 409

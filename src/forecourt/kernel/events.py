@@ -1,0 +1,99 @@
+"""The event envelope: CloudEvents 1.0 attributes plus W3C ``traceparent``.
+
+Chosen encoding on the bus: CloudEvents *binary* content mode. Attributes travel as ``ce-*``
+headers (NATS headers; the in-process bus carries the same mapping), the body is the JSON
+``data``. Types are versioned, e.g. ``com.forecourt.sales.sale.completed.v1``; the NATS
+subject is the type without the ``com.`` prefix (``forecourt.sales.sale.completed.v1``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from forecourt.kernel.errors import InvalidValue
+from forecourt.kernel.ids import new_id
+
+SPECVERSION = "1.0"
+_TYPE_RE = re.compile(r"^com\.forecourt\.[a-z_]+(\.[a-z_]+)+\.v[0-9]+$")
+_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def event_type(context: str, name: str, version: int = 1) -> str:
+    """``event_type("sales", "sale.completed")`` → ``com.forecourt.sales.sale.completed.v1``."""
+    return f"com.forecourt.{context}.{name}.v{version}"
+
+
+def new_traceparent() -> str:
+    return f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    if traceparent and _TRACEPARENT_RE.match(traceparent):
+        return traceparent.split("-")[1]
+    return None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: str
+    source: str
+    data: dict[str, Any]
+    time: datetime
+    subject: str | None = None
+    id: str = field(default_factory=lambda: str(new_id()))
+    traceparent: str | None = None
+    datacontenttype: str = "application/json"
+    specversion: str = SPECVERSION
+
+    def __post_init__(self) -> None:
+        if not _TYPE_RE.match(self.type):
+            raise InvalidValue(f"event type {self.type!r} is not com.forecourt.<ctx>.<name>.vN")
+        if self.time.tzinfo is None:
+            raise InvalidValue("event time must be timezone-aware")
+        if self.traceparent is not None and not _TRACEPARENT_RE.match(self.traceparent):
+            raise InvalidValue(f"bad traceparent {self.traceparent!r}")
+
+    @property
+    def bus_subject(self) -> str:
+        return self.type.removeprefix("com.")
+
+    def headers(self) -> dict[str, str]:
+        h = {
+            "ce-specversion": self.specversion,
+            "ce-id": self.id,
+            "ce-source": self.source,
+            "ce-type": self.type,
+            "ce-time": self.time.isoformat(),
+            "content-type": self.datacontenttype,
+        }
+        if self.subject is not None:
+            h["ce-subject"] = self.subject
+        if self.traceparent is not None:
+            h["traceparent"] = self.traceparent
+        return h
+
+    def body(self) -> bytes:
+        return json.dumps(self.data, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_wire(cls, headers: dict[str, str], body: bytes) -> Envelope:
+        try:
+            if headers.get("ce-specversion") != SPECVERSION:
+                raise InvalidValue("unsupported or missing ce-specversion")
+            return cls(
+                id=headers["ce-id"],
+                source=headers["ce-source"],
+                type=headers["ce-type"],
+                time=datetime.fromisoformat(headers["ce-time"]),
+                subject=headers.get("ce-subject"),
+                traceparent=headers.get("traceparent"),
+                datacontenttype=headers.get("content-type", "application/json"),
+                data=json.loads(body) if body else {},
+            )
+        except (KeyError, ValueError) as exc:
+            raise InvalidValue(f"malformed event: {exc}", code="kernel.malformed_event") from exc

@@ -1,0 +1,1 @@
+"""The ``network`` context: chain, regions, stations, equipment, grades and price lists."""

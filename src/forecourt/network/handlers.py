@@ -1,0 +1,435 @@
+"""Use cases of ``network``: import the chain file, issue station credentials, build station
+snapshots, and the station directory other contexts authenticate and validate against.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time as _time
+from dataclasses import dataclass
+from datetime import datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from forecourt.infra.db import Database
+from forecourt.kernel.events import Envelope, event_type
+from forecourt.kernel.ids import new_id
+from forecourt.kernel.money import Rounding, UnitPrice
+from forecourt.network.contracts import (
+    NozzleRef,
+    SnapshotFuellingPoint,
+    SnapshotGrade,
+    SnapshotModel,
+    SnapshotNozzle,
+    SnapshotPrice,
+    SnapshotStation,
+    SnapshotTank,
+    StationIdentity,
+    StationReferences,
+    StationSnapshot,
+)
+from forecourt.network.domain import (
+    SCOPE_RANK,
+    Chain,
+    Dispenser,
+    DispenserModel,
+    FuellingPoint,
+    Grade,
+    NetworkError,
+    Nozzle,
+    Price,
+    PriceScope,
+    Station,
+    Tank,
+    UnknownStation,
+    applies_to,
+)
+from forecourt.network.store import NetworkStore
+
+SAMPLE_CHAIN = Path(__file__).with_name("sample_chain.yaml")
+
+
+# --- the chain file (YAML), validated with pydantic -----------------------------------------
+
+
+class _F(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NozzleFile(_F):
+    number: int = Field(ge=1)
+    grade: str
+    tank: int
+
+
+class FuellingPointFile(_F):
+    number: int = Field(ge=1)
+    nozzles: list[NozzleFile] = Field(min_length=1)
+
+
+class DispenserFile(_F):
+    number: int = Field(ge=1)
+    model: str
+    fuelling_points: list[FuellingPointFile] = Field(min_length=1)
+
+
+class TankFile(_F):
+    number: int = Field(ge=1)
+    grade: str
+    capacity_l: int = Field(gt=0)
+
+
+class StationFile(_F):
+    code: str = Field(min_length=1, max_length=40)
+    name: str
+    timezone: str
+    business_day_cutoff: time = time(0, 0)
+    shift_starts: list[time] | None = None
+    tanks: list[TankFile] = []
+    dispensers: list[DispenserFile] = []
+
+
+class RegionFile(_F):
+    code: str
+    name: str
+    stations: list[StationFile] = []
+
+
+class GradeFile(_F):
+    code: str
+    name: str
+    kind: str = "gasoline"
+
+
+class ModelFile(_F):
+    code: str
+    amount_resolution_minor: int = 1
+    rounding: Rounding = Rounding.HALF_UP
+    volume_decimals: int = 2
+
+
+class PriceFile(_F):
+    grade: str
+    price: Decimal  # major units per litre, e.g. "7.89" or "1.459"
+    effective_from: datetime
+    region: str | None = None
+    station: str | None = None
+
+
+class ChainFile(_F):
+    code: str
+    name: str
+    currency: str = Field(min_length=3, max_length=3)
+    grades: list[GradeFile] = Field(min_length=1)
+    dispenser_models: list[ModelFile] = Field(min_length=1)
+    regions: list[RegionFile] = Field(min_length=1)
+    prices: list[PriceFile] = []
+
+
+def parse_chain(document: dict[str, Any]) -> Chain:
+    """Validate a chain document (parsed YAML) into the domain model, or raise NetworkError
+    listing every problem found."""
+    try:
+        f = ChainFile.model_validate(document.get("chain", document))
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise NetworkError("invalid chain file", problems=problems) from None
+    problems: list[str] = []
+    grades = {g.code for g in f.grades}
+    models = {m.code for m in f.dispenser_models}
+    stations: list[Station] = []
+    for region in f.regions:
+        for s in region.stations:
+            tanks = {t.number: t.grade for t in s.tanks}
+            for t in s.tanks:
+                if t.grade not in grades:
+                    problems.append(f"{s.code} tank {t.number}: unknown grade {t.grade}")
+            fp_numbers: set[int] = set()
+            for d in s.dispensers:
+                if d.model not in models:
+                    problems.append(f"{s.code} dispenser {d.number}: unknown model {d.model}")
+                for fp in d.fuelling_points:
+                    if fp.number in fp_numbers:
+                        problems.append(f"{s.code}: fuelling point {fp.number} defined twice")
+                    fp_numbers.add(fp.number)
+                    for n in fp.nozzles:
+                        if n.grade not in grades:
+                            problems.append(f"{s.code} FP{fp.number} N{n.number}: unknown grade {n.grade}")
+                        elif tanks.get(n.tank) != n.grade:
+                            problems.append(
+                                f"{s.code} FP{fp.number} N{n.number}: tank {n.tank} does not hold {n.grade}"
+                            )
+            try:
+                stations.append(
+                    Station(
+                        code=s.code,
+                        name=s.name,
+                        region=region.code,
+                        timezone=s.timezone,
+                        business_day_cutoff=s.business_day_cutoff,
+                        shift_starts=tuple(s.shift_starts or [s.business_day_cutoff]),
+                        tanks=tuple(Tank(t.number, t.grade, t.capacity_l * 1000) for t in s.tanks),
+                        dispensers=tuple(
+                            Dispenser(
+                                number=d.number,
+                                model=d.model,
+                                fuelling_points=tuple(
+                                    FuellingPoint(
+                                        number=fp.number,
+                                        nozzles=tuple(Nozzle(n.number, n.grade, n.tank) for n in fp.nozzles),
+                                    )
+                                    for fp in d.fuelling_points
+                                ),
+                            )
+                            for d in s.dispensers
+                        ),
+                    )
+                )
+            except NetworkError as exc:
+                problems.append(exc.message)
+    region_codes = {r.code for r in f.regions}
+    station_codes = {s.code for s in stations}
+    if len(station_codes) != len(stations):
+        problems.append("station codes must be unique")
+    prices: list[Price] = []
+    for p in f.prices:
+        if p.grade not in grades:
+            problems.append(f"price for unknown grade {p.grade}")
+            continue
+        if p.region and p.station:
+            problems.append(f"price for {p.grade}: give a region or a station, not both")
+            continue
+        if p.region and p.region not in region_codes:
+            problems.append(f"price for {p.grade}: unknown region {p.region}")
+            continue
+        if p.station and p.station not in station_codes:
+            problems.append(f"price for {p.grade}: unknown station {p.station}")
+            continue
+        scope, scope_code = (
+            (PriceScope.STATION, p.station)
+            if p.station
+            else (PriceScope.REGION, p.region)
+            if p.region
+            else (PriceScope.CHAIN, f.code)
+        )
+        try:
+            unit = UnitPrice.from_decimal(p.price, f.currency)
+            prices.append(
+                Price(
+                    grade=p.grade,
+                    scope=scope,
+                    scope_code=str(scope_code),
+                    milli_minor_per_litre=unit.milli_minor_per_litre,
+                    currency=f.currency,
+                    effective_from=p.effective_from,
+                    price_id=str(new_id()),
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - each problem is reported, none is fatal alone
+            problems.append(f"price for {p.grade}: {exc}")
+    if problems:
+        raise NetworkError("invalid chain file", problems=problems)
+    try:
+        return Chain(
+            code=f.code,
+            name=f.name,
+            currency=f.currency,
+            regions=tuple((r.code, r.name) for r in f.regions),
+            grades=tuple(Grade(g.code, g.name, g.kind) for g in f.grades),
+            dispenser_models=tuple(
+                DispenserModel(m.code, m.amount_resolution_minor, m.rounding, m.volume_decimals)
+                for m in f.dispenser_models
+            ),
+            stations=tuple(stations),
+            prices=tuple(prices),
+        )
+    except NetworkError:
+        raise
+
+
+def load_chain_file(path: Path) -> Chain:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise NetworkError(f"cannot read {path}: {exc}") from None
+    if not isinstance(document, dict):
+        raise NetworkError(f"{path}: expected a mapping at the top level")
+    return parse_chain(document)
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    revision: int
+    stations: int
+    prices_added: int
+
+
+async def import_chain(db: Database, chain: Chain, *, actor: str = "cli") -> ImportResult:
+    now = db.clock.now()
+    async with db.begin() as uow:
+        store = NetworkStore(uow.conn)
+        added = await store.save_chain(chain, now)
+        revision = await store.bump_revision(now)
+        await uow.record_audit(
+            actor=actor,
+            action="network.import",
+            target=f"chain:{chain.code}",
+            details={"revision": revision, "stations": len(chain.stations), "prices_added": added},
+        )
+        await uow.emit(
+            Envelope(
+                type=event_type("network", "revision.published"),
+                source="/forecourt/network",
+                subject=chain.code,
+                time=now,
+                data={"revision": revision, "stations": [s.code for s in chain.stations]},
+            )
+        )
+    return ImportResult(revision=revision, stations=len(chain.stations), prices_added=added)
+
+
+async def issue_credential(db: Database, station_code: str, *, actor: str = "cli") -> tuple[str, str]:
+    """Create a new credential for a station; the token is shown once and stored hashed."""
+    token = secrets.token_urlsafe(32)
+    key_id = str(new_id())
+    async with db.begin() as uow:
+        store = NetworkStore(uow.conn)
+        if await store.station(station_code) is None:
+            raise UnknownStation(f"unknown station {station_code!r}")
+        await store.add_credential(station_code, key_id, token, db.clock.now())
+        await uow.record_audit(
+            actor=actor, action="network.credential.issue", target=f"station:{station_code}",
+            details={"key_id": key_id},
+        )
+    return key_id, token
+
+
+async def build_snapshot(db: Database, station_code: str, now: datetime) -> StationSnapshot:
+    async with db.connection() as conn:
+        store = NetworkStore(conn)
+        station = await store.station(station_code)
+        if station is None:
+            raise UnknownStation(f"unknown station {station_code!r}")
+        chain = await store.chain_row()
+        models = await store.models()
+        grades = await store.grades()
+        prices = await store.prices()
+        revision = await store.revision()
+    # Ship, per grade and scope, the price in force now and every later one, so the edge
+    # switches at the exact instant even while HQ is unreachable.
+    applicable = [p for p in prices if applies_to(p, station=station.code, region=station.region)]
+    in_force: dict[tuple[str, PriceScope], Price] = {}
+    for p in applicable:
+        if p.effective_from <= now:
+            key = (p.grade, p.scope)
+            if key not in in_force or p.effective_from > in_force[key].effective_from:
+                in_force[key] = p
+    shipped = [p for p in applicable if p.effective_from > now] + list(in_force.values())
+    shipped.sort(key=lambda p: (p.grade, SCOPE_RANK[p.scope], p.effective_from))
+    fps = [
+        SnapshotFuellingPoint(
+            number=fp.number,
+            dispenser=d.number,
+            model=SnapshotModel(
+                code=d.model,
+                amount_resolution_minor=models[d.model].amount_resolution_minor,
+                rounding=models[d.model].rounding,
+                volume_decimals=models[d.model].volume_decimals,
+            ),
+            nozzles=[SnapshotNozzle(number=n.number, grade=n.grade, tank=n.tank) for n in fp.nozzles],
+        )
+        for d in station.dispensers
+        for fp in d.fuelling_points
+    ]
+    return StationSnapshot(
+        version=max(revision, 1),
+        generated_at=now,
+        chain=chain.code if chain else "",
+        currency=chain.currency if chain else "",
+        station=SnapshotStation(
+            code=station.code,
+            name=station.name,
+            region=station.region,
+            timezone=station.timezone,
+            business_day_cutoff=station.business_day_cutoff,
+            shift_starts=list(station.shift_starts),
+        ),
+        grades=[SnapshotGrade(code=g.code, name=g.name, kind=g.kind) for g in grades],
+        tanks=[SnapshotTank(number=t.number, grade=t.grade, capacity_ml=t.capacity_ml) for t in station.tanks],
+        fuelling_points=sorted(fps, key=lambda fp: fp.number),
+        prices=[
+            SnapshotPrice(
+                price_id=p.price_id,
+                grade=p.grade,
+                scope=p.scope,
+                scope_code=p.scope_code,
+                milli_minor_per_litre=p.milli_minor_per_litre,
+                currency=p.currency,
+                effective_from=p.effective_from,
+            )
+            for p in shipped
+        ],
+    )
+
+
+class DbStationDirectory:
+    """The network's :class:`StationDirectory` over its own tables, with a short cache.
+
+    The cache keeps the ingest hot path to one dictionary lookup per batch; master-data edits
+    show up within ``ttl_s``.
+    """
+
+    def __init__(self, db: Database, ttl_s: float = 5.0) -> None:
+        self.db = db
+        self.ttl_s = ttl_s
+        self._auth: dict[str, tuple[float, StationIdentity | None]] = {}
+        self._refs: dict[str, tuple[float, StationReferences | None]] = {}
+
+    async def authenticate(self, token: str) -> StationIdentity | None:
+        hit = self._auth.get(token)
+        if hit and _time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        async with self.db.connection() as conn:
+            found = await NetworkStore(conn).station_for_secret(token)
+        identity = StationIdentity(code=found[0], region=found[1]) if found else None
+        if len(self._auth) > 10_000:
+            self._auth.clear()
+        self._auth[token] = (_time.monotonic(), identity)
+        return identity
+
+    async def references(self, station_code: str) -> StationReferences | None:
+        hit = self._refs.get(station_code)
+        if hit and _time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        async with self.db.connection() as conn:
+            store = NetworkStore(conn)
+            station = await store.station(station_code)
+            chain = await store.chain_row()
+            models = await store.models()
+            grades = await store.grades()
+        refs = None
+        if station is not None:
+            refs = StationReferences(
+                code=station.code,
+                region=station.region,
+                timezone=station.timezone,
+                currency=chain.currency if chain else "",
+                nozzles={
+                    (fp.number, n.number): NozzleRef(grade=n.grade, tank=n.tank)
+                    for d in station.dispensers
+                    for fp in d.fuelling_points
+                    for n in fp.nozzles
+                },
+                amount_rules={
+                    fp.number: (models[d.model].amount_resolution_minor, models[d.model].rounding)
+                    for d in station.dispensers
+                    for fp in d.fuelling_points
+                },
+                grades=frozenset(g.code for g in grades),
+            )
+        self._refs[station_code] = (_time.monotonic(), refs)
+        return refs

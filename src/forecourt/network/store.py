@@ -1,0 +1,350 @@
+"""Persistence of the station network (SQLAlchemy Core; SQLite and PostgreSQL alike)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, time
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from forecourt.infra.db import UTCDateTime
+from forecourt.kernel.money import Rounding
+from forecourt.network.domain import (
+    Chain,
+    Dispenser,
+    DispenserModel,
+    FuellingPoint,
+    Grade,
+    Nozzle,
+    Price,
+    PriceScope,
+    Station,
+    Tank,
+)
+
+md = sa.MetaData(schema="network")
+
+revision_t = sa.Table(
+    "network_revision",
+    md,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+chain_t = sa.Table(
+    "chain",
+    md,
+    sa.Column("code", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+)
+region_t = sa.Table(
+    "region",
+    md,
+    sa.Column("code", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+)
+grade_t = sa.Table(
+    "grade",
+    md,
+    sa.Column("code", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(40), nullable=False),
+)
+model_t = sa.Table(
+    "dispenser_model",
+    md,
+    sa.Column("code", sa.String(80), primary_key=True),
+    sa.Column("amount_resolution_minor", sa.Integer, nullable=False),
+    sa.Column("rounding", sa.String(20), nullable=False),
+    sa.Column("volume_decimals", sa.Integer, nullable=False),
+)
+station_t = sa.Table(
+    "station",
+    md,
+    sa.Column("code", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("region_code", sa.String(40), nullable=False),
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("business_day_cutoff", sa.String(8), nullable=False),
+    sa.Column("shift_starts", sa.Text, nullable=False),
+)
+tank_t = sa.Table(
+    "tank",
+    md,
+    sa.Column("station_code", sa.String(40), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("grade", sa.String(40), nullable=False),
+    sa.Column("capacity_ml", sa.BigInteger, nullable=False),
+)
+dispenser_t = sa.Table(
+    "dispenser",
+    md,
+    sa.Column("station_code", sa.String(40), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("model", sa.String(80), nullable=False),
+)
+fp_t = sa.Table(
+    "fuelling_point",
+    md,
+    sa.Column("station_code", sa.String(40), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("dispenser", sa.Integer, nullable=False),
+)
+nozzle_t = sa.Table(
+    "nozzle",
+    md,
+    sa.Column("station_code", sa.String(40), primary_key=True),
+    sa.Column("fuelling_point", sa.Integer, primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("grade", sa.String(40), nullable=False),
+    sa.Column("tank", sa.Integer, nullable=False),
+)
+price_t = sa.Table(
+    "price",
+    md,
+    sa.Column("price_id", sa.String(64), primary_key=True),
+    sa.Column("grade", sa.String(40), nullable=False),
+    sa.Column("scope", sa.String(20), nullable=False),
+    sa.Column("scope_code", sa.String(40), nullable=False),
+    sa.Column("milli_minor_per_litre", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("effective_from", UTCDateTime(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("grade", "scope", "scope_code", "effective_from"),
+)
+credential_t = sa.Table(
+    "station_credential",
+    md,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("station_code", sa.String(40), nullable=False),
+    sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("revoked_at", UTCDateTime()),
+)
+
+
+def hash_secret(token: str) -> str:
+    """Station credentials are 256-bit random tokens, so one SHA-256 suffices to store them
+    safely (no dictionary to attack) and keeps authentication cheap on the ingest hot path."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _hhmm(value: time) -> str:
+    return value.strftime("%H:%M")
+
+
+class NetworkStore:
+    """Reads and writes of the network tables on one connection."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def revision(self) -> int:
+        value = await self.conn.scalar(sa.select(revision_t.c.revision).where(revision_t.c.id == 1))
+        return int(value or 0)
+
+    async def bump_revision(self, now: datetime) -> int:
+        current = await self.revision()
+        if current == 0:
+            await self.conn.execute(revision_t.insert().values(id=1, revision=1, updated_at=now))
+            return 1
+        await self.conn.execute(
+            revision_t.update().where(revision_t.c.id == 1).values(revision=current + 1, updated_at=now)
+        )
+        return current + 1
+
+    async def save_chain(self, chain: Chain, now: datetime) -> int:
+        """Upsert the chain's master data; returns how many new prices were added.
+
+        Stations named in ``chain`` have their equipment replaced as a whole (the file is the
+        truth for them); stations not named are left alone; prices are append-only.
+        """
+        c = self.conn
+        await c.execute(chain_t.delete())
+        await c.execute(chain_t.insert().values(code=chain.code, name=chain.name, currency=chain.currency))
+        for code, name in chain.regions:
+            await c.execute(region_t.delete().where(region_t.c.code == code))
+            await c.execute(region_t.insert().values(code=code, name=name))
+        for g in chain.grades:
+            await c.execute(grade_t.delete().where(grade_t.c.code == g.code))
+            await c.execute(grade_t.insert().values(code=g.code, name=g.name, kind=g.kind))
+        for m in chain.dispenser_models:
+            await c.execute(model_t.delete().where(model_t.c.code == m.code))
+            await c.execute(
+                model_t.insert().values(
+                    code=m.code,
+                    amount_resolution_minor=m.amount_resolution_minor,
+                    rounding=m.rounding.value,
+                    volume_decimals=m.volume_decimals,
+                )
+            )
+        for st in chain.stations:
+            await self._replace_station(st)
+        added = 0
+        for p in chain.prices:
+            exists = await c.scalar(
+                sa.select(sa.func.count())
+                .select_from(price_t)
+                .where(
+                    price_t.c.grade == p.grade,
+                    price_t.c.scope == p.scope.value,
+                    price_t.c.scope_code == p.scope_code,
+                    price_t.c.effective_from == p.effective_from,
+                )
+            )
+            if exists:
+                continue
+            await c.execute(
+                price_t.insert().values(
+                    price_id=p.price_id,
+                    grade=p.grade,
+                    scope=p.scope.value,
+                    scope_code=p.scope_code,
+                    milli_minor_per_litre=p.milli_minor_per_litre,
+                    currency=p.currency,
+                    effective_from=p.effective_from,
+                    created_at=now,
+                )
+            )
+            added += 1
+        return added
+
+    async def _replace_station(self, st: Station) -> None:
+        c = self.conn
+        for table in (nozzle_t, fp_t, dispenser_t, tank_t, station_t):
+            column = table.c.code if table is station_t else table.c.station_code
+            await c.execute(table.delete().where(column == st.code))
+        await c.execute(
+            station_t.insert().values(
+                code=st.code,
+                name=st.name,
+                region_code=st.region,
+                timezone=st.timezone,
+                business_day_cutoff=_hhmm(st.business_day_cutoff),
+                shift_starts=json.dumps([_hhmm(t) for t in st.shift_starts]),
+            )
+        )
+        if st.tanks:
+            await c.execute(
+                tank_t.insert(),
+                [
+                    {"station_code": st.code, "number": t.number, "grade": t.grade, "capacity_ml": t.capacity_ml}
+                    for t in st.tanks
+                ],
+            )
+        for d in st.dispensers:
+            await c.execute(dispenser_t.insert().values(station_code=st.code, number=d.number, model=d.model))
+            for fp in d.fuelling_points:
+                await c.execute(fp_t.insert().values(station_code=st.code, number=fp.number, dispenser=d.number))
+                await c.execute(
+                    nozzle_t.insert(),
+                    [
+                        {
+                            "station_code": st.code,
+                            "fuelling_point": fp.number,
+                            "number": n.number,
+                            "grade": n.grade,
+                            "tank": n.tank,
+                        }
+                        for n in fp.nozzles
+                    ],
+                )
+
+    async def add_credential(self, station_code: str, key_id: str, token: str, now: datetime) -> None:
+        await self.conn.execute(
+            credential_t.insert().values(
+                key_id=key_id, station_code=station_code, secret_sha256=hash_secret(token), created_at=now
+            )
+        )
+
+    async def station_for_secret(self, token: str) -> tuple[str, str] | None:
+        row = (
+            await self.conn.execute(
+                sa.select(station_t.c.code, station_t.c.region_code)
+                .select_from(credential_t.join(station_t, station_t.c.code == credential_t.c.station_code))
+                .where(credential_t.c.secret_sha256 == hash_secret(token), credential_t.c.revoked_at.is_(None))
+            )
+        ).first()
+        return (row.code, row.region_code) if row else None
+
+    async def chain_row(self) -> sa.Row | None:
+        return (await self.conn.execute(sa.select(chain_t))).first()
+
+    async def grades(self) -> list[Grade]:
+        rows = await self.conn.execute(sa.select(grade_t).order_by(grade_t.c.code))
+        return [Grade(code=r.code, name=r.name, kind=r.kind) for r in rows]
+
+    async def models(self) -> dict[str, DispenserModel]:
+        rows = await self.conn.execute(sa.select(model_t))
+        return {
+            r.code: DispenserModel(
+                code=r.code,
+                amount_resolution_minor=r.amount_resolution_minor,
+                rounding=Rounding(r.rounding),
+                volume_decimals=r.volume_decimals,
+            )
+            for r in rows
+        }
+
+    async def station_codes(self) -> list[str]:
+        return list(await self.conn.scalars(sa.select(station_t.c.code).order_by(station_t.c.code)))
+
+    async def station(self, code: str) -> Station | None:
+        row = (await self.conn.execute(sa.select(station_t).where(station_t.c.code == code))).first()
+        if row is None:
+            return None
+        tanks = tuple(
+            Tank(number=t.number, grade=t.grade, capacity_ml=t.capacity_ml)
+            for t in await self.conn.execute(
+                sa.select(tank_t).where(tank_t.c.station_code == code).order_by(tank_t.c.number)
+            )
+        )
+        nozzles: dict[int, list[Nozzle]] = {}
+        for n in await self.conn.execute(
+            sa.select(nozzle_t)
+            .where(nozzle_t.c.station_code == code)
+            .order_by(nozzle_t.c.fuelling_point, nozzle_t.c.number)
+        ):
+            nozzles.setdefault(n.fuelling_point, []).append(Nozzle(number=n.number, grade=n.grade, tank=n.tank))
+        fps: dict[int, list[FuellingPoint]] = {}
+        for fp in await self.conn.execute(
+            sa.select(fp_t).where(fp_t.c.station_code == code).order_by(fp_t.c.number)
+        ):
+            fps.setdefault(fp.dispenser, []).append(
+                FuellingPoint(number=fp.number, nozzles=tuple(nozzles.get(fp.number, ())))
+            )
+        dispensers = tuple(
+            Dispenser(number=d.number, model=d.model, fuelling_points=tuple(fps.get(d.number, ())))
+            for d in await self.conn.execute(
+                sa.select(dispenser_t).where(dispenser_t.c.station_code == code).order_by(dispenser_t.c.number)
+            )
+        )
+        starts = tuple(time.fromisoformat(s) for s in json.loads(row.shift_starts))
+        return Station(
+            code=row.code,
+            name=row.name,
+            region=row.region_code,
+            timezone=row.timezone,
+            business_day_cutoff=time.fromisoformat(row.business_day_cutoff),
+            shift_starts=starts,
+            tanks=tanks,
+            dispensers=dispensers,
+        )
+
+    async def prices(self) -> list[Price]:
+        rows = await self.conn.execute(sa.select(price_t).order_by(price_t.c.effective_from))
+        return [
+            Price(
+                grade=r.grade,
+                scope=PriceScope(r.scope),
+                scope_code=r.scope_code,
+                milli_minor_per_litre=r.milli_minor_per_litre,
+                currency=r.currency,
+                effective_from=r.effective_from,
+                price_id=r.price_id,
+            )
+            for r in rows
+        ]

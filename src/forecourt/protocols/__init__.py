@@ -1,0 +1,1 @@
+"""Device protocol adapters: each vendor wire protocol → the standard model in edge.drivers."""

@@ -1,0 +1,1 @@
+"""jsonPTS: Technotrade PTS-2 forecourt controllers (JSON over HTTP)."""

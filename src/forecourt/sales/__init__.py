@@ -1,0 +1,1 @@
+"""The ``sales`` context: fuel sales uploaded by edges, recorded exactly once at HQ."""

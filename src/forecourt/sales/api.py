@@ -1,0 +1,167 @@
+"""HTTP routes of ``sales``: the edge upload endpoint and the query API."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Any
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+
+from forecourt.infra.db import Database
+from forecourt.infra.http import bearer_token
+from forecourt.kernel.errors import Unauthorized
+from forecourt.network.contracts import StationDirectory
+from forecourt.sales.contracts import SUPPORTED_SCHEMA_VERSIONS, BatchResult, SalesBatchV1
+from forecourt.sales.domain import SchemaInvalid, StationMismatch, UnsupportedSchemaVersion
+from forecourt.sales.handlers import IngestCounters, ingest_batch
+from forecourt.sales.store import SalesStore
+
+
+def parse_batch(body: bytes) -> SalesBatchV1:
+    """Validate an upload body, or raise a 422 error naming every offending field."""
+    try:
+        return SalesBatchV1.model_validate_json(body)
+    except ValidationError as exc:
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise SchemaInvalid("body is not valid JSON", errors=[]) from None
+        version = document.get("schema_version") if isinstance(document, dict) else None
+        if isinstance(version, int) and version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise UnsupportedSchemaVersion(
+                f"upload schema v{version} is not supported",
+                supported=list(SUPPORTED_SCHEMA_VERSIONS),
+            ) from None
+        errors = [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:100]
+        ]
+        raise SchemaInvalid("batch does not match the upload schema", errors=errors) from None
+
+
+def build_router(db: Database, directory: StationDirectory, registry: CollectorRegistry) -> APIRouter:
+    router = APIRouter(tags=["sales"])
+    ingested = Counter(
+        "forecourt_sales_ingested", "Sales answered by HQ ingest, by status", ["status"],
+        registry=registry,
+    )
+    flagged = Counter("forecourt_sales_flagged", "Sale flags raised at ingest", ["flag"], registry=registry)
+    batch_seconds = Histogram(
+        "forecourt_sales_batch_seconds", "Time to ingest one upload batch", registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
+    counters = IngestCounters(
+        on_status=lambda s: ingested.labels(s).inc(), on_flag=lambda f: flagged.labels(f).inc()
+    )
+
+    @router.post("/v1/stations/{code}/sales:batch", response_model=BatchResult)
+    async def upload_sales(code: str, request: Request) -> BatchResult:
+        """Upload journaled sales. The station is the credential's, never the body's."""
+        identity = await directory.authenticate(bearer_token(request))
+        if identity is None:
+            raise Unauthorized("unknown station credential", code="auth.unknown_credential")
+        if identity.code != code:
+            raise StationMismatch(f"credential is for {identity.code}, not {code}")
+        batch = parse_batch(await request.body())
+        with batch_seconds.time():
+            return await ingest_batch(
+                db, directory, identity.code, batch,
+                traceparent=request.state.traceparent, counters=counters,
+            )
+
+    @router.get("/v1/sales")
+    async def list_sales(
+        station: str | None = None,
+        business_date: date | None = None,
+        grade: str | None = None,
+        after: UUID | None = None,
+        limit: int = Query(default=500, ge=1, le=5000),
+    ) -> dict[str, Any]:
+        async with db.connection() as conn:
+            rows = await SalesStore(conn).list_sales(
+                station=station, business_date=business_date, grade=grade, after=after, limit=limit
+            )
+        items = [_sale_json(r) for r in rows]
+        return {"items": items, "next_after": items[-1]["sale_id"] if len(items) == limit else None}
+
+    @router.get("/v1/sales/summary")
+    async def summary(
+        station: str | None = None, business_date: date | None = None, grade: str | None = None
+    ) -> dict[str, Any]:
+        async with db.connection() as conn:
+            store = SalesStore(conn)
+            rows = await store.summary(station=station, business_date=business_date, grade=grade)
+            duplicates = await store.natural_key_duplicates(station)
+        return {
+            "groups": [
+                {
+                    "station": r.station_code,
+                    "grade": r.grade,
+                    "quarantined": bool(r.quarantined),
+                    "sales": int(r.sales),
+                    "volume_ml": int(r.volume_ml),
+                    "amount_minor": int(r.amount_minor),
+                }
+                for r in rows
+            ],
+            "natural_key_duplicates": duplicates,
+        }
+
+    @router.get("/v1/stations/{code}/sequence")
+    async def sequence(code: str) -> dict[str, Any]:
+        async with db.connection() as conn:
+            book = await SalesStore(conn).sequence_book(code)
+        return {
+            "station": code,
+            "high_water_mark": book.high_water,
+            "gaps": [list(g) for g in book.gaps],
+            "missing": book.missing_count(),
+        }
+
+    @router.get("/v1/sales/alerts")
+    async def alerts(station: str | None = None, limit: int = Query(default=100, ge=1, le=1000)) -> list[dict[str, Any]]:
+        async with db.connection() as conn:
+            rows = await SalesStore(conn).alerts(station, limit)
+        return [
+            {
+                "station": r.station_code,
+                "kind": r.kind,
+                "sale_id": str(r.sale_id) if r.sale_id else None,
+                "details": json.loads(r.details),
+                "raised_at": r.raised_at.isoformat(),
+            }
+            for r in rows
+        ]
+
+    return router
+
+
+def _sale_json(r: Any) -> dict[str, Any]:
+    return {
+        "sale_id": str(r.sale_id),
+        "station": r.station_code,
+        "station_seq": r.station_seq,
+        "business_date": r.business_date.isoformat(),
+        "shift_id": r.shift_id,
+        "fuelling_point": r.fuelling_point,
+        "nozzle": r.nozzle,
+        "grade": r.grade,
+        "volume_ml": r.volume_ml,
+        "unit_price_mmu": r.unit_price_mmu,
+        "amount_minor": r.amount_minor,
+        "currency": r.currency,
+        "price_version": r.price_version,
+        "snapshot_version": r.snapshot_version,
+        "totalizer_start_ml": r.totalizer_start_ml,
+        "totalizer_end_ml": r.totalizer_end_ml,
+        "device_txn": r.device_txn,
+        "dispense_type": r.dispense_type,
+        "started_at": r.started_at.isoformat() if r.started_at else None,
+        "ended_at": r.ended_at.isoformat(),
+        "quarantined": r.quarantined,
+        "flags": [f for f in r.flags.split(",") if f],
+        "received_at": r.received_at.isoformat(),
+    }

@@ -1,0 +1,162 @@
+"""Sales domain: what an uploaded sale is, how HQ judges it, and the station sequence book.
+
+Pure Python: no frameworks. HQ stores every schema-valid sale (the dispenser is the legal
+meter); unknown references quarantine a sale, they never drop it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import date, datetime
+from uuid import UUID
+
+from forecourt.kernel.errors import ForecourtError
+from forecourt.kernel.money import Rounding, UnitPrice
+
+
+class SalesError(ForecourtError):
+    code = "sales.error"
+
+
+class SchemaInvalid(SalesError):
+    code = "sales.schema_invalid"
+    http_status = 422
+
+
+class UnsupportedSchemaVersion(SalesError):
+    code = "sales.unsupported_schema_version"
+    http_status = 422
+
+
+class StationMismatch(SalesError):
+    code = "sales.station_mismatch"
+    http_status = 403
+
+
+class DispenseType(enum.StrEnum):
+    SALE = "sale"
+    PUMP_TEST = "pump_test"
+    OWN_USE = "own_use"
+    DRIVE_OFF = "drive_off"
+
+
+class IngestStatus(enum.StrEnum):
+    CREATED = "created"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+    CONFLICT = "conflict"
+
+
+class Flag(enum.StrEnum):
+    AMOUNT_MISMATCH = "amount_mismatch"
+    NATURAL_KEY_COLLISION = "natural_key_collision"
+    UNKNOWN_FUELLING_POINT = "unknown_fuelling_point"
+    UNKNOWN_NOZZLE = "unknown_nozzle"
+    GRADE_MISMATCH = "grade_mismatch"
+    CURRENCY_MISMATCH = "currency_mismatch"
+
+
+QUARANTINE_FLAGS = frozenset(
+    {Flag.UNKNOWN_FUELLING_POINT, Flag.UNKNOWN_NOZZLE, Flag.GRADE_MISMATCH, Flag.CURRENCY_MISMATCH}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sale:
+    """One completed dispensing as the edge journaled it."""
+
+    sale_id: UUID
+    station_code: str
+    station_seq: int
+    fuelling_point: int
+    nozzle: int
+    grade: str
+    volume_ml: int
+    unit_price_mmu: int
+    amount_minor: int
+    currency: str
+    price_version: str | None
+    snapshot_version: int
+    totalizer_start_ml: int
+    totalizer_end_ml: int
+    device_txn: int | None
+    dispense_type: DispenseType
+    started_at: datetime | None
+    ended_at: datetime
+    business_date: date
+    shift_id: str
+    schema_version: int
+
+    def payload_hash(self) -> str:
+        """A canonical digest of everything the edge said: same id + other digest = conflict."""
+        body = asdict(self)
+        canonical = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def natural_key(self) -> tuple[int, int, int, int] | None:
+        """(fuelling point, nozzle, device transaction, end totalizer): the meter's own identity."""
+        if self.device_txn is None:
+            return None
+        return (self.fuelling_point, self.nozzle, self.device_txn, self.totalizer_end_ml)
+
+
+def amount_agrees(sale: Sale, *, resolution_minor: int, rounding: Rounding) -> bool:
+    """True when the amount is within one resolution unit of volume × unit price.
+
+    The dispenser rounds to its own resolution; anything further off means the meter, the
+    price or the journal is wrong, so the sale is recorded and flagged.
+    """
+    expected = UnitPrice(sale.unit_price_mmu, sale.currency).amount_for(
+        sale.volume_ml, resolution_minor=resolution_minor, rounding=rounding
+    )
+    return abs(expected.minor - sale.amount_minor) <= resolution_minor
+
+
+# --- the per-station sequence book: high-water mark and gaps --------------------------------
+
+Gap = tuple[int, int]  # inclusive range of missing sequence numbers
+
+
+@dataclass(frozen=True)
+class SequenceBook:
+    high_water: int = 0
+    gaps: tuple[Gap, ...] = ()
+
+    def receive(self, seqs: Iterable[int]) -> SequenceBook:
+        """Account for newly stored sequence numbers, in any order, repeats allowed.
+
+        Works on ranges, never on individual missing numbers, so a wild sequence number
+        costs one range, not memory proportional to the jump.
+        """
+        got = sorted(set(seqs))
+        if not got:
+            return self
+        if got[0] < 1:
+            raise SalesError("station sequences start at 1")
+        new_high = max(self.high_water, got[-1])
+        intervals = list(self.gaps)
+        if new_high > self.high_water:
+            intervals.append((self.high_water + 1, new_high))
+        remaining: list[Gap] = []
+        i = 0
+        for first, last in sorted(intervals):
+            while i < len(got) and got[i] < first:
+                i += 1
+            start = first
+            j = i
+            while j < len(got) and got[j] <= last:
+                if got[j] > start:
+                    remaining.append((start, got[j] - 1))
+                start = got[j] + 1
+                j += 1
+            if start <= last:
+                remaining.append((start, last))
+        return SequenceBook(high_water=new_high, gaps=tuple(remaining))
+
+    def missing_count(self) -> int:
+        return sum(last - first + 1 for first, last in self.gaps)

@@ -1,0 +1,280 @@
+"""Use cases of ``sales``: ingest an edge's batch exactly once, answer queries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from forecourt.infra.crash import crash_point
+from forecourt.infra.db import Database
+from forecourt.infra.logging import get_logger
+from forecourt.kernel.errors import NotFound
+from forecourt.kernel.events import Envelope
+from forecourt.kernel.money import Rounding
+from forecourt.network.contracts import StationDirectory, StationReferences
+from forecourt.sales.contracts import (
+    SALE_AMOUNT_MISMATCH,
+    SALE_COMPLETED,
+    SALE_CONFLICT,
+    SALE_NATURAL_KEY_COLLISION,
+    SALE_QUARANTINED,
+    BatchResult,
+    SaleResult,
+    SalesBatchV1,
+    SaleV1,
+)
+from forecourt.sales.domain import (
+    QUARANTINE_FLAGS,
+    DispenseType,
+    Flag,
+    IngestStatus,
+    Sale,
+    amount_agrees,
+)
+from forecourt.sales.store import SalesStore
+
+log = get_logger("forecourt.sales")
+SOURCE = "/forecourt/sales"
+
+
+def to_domain(s: SaleV1, station_code: str) -> Sale:
+    return Sale(
+        sale_id=s.sale_id,
+        station_code=station_code,
+        station_seq=s.station_seq,
+        fuelling_point=s.fuelling_point,
+        nozzle=s.nozzle,
+        grade=s.grade,
+        volume_ml=s.volume_ml,
+        unit_price_mmu=s.unit_price_mmu,
+        amount_minor=s.amount_minor,
+        currency=s.currency,
+        price_version=s.price_version,
+        snapshot_version=s.snapshot_version,
+        totalizer_start_ml=s.totalizer_start_ml,
+        totalizer_end_ml=s.totalizer_end_ml,
+        device_txn=s.device_txn,
+        dispense_type=DispenseType(s.dispense_type),
+        started_at=s.started_at,
+        ended_at=s.ended_at,
+        business_date=s.business_date,
+        shift_id=s.shift_id,
+        schema_version=s.schema_version,
+    )
+
+
+def judge(sale: Sale, refs: StationReferences) -> list[Flag]:
+    """Flags a sale earns against master data (pure; before any database work)."""
+    flags: list[Flag] = []
+    ref = refs.nozzles.get((sale.fuelling_point, sale.nozzle))
+    if sale.fuelling_point not in refs.fuelling_points:
+        flags.append(Flag.UNKNOWN_FUELLING_POINT)
+    elif ref is None:
+        flags.append(Flag.UNKNOWN_NOZZLE)
+    elif ref.grade != sale.grade:
+        flags.append(Flag.GRADE_MISMATCH)
+    if sale.currency != refs.currency:
+        flags.append(Flag.CURRENCY_MISMATCH)
+        return flags  # amounts in another currency cannot be checked against our rules
+    resolution, rounding = refs.amount_rules.get(sale.fuelling_point, (1, Rounding.HALF_UP))
+    if not amount_agrees(sale, resolution_minor=resolution, rounding=rounding):
+        flags.append(Flag.AMOUNT_MISMATCH)
+    return flags
+
+
+def sale_data(sale: Sale) -> dict[str, Any]:
+    return {
+        "sale_id": str(sale.sale_id),
+        "station": sale.station_code,
+        "station_seq": sale.station_seq,
+        "fuelling_point": sale.fuelling_point,
+        "nozzle": sale.nozzle,
+        "grade": sale.grade,
+        "volume_ml": sale.volume_ml,
+        "unit_price_mmu": sale.unit_price_mmu,
+        "amount_minor": sale.amount_minor,
+        "currency": sale.currency,
+        "price_version": sale.price_version,
+        "dispense_type": sale.dispense_type.value,
+        "device_txn": sale.device_txn,
+        "totalizer_start_ml": sale.totalizer_start_ml,
+        "totalizer_end_ml": sale.totalizer_end_ml,
+        "started_at": sale.started_at.isoformat() if sale.started_at else None,
+        "ended_at": sale.ended_at.isoformat(),
+        "business_date": sale.business_date.isoformat(),
+        "shift_id": sale.shift_id,
+    }
+
+
+@dataclass
+class IngestCounters:
+    """Hook for metrics: called with each status and flag (kept free of prometheus here)."""
+
+    on_status: Callable[[str], None] = lambda _status: None
+    on_flag: Callable[[str], None] = lambda _flag: None
+
+
+async def ingest_batch(
+    db: Database,
+    directory: StationDirectory,
+    station_code: str,
+    batch: SalesBatchV1,
+    *,
+    traceparent: str | None = None,
+    counters: IngestCounters | None = None,
+) -> BatchResult:
+    """Record a batch from one station: every schema-valid sale is stored exactly once.
+
+    Order does not matter and repeats are answered from what is stored: same ``sale_id`` and
+    same payload → ``duplicate``; same ``sale_id`` and another payload → ``conflict`` (kept
+    aside with an alert, the first version stays authoritative).
+    """
+    counters = counters or IngestCounters()
+    refs = await directory.references(station_code)
+    if refs is None:
+        raise NotFound(f"unknown station {station_code!r}", code="sales.unknown_station")
+    now = db.clock.now()
+    sales = [to_domain(s, station_code) for s in batch.sales]
+    judged = [(sale, judge(sale, refs), sale.payload_hash()) for sale in sales]
+
+    results: list[SaleResult] = []
+    rows: list[dict[str, Any]] = []
+    conflicts: list[dict[str, Any]] = []
+    alerts: list[dict[str, Any]] = []
+    events: list[Envelope] = []
+
+    def event(kind: str, sale: Sale, **extra: Any) -> None:
+        events.append(
+            Envelope(
+                type=kind,
+                source=SOURCE,
+                subject=f"{sale.station_code}/{sale.sale_id}",
+                time=now,
+                traceparent=traceparent,
+                data={**sale_data(sale), **extra},
+            )
+        )
+
+    def alert(kind: str, sale: Sale, **details: Any) -> None:
+        alerts.append(
+            {
+                "station_code": sale.station_code,
+                "kind": kind,
+                "sale_id": sale.sale_id,
+                "details": json.dumps(details, sort_keys=True, default=str),
+                "raised_at": now,
+            }
+        )
+        log.warning("sales.alert", kind=kind, station=sale.station_code, sale_id=str(sale.sale_id), **details)
+
+    async with db.begin() as uow:
+        store = SalesStore(uow.conn)
+        await store.lock_station(station_code)
+        stored_hashes = await store.existing(station_code, [s.sale_id for s in sales])
+        keys = [s.natural_key for s in sales if s.natural_key is not None]
+        key_hits = await store.natural_key_hits(station_code, keys)
+        batch_hashes: dict[UUID, str] = {}
+        seqs: list[int] = []
+        for sale, flags, digest in judged:
+            previous = stored_hashes.get(sale.sale_id) or batch_hashes.get(sale.sale_id)
+            if previous is not None:
+                if previous == digest:
+                    results.append(_result(sale, IngestStatus.DUPLICATE, []))
+                    continue
+                conflicts.append(
+                    {
+                        "station_code": station_code,
+                        "sale_id": sale.sale_id,
+                        "payload_hash": digest,
+                        "payload": json.dumps(sale_data(sale), sort_keys=True),
+                        "received_at": now,
+                    }
+                )
+                alert("conflict", sale, stored_hash=previous, received_hash=digest)
+                event(SALE_CONFLICT, sale, stored_hash=previous, received_hash=digest)
+                results.append(_result(sale, IngestStatus.CONFLICT, []))
+                continue
+            batch_hashes[sale.sale_id] = digest
+            key = sale.natural_key
+            if key is not None:
+                if key in key_hits:
+                    flags.append(Flag.NATURAL_KEY_COLLISION)
+                key_hits.add(key)
+            quarantined = any(f in QUARANTINE_FLAGS for f in flags)
+            rows.append(_row(sale, digest, quarantined, flags, now))
+            seqs.append(sale.station_seq)
+            if quarantined:
+                alert("quarantined", sale, flags=[f.value for f in flags])
+                event(SALE_QUARANTINED, sale, flags=[f.value for f in flags])
+            else:
+                event(SALE_COMPLETED, sale, flags=[f.value for f in flags])
+            if Flag.AMOUNT_MISMATCH in flags:
+                alert("amount_mismatch", sale)
+                event(SALE_AMOUNT_MISMATCH, sale)
+            if Flag.NATURAL_KEY_COLLISION in flags:
+                alert("natural_key_collision", sale)
+                event(SALE_NATURAL_KEY_COLLISION, sale)
+            status = IngestStatus.QUARANTINED if quarantined else IngestStatus.CREATED
+            results.append(_result(sale, status, flags))
+        await store.insert_sales(rows)
+        crash_point("hq.mid_batch")
+        await store.insert_conflicts(conflicts)
+        await store.insert_alerts(alerts)
+        book = await store.sequence_book(station_code)
+        new_book = book.receive(seqs)
+        if new_book != book:
+            await store.save_sequence_book(station_code, new_book, now)
+        await uow.emit_many(events)
+    for r in results:
+        counters.on_status(r.status)
+        for f in r.flags:
+            counters.on_flag(f)
+    return BatchResult(
+        schema_version=batch.schema_version,
+        station=station_code,
+        results=results,
+        high_water_mark=new_book.high_water,
+        gaps=list(new_book.gaps),
+    )
+
+
+def _result(sale: Sale, status: IngestStatus, flags: list[Flag]) -> SaleResult:
+    return SaleResult(
+        sale_id=sale.sale_id,
+        station_seq=sale.station_seq,
+        status=status.value,
+        flags=[f.value for f in flags],
+    )
+
+
+def _row(sale: Sale, digest: str, quarantined: bool, flags: list[Flag], now: Any) -> dict[str, Any]:
+    return {
+        "station_code": sale.station_code,
+        "business_date": sale.business_date,
+        "sale_id": sale.sale_id,
+        "station_seq": sale.station_seq,
+        "fuelling_point": sale.fuelling_point,
+        "nozzle": sale.nozzle,
+        "grade": sale.grade,
+        "volume_ml": sale.volume_ml,
+        "unit_price_mmu": sale.unit_price_mmu,
+        "amount_minor": sale.amount_minor,
+        "currency": sale.currency,
+        "price_version": sale.price_version,
+        "snapshot_version": sale.snapshot_version,
+        "totalizer_start_ml": sale.totalizer_start_ml,
+        "totalizer_end_ml": sale.totalizer_end_ml,
+        "device_txn": sale.device_txn,
+        "dispense_type": sale.dispense_type.value,
+        "started_at": sale.started_at,
+        "ended_at": sale.ended_at,
+        "shift_id": sale.shift_id,
+        "schema_version": sale.schema_version,
+        "payload_hash": digest,
+        "quarantined": quarantined,
+        "flags": ",".join(f.value for f in flags),
+        "received_at": now,
+    }

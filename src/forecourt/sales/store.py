@@ -1,0 +1,224 @@
+"""Persistence of sales (SQLAlchemy Core on SQLite and PostgreSQL).
+
+The ``sale`` table's key is (station, business date, ``sale_id``): permanent de-duplication
+that also suits range partitioning by business date later. A non-unique index on
+(station, ``sale_id``) finds a re-upload whose business date was changed (a conflict).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from forecourt.infra.db import UTCDateTime
+from forecourt.sales.domain import Gap, SequenceBook
+
+md = sa.MetaData(schema="sales")
+
+sale_t = sa.Table(
+    "sale",
+    md,
+    sa.Column("station_code", sa.String(40), primary_key=True),
+    sa.Column("business_date", sa.Date, primary_key=True),
+    sa.Column("sale_id", sa.Uuid, primary_key=True),
+    sa.Column("station_seq", sa.BigInteger, nullable=False),
+    sa.Column("fuelling_point", sa.Integer, nullable=False),
+    sa.Column("nozzle", sa.Integer, nullable=False),
+    sa.Column("grade", sa.String(40), nullable=False),
+    sa.Column("volume_ml", sa.BigInteger, nullable=False),
+    sa.Column("unit_price_mmu", sa.BigInteger, nullable=False),
+    sa.Column("amount_minor", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("price_version", sa.String(64)),
+    sa.Column("snapshot_version", sa.BigInteger, nullable=False),
+    sa.Column("totalizer_start_ml", sa.BigInteger, nullable=False),
+    sa.Column("totalizer_end_ml", sa.BigInteger, nullable=False),
+    sa.Column("device_txn", sa.BigInteger),
+    sa.Column("dispense_type", sa.String(20), nullable=False),
+    sa.Column("started_at", UTCDateTime()),
+    sa.Column("ended_at", UTCDateTime(), nullable=False),
+    sa.Column("shift_id", sa.String(40), nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("payload_hash", sa.String(64), nullable=False),
+    sa.Column("quarantined", sa.Boolean, nullable=False),
+    sa.Column("flags", sa.String(400), nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+)
+conflict_t = sa.Table(
+    "sale_conflict",
+    md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("station_code", sa.String(40), nullable=False),
+    sa.Column("sale_id", sa.Uuid, nullable=False),
+    sa.Column("payload_hash", sa.String(64), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+)
+sequence_t = sa.Table(
+    "station_sequence",
+    md,
+    sa.Column("station_code", sa.String(40), primary_key=True),
+    sa.Column("high_water", sa.BigInteger, nullable=False),
+    sa.Column("gaps", sa.Text, nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+alert_t = sa.Table(
+    "sales_alert",
+    md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("station_code", sa.String(40), nullable=False),
+    sa.Column("kind", sa.String(60), nullable=False),
+    sa.Column("sale_id", sa.Uuid),
+    sa.Column("details", sa.Text, nullable=False),
+    sa.Column("raised_at", UTCDateTime(), nullable=False),
+)
+
+
+class SalesStore:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def lock_station(self, station_code: str) -> None:
+        """Serialise ingest per station (sequence book, conflict checks). SQLite already
+        serialises all writers, so only PostgreSQL needs the advisory lock."""
+        if self.conn.dialect.name == "postgresql":
+            await self.conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"sales:{station_code}"}
+            )
+
+    async def existing(self, station_code: str, sale_ids: Sequence[UUID]) -> dict[UUID, str]:
+        """sale_id → payload hash for ids already stored for this station."""
+        if not sale_ids:
+            return {}
+        rows = await self.conn.execute(
+            sa.select(sale_t.c.sale_id, sale_t.c.payload_hash).where(
+                sale_t.c.station_code == station_code, sale_t.c.sale_id.in_(sale_ids)
+            )
+        )
+        return {r.sale_id: r.payload_hash for r in rows}
+
+    async def natural_key_hits(
+        self, station_code: str, keys: Sequence[tuple[int, int, int, int]]
+    ) -> set[tuple[int, int, int, int]]:
+        if not keys:
+            return set()
+        cols = (sale_t.c.fuelling_point, sale_t.c.nozzle, sale_t.c.device_txn, sale_t.c.totalizer_end_ml)
+        rows = await self.conn.execute(
+            sa.select(*cols).where(sale_t.c.station_code == station_code, sa.tuple_(*cols).in_(keys))
+        )
+        return {tuple(r) for r in rows}  # type: ignore[misc]
+
+    async def insert_sales(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.conn.execute(sale_t.insert(), rows)
+
+    async def insert_conflicts(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.conn.execute(conflict_t.insert(), rows)
+
+    async def insert_alerts(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            await self.conn.execute(alert_t.insert(), rows)
+
+    async def sequence_book(self, station_code: str) -> SequenceBook:
+        row = (
+            await self.conn.execute(sa.select(sequence_t).where(sequence_t.c.station_code == station_code))
+        ).first()
+        if row is None:
+            return SequenceBook()
+        gaps: tuple[Gap, ...] = tuple((int(a), int(b)) for a, b in json.loads(row.gaps))
+        return SequenceBook(high_water=row.high_water, gaps=gaps)
+
+    async def save_sequence_book(self, station_code: str, book: SequenceBook, now: datetime) -> None:
+        """Write the book (called under the station lock, so update-then-insert is safe)."""
+        values = {"high_water": book.high_water, "gaps": json.dumps(book.gaps), "updated_at": now}
+        result = await self.conn.execute(
+            sequence_t.update().where(sequence_t.c.station_code == station_code).values(**values)
+        )
+        if result.rowcount == 0:
+            await self.conn.execute(sequence_t.insert().values(station_code=station_code, **values))
+
+    # --- queries -------------------------------------------------------------------------
+
+    @staticmethod
+    def _filters(
+        station: str | None, business_date: date | None, grade: str | None
+    ) -> list[sa.ColumnElement[bool]]:
+        where: list[sa.ColumnElement[bool]] = []
+        if station:
+            where.append(sale_t.c.station_code == station)
+        if business_date:
+            where.append(sale_t.c.business_date == business_date)
+        if grade:
+            where.append(sale_t.c.grade == grade)
+        return where
+
+    async def list_sales(
+        self,
+        *,
+        station: str | None,
+        business_date: date | None,
+        grade: str | None,
+        after: UUID | None,
+        limit: int,
+    ) -> list[sa.Row]:
+        where = self._filters(station, business_date, grade)
+        if after is not None:
+            where.append(sale_t.c.sale_id > after)
+        rows = await self.conn.execute(
+            sa.select(sale_t).where(*where).order_by(sale_t.c.sale_id).limit(limit)
+        )
+        return list(rows)
+
+    async def summary(
+        self, *, station: str | None, business_date: date | None, grade: str | None
+    ) -> list[sa.Row]:
+        rows = await self.conn.execute(
+            sa.select(
+                sale_t.c.station_code,
+                sale_t.c.grade,
+                sale_t.c.quarantined,
+                sa.func.count().label("sales"),
+                sa.func.coalesce(sa.func.sum(sale_t.c.volume_ml), 0).label("volume_ml"),
+                sa.func.coalesce(sa.func.sum(sale_t.c.amount_minor), 0).label("amount_minor"),
+            )
+            .where(*self._filters(station, business_date, grade))
+            .group_by(sale_t.c.station_code, sale_t.c.grade, sale_t.c.quarantined)
+            .order_by(sale_t.c.station_code, sale_t.c.grade)
+        )
+        return list(rows)
+
+    async def natural_key_duplicates(self, station: str | None) -> int:
+        """HQ rows that share a natural key with another row (each extra row counts once)."""
+        cols = (
+            sale_t.c.station_code,
+            sale_t.c.fuelling_point,
+            sale_t.c.nozzle,
+            sale_t.c.device_txn,
+            sale_t.c.totalizer_end_ml,
+        )
+        grouped = (
+            sa.select(*cols, sa.func.count().label("n"))
+            .where(sale_t.c.device_txn.is_not(None), *self._filters(station, None, None))
+            .group_by(*cols)
+            .having(sa.func.count() > 1)
+            .subquery()
+        )
+        value = await self.conn.scalar(sa.select(sa.func.coalesce(sa.func.sum(grouped.c.n - 1), 0)))
+        return int(value or 0)
+
+    async def alerts(self, station: str | None, limit: int) -> list[sa.Row]:
+        where = [alert_t.c.station_code == station] if station else []
+        rows = await self.conn.execute(
+            sa.select(alert_t).where(*where).order_by(alert_t.c.id.desc()).limit(limit)
+        )
+        return list(rows)
+
+    async def stations_with_sequences(self) -> Iterable[sa.Row]:
+        return list(await self.conn.execute(sa.select(sequence_t).order_by(sequence_t.c.station_code)))

@@ -1,0 +1,110 @@
+"""Settings from ``FORECOURT_*`` environment variables and an optional TOML file.
+
+The TOML file is ``forecourt.toml`` in the working directory or the path in
+``FORECOURT_CONFIG``; environment variables win over the file. HQ settings live at the top
+level of the file, edge settings under ``[edge]``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+KNOWN_SERVICES = ("network", "sales")
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("FORECOURT_CONFIG", "forecourt.toml"))
+
+
+class _TomlSettings(BaseSettings):
+    toml_table: ClassVar[str | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path.is_file():
+            header = (cls.toml_table,) if cls.toml_table else None
+            sources.append(
+                TomlConfigSettingsSource(settings_cls, toml_file=path, toml_table_header=header)
+            )
+        return tuple(sources)
+
+
+class Settings(_TomlSettings):
+    """Head office (HQ) settings."""
+
+    model_config = SettingsConfigDict(env_prefix="FORECOURT_", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///var/forecourt-hq.db"
+    bus_url: str = "memory://"
+    host: str = "127.0.0.1"
+    port: int = 8400
+    services: list[str] = Field(default_factory=lambda: list(KNOWN_SERVICES))
+    log_level: str = "INFO"
+    log_json: bool = True
+    relay_batch_size: int = 500
+    relay_idle_seconds: float = 0.05
+    consumer_max_deliver: int = 5
+    nats_stream: str = "FORECOURT"
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _split_services(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        unknown = sorted(set(value) - set(KNOWN_SERVICES))
+        if unknown:
+            raise ValueError(f"unknown services {unknown}; known: {', '.join(KNOWN_SERVICES)}")
+        return value
+
+
+class EdgeSettings(_TomlSettings):
+    """Edge node settings (one process per station)."""
+
+    model_config = SettingsConfigDict(env_prefix="FORECOURT_EDGE_", extra="ignore")
+    toml_table: ClassVar[str | None] = "edge"
+
+    station: str
+    hq_url: str = "http://127.0.0.1:8400"
+    credential: SecretStr
+    journal_path: Path = Path("var/edge.db")
+    controller_url: str = "http://127.0.0.1:8500"
+    controller_user: str = "admin"
+    controller_password: SecretStr = SecretStr("admin")
+    host: str = "127.0.0.1"
+    port: int = 8401
+    poll_interval_s: float = 0.1
+    snapshot_refresh_s: float = 30.0
+    sync_batch_size: int = 200
+    sync_backoff_initial_s: float = 0.2
+    sync_backoff_max_s: float = 30.0
+    outbox_budget_bytes: int = 512 * 1024 * 1024
+    outbox_alarm_ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8])
+    auto_settle: bool = True
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("credential")
+    @classmethod
+    def _no_default_secret(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16 or value.get_secret_value() in {"changeme"}:
+            raise ValueError("the station credential must be a real secret (16+ characters)")
+        return value

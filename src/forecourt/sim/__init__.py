@@ -1,0 +1,1 @@
+"""Simulators of the outside world (forecourt controllers, customers); they speak real protocols."""
