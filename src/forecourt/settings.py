@@ -89,6 +89,9 @@ class EdgeSettings(_TomlSettings):
     controller_url: str = "http://127.0.0.1:8500"
     controller_user: str = "admin"
     controller_password: SecretStr = SecretStr("admin")
+    controller_volume_decimals: int = 2
+    controller_amount_decimals: int = 2
+    controller_price_decimals: int = 2
     host: str = "127.0.0.1"
     port: int = 8401
     poll_interval_s: float = 0.1

@@ -77,26 +77,27 @@ class CustomerModel:
                 (_int(item, "grade_id", "customers.grade_mix[]"), _num(item, "weight", "grade_mix"))
                 for item in mix_raw
             )
+        d = cls()  # the defaults (slots hide class-level default values)
         truck_grades = tuple(_int_list(obj.get("truck_grade_ids", []), "customers.truck_grade_ids"))
         model = cls(
-            arrivals=_bool(obj, "arrivals", cls.arrivals),
-            arrivals_per_hour=_num(obj, "arrivals_per_hour", "customers", cls.arrivals_per_hour),
-            seed=_int(obj, "seed", "customers", cls.seed),
+            arrivals=_bool(obj, "arrivals", d.arrivals),
+            arrivals_per_hour=_num(obj, "arrivals_per_hour", "customers", d.arrivals_per_hour),
+            seed=_int(obj, "seed", "customers", d.seed),
             grade_mix=mix,
-            car_volume_ml=_litres_range(obj, "car_volume_l", cls.car_volume_ml),
-            car_flow_l_per_min=_range(obj, "car_flow_l_per_min", cls.car_flow_l_per_min),
-            truck_share=_num(obj, "truck_share", "customers", cls.truck_share),
+            car_volume_ml=_litres_range(obj, "car_volume_l", d.car_volume_ml),
+            car_flow_l_per_min=_range(obj, "car_flow_l_per_min", d.car_flow_l_per_min),
+            truck_share=_num(obj, "truck_share", "customers", d.truck_share),
             truck_grade_ids=truck_grades,
-            truck_volume_ml=_litres_range(obj, "truck_volume_l", cls.truck_volume_ml),
-            truck_flow_l_per_min=_range(obj, "truck_flow_l_per_min", cls.truck_flow_l_per_min),
+            truck_volume_ml=_litres_range(obj, "truck_volume_l", d.truck_volume_ml),
+            truck_flow_l_per_min=_range(obj, "truck_flow_l_per_min", d.truck_flow_l_per_min),
             authorise_timeout_s=_num(
-                obj, "authorise_timeout_s", "customers", cls.authorise_timeout_s
+                obj, "authorise_timeout_s", "customers", d.authorise_timeout_s
             ),
-            lift_delay_s=_range(obj, "lift_delay_s", cls.lift_delay_s),
-            flow_start_delay_s=_num(obj, "flow_start_delay_s", "customers", cls.flow_start_delay_s),
-            hangup_delay_s=_range(obj, "hangup_delay_s", cls.hangup_delay_s),
-            max_queue=_int(obj, "max_queue", "customers", cls.max_queue),
-            queue_patience_s=_num(obj, "queue_patience_s", "customers", cls.queue_patience_s),
+            lift_delay_s=_range(obj, "lift_delay_s", d.lift_delay_s),
+            flow_start_delay_s=_num(obj, "flow_start_delay_s", "customers", d.flow_start_delay_s),
+            hangup_delay_s=_range(obj, "hangup_delay_s", d.hangup_delay_s),
+            max_queue=_int(obj, "max_queue", "customers", d.max_queue),
+            queue_patience_s=_num(obj, "queue_patience_s", "customers", d.queue_patience_s),
         )
         model._validate(known_grades)
         return model
@@ -114,13 +115,12 @@ class CustomerModel:
         unknown -= known_grades
         if unknown:
             raise SimConfigError(f"customers refer to grades no nozzle sells: {sorted(unknown)}")
-        if self.truck_share > 0 and not self.truck_grade_ids:
-            raise SimConfigError("customers.truck_share > 0 needs customers.truck_grade_ids")
+        # No truck_grade_ids (a station without diesel) simply means no trucks come.
         if self.authorise_timeout_s <= 0 or self.flow_start_delay_s < 0:
             raise SimConfigError("customers delays must be positive")
         if self.max_queue < 0 or self.queue_patience_s <= 0:
             raise SimConfigError("customers.max_queue/queue_patience_s out of range")
-        for low, high in (self.car_flow_l_per_min, self.truck_flow_l_per_min):
+        for low, _high in (self.car_flow_l_per_min, self.truck_flow_l_per_min):
             if low <= 0:
                 raise SimConfigError("flow rates must be positive")
 

@@ -295,7 +295,8 @@ def _pump_config(item: Any, number_format: NumberFormat) -> PumpConfig:
     try:
         rounding = Rounding(_cfg_str(item, "rounding", Rounding.HALF_UP.value))
     except ValueError:
-        raise SimConfigError(f"{where}: rounding must be one of {[r.value for r in Rounding]}")
+        choices = [r.value for r in Rounding]
+        raise SimConfigError(f"{where}: rounding must be one of {choices}") from None
     offline = item.get("offline", False)
     if number < 1 or resolution < 1 or not isinstance(offline, bool):
         raise SimConfigError(f"{where}: pump >= 1, amount_resolution_minor >= 1, offline bool")
@@ -326,12 +327,15 @@ def _pump_config(item: Any, number_format: NumberFormat) -> PumpConfig:
         nozzles.append(nozzle)
     if len({n.nozzle for n in nozzles}) != len(nozzles):
         raise SimConfigError(f"{where}: nozzle numbers must be unique")
+    first_transaction = _cfg_int(item, "first_transaction", 1)
+    if first_transaction < 1:
+        raise SimConfigError(f"{where}: first_transaction must be >= 1")
     return PumpConfig(
         pump=number,
         amount_resolution_minor=resolution,
         rounding=rounding,
         nozzles=tuple(sorted(nozzles, key=lambda n: n.nozzle)),
-        first_transaction=_cfg_int(item, "first_transaction", 1),
+        first_transaction=first_transaction,
         offline=offline,
     )
 
@@ -538,7 +542,13 @@ class Station:
         self.next_arrival = None if gap is None else self._after(gap)
 
     def _on_arrival(self) -> None:
-        customer = self.source.new_customer(self.now)
+        self.arrive()
+        self._schedule_arrival()
+
+    def arrive(self, customer: Customer | None = None) -> None:
+        """A customer (drawn from the model unless given) arrives now: takes a pump or queues."""
+        if customer is None:
+            customer = self.source.new_customer(self.now)
         self.stats["arrived"] += 1
         free = [number for number, pump in sorted(self.pumps.items()) if pump.accepts(customer)]
         if free:
@@ -549,7 +559,6 @@ class Station:
             self.stats["queued"] += 1
         else:
             self.stats["left_queue_too_long"] += 1
-        self._schedule_arrival()
 
     def _on_queue_timeout(self, queued: QueuedCustomer) -> None:
         self.queue.remove(queued)
@@ -604,15 +613,21 @@ class Station:
             if pump.auth is not None:
                 # Authorised for another nozzle than the one lifted: the pump won't release it,
                 # and the stale authorisation is dropped so the status shows a plain call.
-                logger.info("pump %d: nozzle %d lifted, authorisation was for nozzle %s",
-                            pump.number, nozzle, pump.auth.nozzle)
+                logger.info(
+                    "pump %d: nozzle %d lifted, authorisation was for nozzle %s",
+                    pump.number,
+                    nozzle,
+                    pump.auth.nozzle,
+                )
                 pump.auth = None
             pump.phase = Phase.CALLING
             pump.due = self._after(self.config.customers.authorise_timeout_s)
 
     def _begin_fill(self, pump: Pump) -> None:
         """Nozzle up and authorised: a transaction starts (its number is shown from now on)."""
-        assert pump.auth is not None and pump.customer is not None and pump.nozzle_up is not None
+        assert pump.auth is not None
+        assert pump.customer is not None
+        assert pump.nozzle_up is not None
         auth, customer = pump.auth, pump.customer
         nozzle = pump.nozzles[pump.nozzle_up]
         price = auth.price_mmu if auth.price_mmu is not None else nozzle.price_mmu
@@ -693,7 +708,9 @@ class Station:
 
     def _amount(self, pump: Pump, volume_ml: int, price_mmu: int) -> int:
         price = UnitPrice(price_mmu, self.config.currency)
-        money = price.amount_for(volume_ml, resolution_minor=pump.resolution_minor, rounding=pump.rounding)
+        money = price.amount_for(
+            volume_ml, resolution_minor=pump.resolution_minor, rounding=pump.rounding
+        )
         return money.minor
 
     def _volume_for_amount(self, pump: Pump, dose_minor: int, price_mmu: int) -> int:
@@ -788,7 +805,9 @@ class Station:
             dose_wire = get_number(data, "Dose")
             dose_minor = self.fmt.get_amount_minor(data, "Dose")
         elif auth_type != "FullTank":
-            raise SimCommandError(ERR_BAD_DATA, f"Type must be Volume, Amount or FullTank: {auth_type!r}")
+            raise SimCommandError(
+                ERR_BAD_DATA, f"Type must be Volume, Amount or FullTank: {auth_type!r}"
+            )
         if (dose_ml is not None and dose_ml <= 0) or (dose_minor is not None and dose_minor <= 0):
             raise SimCommandError(ERR_BAD_DATA, "Dose must be positive")
         price = None
@@ -802,13 +821,15 @@ class Station:
         elif pump.phase is Phase.CALLING:
             if nozzle is not None and nozzle != pump.nozzle_up:
                 raise SimCommandError(
-                    ERR_WRONG_STATE, f"pump {pump.number}: nozzle {pump.nozzle_up} is up, not {nozzle}"
+                    ERR_WRONG_STATE,
+                    f"pump {pump.number}: nozzle {pump.nozzle_up} is up, not {nozzle}",
                 )
             pump.auth = auth
             self._begin_fill(pump)
         else:
             raise SimCommandError(
-                ERR_WRONG_STATE, f"pump {pump.number} is {self._phase_name(pump)}, not idle or calling"
+                ERR_WRONG_STATE,
+                f"pump {pump.number} is {self._phase_name(pump)}, not idle or calling",
             )
         return confirmation(packet.id, packet.type)
 
@@ -835,7 +856,9 @@ class Station:
             pump.phase = Phase.SUSPENDED
             pump.due = None
         elif pump.phase is not Phase.SUSPENDED:
-            raise SimCommandError(ERR_WRONG_STATE, f"pump {pump.number} is {self._phase_name(pump)}")
+            raise SimCommandError(
+                ERR_WRONG_STATE, f"pump {pump.number} is {self._phase_name(pump)}"
+            )
         return confirmation(packet.id, packet.type)
 
     def _cmd_resume(self, packet: Packet) -> Packet:
@@ -902,7 +925,9 @@ class Station:
         for index, value in enumerate(prices_raw):
             mmu = self.fmt.get_price_mmu({"Price": value}, "Price")
             if index < len(ordered) and mmu <= 0:
-                raise SimCommandError(ERR_BAD_DATA, f"price for nozzle {ordered[index].number} <= 0")
+                raise SimCommandError(
+                    ERR_BAD_DATA, f"price for nozzle {ordered[index].number} <= 0"
+                )
             new_prices.append(mmu)
         for nozzle, mmu in zip(ordered, new_prices, strict=False):
             nozzle.price_mmu = mmu  # applies from the next authorisation
@@ -938,7 +963,12 @@ class Station:
     def status_of(self, pump: Pump) -> tuple[str, dict[str, Any]]:
         fmt = self.fmt
         if pump.offline:
-            return "PumpOfflineStatus", {"Pump": pump.number, "State": "Offline", "NozzleUp": 0, "Nozzle": 0}
+            return "PumpOfflineStatus", {
+                "Pump": pump.number,
+                "State": "Offline",
+                "NozzleUp": 0,
+                "Nozzle": 0,
+            }
         if pump.phase is Phase.END_OF_TRANSACTION and pump.pending is not None:
             return "PumpEndOfTransactionStatus", self._transaction_fields(pump.pending)
         if pump.fill is not None:
@@ -962,7 +992,11 @@ class Station:
             # Authorised before any nozzle was lifted: the device shows a zero-volume filling.
             auth = pump.auth
             nozzle = pump.nozzles.get(auth.nozzle) if auth.nozzle else None
-            price = auth.price_mmu if auth.price_mmu is not None else (nozzle.price_mmu if nozzle else 0)
+            price = (
+                auth.price_mmu
+                if auth.price_mmu is not None
+                else (nozzle.price_mmu if nozzle else 0)
+            )
             return "PumpFillingStatus", {
                 "Pump": pump.number,
                 "Nozzle": nozzle.number if nozzle else 0,
@@ -978,7 +1012,12 @@ class Station:
                 "OrderedDose": auth.dose_wire if auth.dose_wire is not None else 0,
             }
         nozzle_up = pump.nozzle_up if pump.phase is Phase.CALLING and pump.nozzle_up else 0
-        idle: dict[str, Any] = {"Pump": pump.number, "NozzleUp": nozzle_up, "Nozzle": nozzle_up, "Request": ""}
+        idle: dict[str, Any] = {
+            "Pump": pump.number,
+            "NozzleUp": nozzle_up,
+            "Nozzle": nozzle_up,
+            "Request": "",
+        }
         last = pump.memory[-1] if pump.memory else None
         idle.update(
             {
@@ -1100,7 +1139,9 @@ def create_app(
             arrivals = get_bool(body, "arrivals", default=station.arrivals)
             offline = body.get("offline_pumps")
             if offline is not None:
-                offline_set = {get_int({"Pump": p}, "Pump") for p in get_list(body, "offline_pumps")}
+                offline_set = {
+                    get_int({"Pump": p}, "Pump") for p in get_list(body, "offline_pumps")
+                }
                 station.set_offline(offline_set)
         except ForecourtError as exc:
             return _json_response({"Error": True, "Code": exc.code, "Message": exc.message}, 400)
@@ -1109,7 +1150,7 @@ def create_app(
         logger.info("control: arrivals=%s offline=%s", station.arrivals, offline)
         return _json_response(station.health())
 
-    async def health(request: Request) -> Response:
+    async def health(_request: Request) -> Response:
         station.advance(clock.now())
         return _json_response(station.health())
 
@@ -1120,7 +1161,7 @@ def create_app(
             await asyncio.sleep(tick_wall_s)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(tick())
         if on_started is not None:
             on_started()
@@ -1178,7 +1219,12 @@ def main(argv: list[str] | None = None) -> int:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        sock.close()
+        return 1
     # Listening before the port is announced: early clients wait in the backlog, not refused.
     sock.listen(128)
     port = sock.getsockname()[1]
@@ -1217,7 +1263,8 @@ class SimulatorProcess:
             self.config_path = config
         else:
             self.config_path = self.workdir / "pts_config.json"
-            self.config_path.write_bytes(dumps(config))
+            # Floats are fine in a config written by code; write them as their shortest repr.
+            self.config_path.write_bytes(dumps(_floats_to_decimals(config)))
         self.port_file = self.workdir / "pts_port"
         self.log_path = self.workdir / "pts_controller.log"
         self.env = dict(env or {})
@@ -1293,6 +1340,16 @@ class SimulatorProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _floats_to_decimals(value: Any) -> Any:
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, Mapping):
+        return {key: _floats_to_decimals(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_floats_to_decimals(item) for item in value]
+    return value
 
 
 def default_clock_env(speed: float, start: datetime | None = None) -> dict[str, str]:

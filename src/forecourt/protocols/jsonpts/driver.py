@@ -140,7 +140,7 @@ class JsonPtsDriver:
 
     def _next_id(self) -> int:
         # Ids stay in the positive 31-bit range that the device's JSON parser surely handles.
-        return next(self._ids) % 2_147_483_647 or next(self._ids)
+        return (next(self._ids) - 1) % 2_147_483_647 + 1
 
     async def _exchange(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Packet]:
         """Send packets (chunked), return the replies in request order, matched by Id."""
@@ -172,7 +172,9 @@ class JsonPtsDriver:
                 http_status=status,
             )
         if status >= 500:
-            raise DriverUnavailable(f"jsonPTS controller failed (HTTP {status})", http_status=status)
+            raise DriverUnavailable(
+                f"jsonPTS controller failed (HTTP {status})", http_status=status
+            )
         if status != 200:
             raise DeviceRejected(
                 f"jsonPTS controller rejected the request (HTTP {status}): {response.text[:200]}",
@@ -201,18 +203,26 @@ class JsonPtsDriver:
 
     async def pump_status(self, pumps: Sequence[int]) -> list[PumpStatus]:
         with _reading():
-            replies = await self._exchange([("PumpGetStatus", {"Pump": p}) for p in pumps])
-            again = [i for i, reply in enumerate(replies) if reply.type in _ONE_SHOT_TYPES]
-            if again:
-                retried = await self._exchange([("PumpGetStatus", {"Pump": pumps[i]}) for i in again])
-                for index, reply in zip(again, retried, strict=True):
-                    replies[index] = reply
+            replies = await self._status_replies(pumps)
             return [self._status(pump, reply) for pump, reply in zip(pumps, replies, strict=True)]
+
+    async def _status_replies(self, pumps: Sequence[int]) -> list[Packet]:
+        """PumpGetStatus for every pump, in as few POSTs as allowed."""
+        replies = await self._exchange([("PumpGetStatus", {"Pump": p}) for p in pumps])
+        again = [i for i, reply in enumerate(replies) if reply.type in _ONE_SHOT_TYPES]
+        if again:
+            retried = await self._exchange([("PumpGetStatus", {"Pump": pumps[i]}) for i in again])
+            for index, reply in zip(again, retried, strict=True):
+                replies[index] = reply
+        return replies
 
     def _status(self, pump: int, reply: Packet) -> PumpStatus:
         if reply.error:
             logger.warning(
-                "pump %d status refused by the controller: code %s %s", pump, reply.code, reply.message
+                "pump %d status refused by the controller: code %s %s",
+                pump,
+                reply.code,
+                reply.message,
             )
             return PumpStatus(pump=pump, state=PumpState.ERROR)
         if reply.type not in _STATUS_TYPES:
@@ -230,17 +240,9 @@ class JsonPtsDriver:
                 return PumpStatus(pump=pump, state=PumpState.CALLING, nozzle=nozzle_up)
             return PumpStatus(pump=pump, state=PumpState.IDLE)
         volume = self.fmt.get_volume_ml(data, "Volume")
-        common = {
-            "pump": pump,
-            "nozzle": get_optional_int(data, "Nozzle", 0) or None,
-            "volume_ml": volume,
-            "amount_minor": self.fmt.get_amount_minor(data, "Amount"),
-            "unit_price_mmu": self.fmt.get_price_mmu(data, "Price"),
-            "transaction": get_optional_int(data, "Transaction", 0) or None,
-        }
         if reply.type == "PumpEndOfTransactionStatus":
-            return PumpStatus(state=PumpState.END_OF_TRANSACTION, **common)
-        if get_bool(data, "IsStopped", default=False):
+            state = PumpState.END_OF_TRANSACTION
+        elif get_bool(data, "IsStopped", default=False):
             state = PumpState.STOPPED
         elif get_bool(data, "IsSuspended", default=False):
             state = PumpState.SUSPENDED
@@ -248,7 +250,15 @@ class JsonPtsDriver:
             state = PumpState.AUTHORISED
         else:
             state = PumpState.FUELLING
-        return PumpStatus(state=state, **common)
+        return PumpStatus(
+            pump=pump,
+            state=state,
+            nozzle=get_optional_int(data, "Nozzle", 0) or None,
+            volume_ml=volume,
+            amount_minor=self.fmt.get_amount_minor(data, "Amount"),
+            unit_price_mmu=self.fmt.get_price_mmu(data, "Price"),
+            transaction=get_optional_int(data, "Transaction", 0) or None,
+        )
 
     # ----------------------------------------------------------------- commands
 
@@ -323,7 +333,7 @@ class JsonPtsDriver:
 
     async def unacknowledged_transactions(self, pumps: Sequence[int]) -> list[DeviceTransaction]:
         with _reading():
-            replies = await self._exchange([("PumpGetStatus", {"Pump": p}) for p in pumps])
+            replies = await self._status_replies(pumps)
             found = []
             for pump, reply in zip(pumps, replies, strict=True):
                 # Can't vouch that a pump holds nothing if it refused to say.
@@ -368,7 +378,9 @@ class JsonPtsDriver:
                 result.append(self._transaction(pump, item, closed=number != open_transaction))
             return sorted(result, key=lambda t: t.transaction)
 
-    def _transaction(self, pump: int, data: Mapping[str, Any], *, closed: bool) -> DeviceTransaction:
+    def _transaction(
+        self, pump: int, data: Mapping[str, Any], *, closed: bool
+    ) -> DeviceTransaction:
         volume = self.fmt.get_volume_ml(data, "Volume")
         total_after = self.fmt.get_volume_ml(data, "TotalVolume")
         grade = get_optional_int(data, "FuelGradeId")

@@ -1,0 +1,420 @@
+"""``forecourt demo``: a small chain end to end, then a three-way reconciliation.
+
+HQ runs in this process (HTTP on a free local port), each station gets a simulated PTS-2
+forecourt controller in its own process (with simulated customers) and an edge node that
+talks to it over jsonPTS and to HQ over HTTP. A simulated clock runs ``speed`` times faster
+than wall time and is placed so that it reaches the real current time only after the demo's
+whole time budget: no sale is stamped later than now.
+
+At the end the demo stops new customers, lets fuellings finish, drains the edge outboxes and
+the HQ relay (bounded waits), then reads each figure from its own store: the controllers'
+transaction memory (jsonPTS ``ReportGetPumpTransactions``), each edge's journal, and HQ's
+query API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from forecourt.bootstrap import HeadOffice, build_head_office
+from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
+from forecourt.kernel.clock import SimulatedClock
+from forecourt.kernel.money import UnitPrice
+from forecourt.network.contracts import StationSnapshot
+from forecourt.network.domain import Chain, Price, PriceScope, Station
+from forecourt.network.handlers import (
+    SAMPLE_CHAIN,
+    build_snapshot,
+    import_chain,
+    issue_credential,
+    load_chain_file,
+)
+from forecourt.protocols.jsonpts.driver import JsonPtsDriver
+from forecourt.settings import EdgeSettings, Settings
+from forecourt.sim.pts_controller import SimulatorProcess
+
+DRAIN_BUDGET_S = 60.0  # wall seconds allowed for fuellings to end and outboxes to drain
+
+
+@dataclass
+class DemoOptions:
+    duration_s: float = 20.0
+    stations: int = 3
+    speed: float = 120.0
+    arrivals_per_hour: float = 150.0
+    database_url: str | None = None
+    bus_url: str = "memory://"
+    workdir: Path | None = None
+    seed: int = 7
+    price_change: bool = True  # a scheduled price change half-way through
+
+
+@dataclass
+class StationRun:
+    code: str
+    credential: str
+    simulator: SimulatorProcess
+    edge: EdgeNode
+    grade_ids: dict[str, int]
+
+
+@dataclass
+class Figures:
+    sales: int = 0
+    volume_ml: int = 0
+    amount_minor: int = 0
+
+    def add(self, sales: int, volume_ml: int, amount_minor: int) -> None:
+        self.sales += sales
+        self.volume_ml += volume_ml
+        self.amount_minor += amount_minor
+
+
+@dataclass
+class Reconciliation:
+    per_station_grade: dict[tuple[str, str], dict[str, Figures]] = field(default_factory=dict)
+    lost: int = 0
+    lost_sales: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: int = 0
+    quarantined: int = 0
+
+    def total(self, where: str) -> Figures:
+        out = Figures()
+        for figures in self.per_station_grade.values():
+            f = figures[where]
+            out.add(f.sales, f.volume_ml, f.amount_minor)
+        return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pick_stations(chain: Chain, count: int) -> Chain:
+    """The first ``count`` stations of the chain, cloning the layout when more are asked."""
+    if count < 1:
+        raise ValueError("at least one station")
+    base = list(chain.stations)
+    chosen: list[Station] = base[:count]
+    i = 0
+    while len(chosen) < count:
+        template = base[i % len(base)]
+        chosen.append(dataclasses.replace(template, code=f"S{len(chosen) + 1:03d}",
+                                          name=f"{template.name} #{len(chosen) + 1}"))
+        i += 1
+    return dataclasses.replace(chain, stations=tuple(chosen))
+
+
+def simulator_config(
+    snapshot: StationSnapshot, at: datetime, grade_ids: dict[str, int], opts: DemoOptions, seed: int
+) -> dict[str, Any]:
+    prices = snapshot.prices_at(at)
+    kinds = {g.code: g.kind for g in snapshot.grades}
+    pumps = []
+    for fp in snapshot.fuelling_points:
+        pumps.append(
+            {
+                "pump": fp.number,
+                "amount_resolution_minor": fp.model.amount_resolution_minor,
+                "rounding": fp.model.rounding.value,
+                "nozzles": [
+                    {
+                        "nozzle": n.number,
+                        "grade_id": grade_ids[n.grade],
+                        "price_mmu": prices[n.grade].milli_minor_per_litre,
+                        "totalizer_ml": 10_000_000 * fp.number + 1_000_000 * n.number,
+                    }
+                    for n in fp.nozzles
+                ],
+            }
+        )
+    weights = {"92": 6, "95": 3, "98": 1, "0": 2}
+    return {
+        "currency": snapshot.currency,
+        "volume_decimals": 2,
+        "amount_decimals": 2,
+        "price_decimals": 2,
+        "auth": {"username": "admin", "password": "demo-controller"},
+        "timezone": snapshot.station.timezone,
+        "pumps": pumps,
+        "customers": {
+            "arrivals": True,
+            "arrivals_per_hour": opts.arrivals_per_hour,
+            "seed": seed,
+            "grade_mix": [{"grade_id": grade_ids[g], "weight": weights.get(g, 1)} for g in grade_ids],
+            "truck_grade_ids": [grade_ids[g] for g, k in kinds.items() if k == "diesel"],
+        },
+    }
+
+
+class DemoChain:
+    """The running demo; its steps are separate so tests can act between them."""
+
+    def __init__(self, opts: DemoOptions) -> None:
+        self.opts = opts
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if opts.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="forecourt-demo-")
+            self.workdir = Path(self._tmp.name)
+        else:
+            self.workdir = opts.workdir
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        total_wall = opts.duration_s + DRAIN_BUDGET_S + 30.0
+        self.clock = SimulatedClock.ending_before_now(total_wall, opts.speed)
+        self.sim_start = self.clock.now()
+        self.hq: HeadOffice | None = None
+        self.hq_url = ""
+        self._server: uvicorn.Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self.stations: list[StationRun] = []
+
+    async def start(self) -> None:
+        opts = self.opts
+        database_url = opts.database_url or f"sqlite+aiosqlite:///{self.workdir / 'hq.db'}"
+        port = _free_port()
+        settings = Settings(database_url=database_url, bus_url=opts.bus_url, port=port, log_json=False)
+        # HQ lives in the same simulated time as the stations, so prices, business days and
+        # snapshots agree across the demo.
+        self.hq = build_head_office(settings, clock=self.clock)
+        await self.hq.start()
+        config = uvicorn.Config(self.hq.app, host="127.0.0.1", port=port, log_level="warning",
+                                access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._server_task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            await asyncio.sleep(0.02)
+        self.hq_url = f"http://127.0.0.1:{port}"
+
+        chain = pick_stations(load_chain_file(SAMPLE_CHAIN), opts.stations)
+        if opts.price_change:
+            chain = self._with_price_change(chain)
+        await import_chain(self.hq.db, chain, actor="demo")
+        grade_ids = {g.code: i + 1 for i, g in enumerate(chain.grades)}
+        for index, station in enumerate(chain.stations):
+            _, token = await issue_credential(self.hq.db, station.code, actor="demo")
+            snapshot = await build_snapshot(self.hq.db, station.code, self.clock.now())
+            sim = SimulatorProcess(
+                simulator_config(snapshot, self.clock.now(), grade_ids, opts, opts.seed + index),
+                self.workdir / station.code / "pts",
+                env=self.clock.to_env(),
+            )
+            await asyncio.to_thread(sim.start)
+            edge_settings = EdgeSettings(
+                station=station.code,
+                hq_url=self.hq_url,
+                credential=token,
+                journal_path=self.workdir / station.code / "edge.db",
+                controller_url=sim.base_url,
+                controller_user="admin",
+                controller_password="demo-controller",
+                poll_interval_s=0.05,
+                log_json=False,
+            )
+            edge = build_edge_node(edge_settings, self.clock, jsonpts_factory(edge_settings))
+            await edge.start()
+            self.stations.append(StationRun(station.code, token, sim, edge, grade_ids))
+
+    def _with_price_change(self, chain: Chain) -> Chain:
+        """Schedule a 92# price rise for the whole chain at the simulated half-way point."""
+        half = self.sim_start + timedelta(seconds=self.opts.duration_s * self.opts.speed / 2)
+        current = max((p for p in chain.prices if p.grade == "92" and p.scope is PriceScope.CHAIN),
+                      key=lambda p: p.effective_from)
+        rise = UnitPrice(current.milli_minor_per_litre + 150_000, chain.currency)
+        extra = Price(grade="92", scope=PriceScope.CHAIN, scope_code=chain.code,
+                      milli_minor_per_litre=rise.milli_minor_per_litre, currency=chain.currency,
+                      effective_from=half.replace(microsecond=0), price_id=f"demo-{half.timestamp():.0f}")
+        return dataclasses.replace(chain, prices=(*chain.prices, extra))
+
+    async def run_traffic(self, on_tick: Callable[[float], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.opts.duration_s
+        while (now := loop.time()) < end:
+            if on_tick:
+                on_tick(self.opts.duration_s - (end - now))
+            await asyncio.sleep(min(1.0, end - now))
+
+    async def quiesce(self, on_tick: Callable[[str], None] | None = None) -> bool:
+        """Stop new customers, let fuellings finish, drain edges and HQ. True if all drained."""
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            for st in self.stations:
+                await client.post(f"{st.simulator.base_url}/sim/control", json={"arrivals": False})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + DRAIN_BUDGET_S
+            forecourts_idle = False
+            calm = 0  # consecutive all-idle looks; a customer walking to a pump shows as idle
+            while loop.time() < deadline:
+                idle = 0
+                for st in self.stations:
+                    health = (await client.get(f"{st.simulator.base_url}/sim/health")).json()
+                    pumps_idle = all(p == "idle" for p in health.get("pumps", {}).values())
+                    edge_idle = all(
+                        s in ("idle", "offline") for s in st.edge.controller.states().values()
+                    )
+                    if health.get("queue", 0) == 0 and pumps_idle and edge_idle:
+                        idle += 1
+                calm = calm + 1 if idle == len(self.stations) else 0
+                if on_tick:
+                    on_tick(f"finishing fuellings: {idle}/{len(self.stations)} forecourts idle")
+                if calm >= 4:
+                    forecourts_idle = True
+                    break
+                await asyncio.sleep(0.25)
+        drained = True
+        for st in self.stations:
+            await st.edge.stop_selling()
+        for st in self.stations:
+            remaining = max(1.0, deadline - asyncio.get_running_loop().time())
+            drained = await st.edge.drain(remaining) and drained
+        assert self.hq is not None
+        await self.hq.relay.drain(timeout=max(1.0, deadline - asyncio.get_running_loop().time()))
+        return forecourts_idle and drained
+
+    async def reconcile(self) -> Reconciliation:
+        rec = Reconciliation()
+        window_end = self.clock.now() + timedelta(minutes=1)
+        async with httpx.AsyncClient(base_url=self.hq_url, timeout=30.0) as hq:
+            for st in self.stations:
+                snapshot = st.edge.snapshots.current
+                assert snapshot is not None
+                nozzle_grade = {
+                    (fp.number, n.number): n.grade for fp in snapshot.fuelling_points for n in fp.nozzles
+                }
+
+                def cell(grade: str, code: str = st.code) -> dict[str, Figures]:
+                    return rec.per_station_grade.setdefault(
+                        (code, grade), {"dispensers": Figures(), "edges": Figures(), "hq": Figures()}
+                    )
+
+                # 1. the dispensers, through the controller's own interface
+                driver = JsonPtsDriver(st.simulator.base_url, "admin", "demo-controller",
+                                       timezone=snapshot.station.timezone, currency=snapshot.currency)
+                await driver.open()
+                device_keys: dict[tuple[int, int], tuple[str, int, int]] = {}
+                try:
+                    for fp in snapshot.fuelling_points:
+                        for txn in await driver.transactions(fp.number, self.sim_start - timedelta(hours=1), window_end):
+                            grade = nozzle_grade.get((txn.pump, txn.nozzle), "unknown")
+                            cell(grade)["dispensers"].add(1, txn.volume_ml, txn.amount_minor)
+                            device_keys[(txn.pump, txn.transaction)] = (grade, txn.volume_ml, txn.amount_minor)
+                finally:
+                    await driver.close()
+                # 2. the edge's journal
+                for row in await st.edge.journal.summary():
+                    cell(row["grade"])["edges"].add(row["sales"], row["volume_ml"], row["amount_minor"])
+                # 3. HQ, through its query API
+                summary = (await hq.get("/v1/sales/summary", params={"station": st.code})).json()
+                for g in summary["groups"]:
+                    cell(g["grade"])["hq"].add(g["sales"], g["volume_ml"], g["amount_minor"])
+                    if g["quarantined"]:
+                        rec.quarantined += g["sales"]
+                rec.duplicates += summary["natural_key_duplicates"]
+                at_hq: set[tuple[int, int]] = set()
+                after = None
+                while True:
+                    params: dict[str, Any] = {"station": st.code, "limit": 5000}
+                    if after:
+                        params["after"] = after
+                    page = (await hq.get("/v1/sales", params=params)).json()
+                    at_hq.update((s["fuelling_point"], s["device_txn"]) for s in page["items"])
+                    after = page["next_after"]
+                    if not after:
+                        break
+                for key, (grade, volume, amount) in sorted(device_keys.items()):
+                    if key not in at_hq:
+                        rec.lost += 1
+                        rec.lost_sales.append({"station": st.code, "fuelling_point": key[0],
+                                               "device_txn": key[1], "grade": grade,
+                                               "volume_ml": volume, "amount_minor": amount})
+        return rec
+
+    async def stop(self) -> None:
+        for st in self.stations:
+            with contextlib.suppress(Exception):
+                await st.edge.stop()
+            st.simulator.stop()
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_task is not None:
+                await self._server_task
+        if self.hq is not None:
+            await self.hq.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def report(rec: Reconciliation, stations: int, drained: bool, elapsed_s: float) -> dict[str, Any]:
+    d, e, h = rec.total("dispensers"), rec.total("edges"), rec.total("hq")
+    agree = (d.sales, d.volume_ml, d.amount_minor) == (e.sales, e.volume_ml, e.amount_minor) == (
+        h.sales, h.volume_ml, h.amount_minor)
+    return {
+        "stations": stations,
+        "sales_at_dispensers": d.sales,
+        "sales_at_edges": e.sales,
+        "sales_at_hq": h.sales,
+        "volume_ml_at_dispensers": d.volume_ml,
+        "volume_ml_at_edges": e.volume_ml,
+        "volume_ml_at_hq": h.volume_ml,
+        "amount_fen_at_dispensers": d.amount_minor,
+        "amount_fen_at_edges": e.amount_minor,
+        "amount_fen_at_hq": h.amount_minor,
+        "duplicates": rec.duplicates,
+        "lost": rec.lost,
+        "quarantined": rec.quarantined,
+        "agree": agree and rec.lost == 0 and rec.duplicates == 0,
+        "drained": drained,
+        "elapsed_s": round(elapsed_s, 1),
+        "per_station_grade": [
+            {"station": s, "grade": g, **{k: dataclasses.asdict(v) for k, v in figures.items()}}
+            for (s, g), figures in sorted(rec.per_station_grade.items())
+        ],
+        "lost_sales": rec.lost_sales,
+    }
+
+
+async def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    started = time.monotonic()
+    demo = DemoChain(opts)
+    try:
+        await demo.start()
+
+        def tick(elapsed: float) -> None:
+            if progress is None:
+                return
+            journaled = sum(st.edge.controller.stats.journaled for st in demo.stations)
+            uploaded = sum(st.edge.sync.stats.uploaded for st in demo.stations)
+            progress(
+                f"t={elapsed:4.0f}s  sim {demo.clock.now().astimezone().strftime('%H:%M')}  "
+                f"journaled {journaled:5d}  at HQ {uploaded:5d}  "
+                + "  ".join(f"{st.code}:{st.edge.controller.stats.journaled}" for st in demo.stations)
+            )
+
+        await demo.run_traffic(tick)
+        drained = await demo.quiesce(progress)
+        rec = await demo.reconcile()
+        return report(rec, len(demo.stations), drained, time.monotonic() - started)
+    finally:
+        await demo.stop()
+
+
+def grade_totals(result: dict[str, Any]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in result["per_station_grade"]:
+        for where in ("dispensers", "edges", "hq"):
+            out[row["grade"]][f"{where}_sales"] += row[where]["sales"]
+    return out

@@ -1,0 +1,191 @@
+"""One station's edge node: journal, snapshot, controller, sync agent and its HTTP app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Gauge
+
+from forecourt import __version__
+from forecourt.edge.controller import ForecourtController
+from forecourt.edge.drivers import ForecourtDriver
+from forecourt.edge.journal import Journal
+from forecourt.edge.sync import HqClient, SnapshotKeeper, SyncAgent
+from forecourt.infra.http import install_common
+from forecourt.infra.logging import get_logger
+from forecourt.kernel.clock import Clock
+from forecourt.network.contracts import StationSnapshot
+from forecourt.settings import EdgeSettings
+
+DriverFactory = Callable[[StationSnapshot], ForecourtDriver]
+
+log = get_logger("forecourt.edge")
+
+
+@dataclass
+class EdgeNode:
+    settings: EdgeSettings
+    clock: Clock
+    driver_factory: DriverFactory
+    journal: Journal
+    hq: HqClient
+    snapshots: SnapshotKeeper
+    controller: ForecourtController
+    sync: SyncAgent
+    registry: CollectorRegistry
+    app: FastAPI = field(init=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    driver: ForecourtDriver | None = None
+    started: bool = False
+
+    async def start(self) -> None:
+        """Open the journal, take the snapshot (from HQ, else the newest persisted one),
+        connect the forecourt controller, recover unclosed transactions, then run."""
+        await self.journal.open()
+        snapshot = await self.snapshots.load()
+        while snapshot is None:
+            # No snapshot from HQ and none persisted: the station cannot price a sale yet.
+            log.warning("edge.waiting_for_first_snapshot", error=self.snapshots.last_error)
+            await asyncio.sleep(1.0)
+            snapshot = await self.snapshots.load()
+        self.driver = self.driver_factory(snapshot)
+        await self.driver.open()
+        self.controller.driver = self.driver
+        await self.controller.recover()
+        self.controller.start()
+        self.sync.start()
+        self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="edge-snapshots"))
+        self.started = True
+
+    async def _refresh_snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.snapshot_refresh_s)
+            await self.snapshots.refresh()
+
+    async def stop_selling(self) -> None:
+        """Stop polling the forecourt (used at shutdown after pumps are idle)."""
+        await self.controller.stop()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Upload until the outbox is empty or the timeout passes; True when empty."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            pending, _, rejected = await self.journal.outbox_usage()
+            if pending - rejected == 0:
+                return True
+            self.sync.wake.set()
+            await asyncio.sleep(0.05)
+        return False
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.controller.stop()
+        await self.sync.stop()
+        if self.driver is not None:
+            await self.driver.close()
+        await self.hq.close()
+        await self.journal.close()
+        self.started = False
+
+    async def status(self) -> dict[str, Any]:
+        pending, size, rejected = await self.journal.outbox_usage()
+        snap = self.snapshots.current
+        return {
+            "station": self.settings.station,
+            "snapshot_version": snap.version if snap else None,
+            "snapshot_source": self.snapshots.source,
+            "fuelling_points": self.controller.states(),
+            "outbox": {"pending": pending, "bytes": size, "rejected": rejected,
+                       "budget_bytes": self.sync.budget_bytes, "alarm_level": self.sync.alarm_level},
+            "controller": self.controller.stats.__dict__,
+            "uploads": {k: v for k, v in self.sync.stats.__dict__.items()},
+        }
+
+
+def build_edge_node(settings: EdgeSettings, clock: Clock, driver_factory: DriverFactory) -> EdgeNode:
+    journal = Journal(settings.journal_path, clock)
+    hq = HqClient(settings.hq_url, settings.station, settings.credential.get_secret_value())
+    snapshots = SnapshotKeeper(journal, hq)
+    sync = SyncAgent(
+        journal,
+        hq,
+        batch_size=settings.sync_batch_size,
+        backoff_initial_s=settings.sync_backoff_initial_s,
+        backoff_max_s=settings.sync_backoff_max_s,
+        budget_bytes=settings.outbox_budget_bytes,
+        alarm_ratios=tuple(settings.outbox_alarm_ratios),
+    )
+    controller = ForecourtController(
+        None,
+        journal,
+        lambda: snapshots.current,
+        clock,
+        poll_interval_s=settings.poll_interval_s,
+        auto_settle=settings.auto_settle,
+        on_journaled=sync.wake.set,
+        actor=f"edge:{settings.station}",
+    )
+    registry = CollectorRegistry()
+    node = EdgeNode(settings, clock, driver_factory, journal, hq, snapshots, controller, sync, registry)
+
+    Gauge("forecourt_edge_journaled", "Sales journaled by this edge since start", registry=registry
+          ).set_function(lambda: controller.stats.journaled)
+    Gauge("forecourt_edge_uploaded", "Sales answered by HQ since start", registry=registry
+          ).set_function(lambda: sync.stats.uploaded)
+    Gauge("forecourt_edge_upload_failures", "Failed upload attempts since start", registry=registry
+          ).set_function(lambda: sync.stats.failures)
+    Gauge("forecourt_edge_outbox_alarm_level", "Outbox disk-budget thresholds crossed",
+          registry=registry).set_function(lambda: sync.alarm_level)
+    outbox_pending = Gauge("forecourt_edge_outbox_pending", "Sales waiting for upload", registry=registry)
+    outbox_bytes = Gauge("forecourt_edge_outbox_bytes", "Bytes waiting for upload", registry=registry)
+
+    async def ready() -> dict[str, bool]:
+        pending, size, _ = await journal.outbox_usage() if node.started else (0, 0, 0)
+        outbox_pending.set(pending)
+        outbox_bytes.set(size)
+        return {"started": node.started, "snapshot": snapshots.current is not None}
+
+    app = FastAPI(title=f"Forecourt edge {settings.station}", version=__version__)
+    install_common(app, registry, ready)
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        return await node.status()
+
+    @app.get("/v1/journal/summary")
+    async def journal_summary() -> list[dict[str, Any]]:
+        return await journal.summary()
+
+    node.app = app
+    return node
+
+
+def jsonpts_factory(settings: EdgeSettings) -> DriverFactory:
+    """A driver factory for a PTS-2 controller; its clock zone and currency come from the
+    station snapshot, its decimals from the settings (they are configured in the device)."""
+
+    def make(snapshot: StationSnapshot) -> ForecourtDriver:
+        from forecourt.protocols.jsonpts.driver import JsonPtsDriver
+
+        return JsonPtsDriver(
+            settings.controller_url,
+            settings.controller_user,
+            settings.controller_password.get_secret_value(),
+            timezone=snapshot.station.timezone,
+            currency=snapshot.currency,
+            volume_decimals=settings.controller_volume_decimals,
+            amount_decimals=settings.controller_amount_decimals,
+            price_decimals=settings.controller_price_decimals,
+        )
+
+    return make
