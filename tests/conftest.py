@@ -113,7 +113,7 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 
 @pytest.fixture
-async def nats_url() -> AsyncIterator[str]:
+async def nats_url() -> str:
     """A NATS server with JetStream (checked with an account-info call)."""
     if not _port_open(NATS_URL, 4222):
         service_missing(f"NATS not reachable at {NATS_URL}")
@@ -129,7 +129,7 @@ async def nats_url() -> AsyncIterator[str]:
         await nc.close()
         service_missing(f"NATS at {NATS_URL} has no JetStream: {exc}")
     await nc.close()
-    yield NATS_URL
+    return NATS_URL
 
 
 @pytest.fixture

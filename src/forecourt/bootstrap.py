@@ -61,9 +61,7 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     directory = DbStationDirectory(db)
     hq = HeadOffice(settings, db, bus, relay, directory, registry)
 
-    backlog = Gauge(
-        "forecourt_outbox_backlog", "Events waiting in the outbox", registry=registry
-    )
+    backlog = Gauge("forecourt_outbox_backlog", "Events waiting in the outbox", registry=registry)
     published = Gauge(
         "forecourt_outbox_published", "Events published by this process's relay", registry=registry
     )

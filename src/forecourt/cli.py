@@ -29,38 +29,79 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--duration", "duration", type=float, default=20.0, show_default=True,
-              help="Wall-clock seconds of customer traffic (draining comes after).")
+@click.option(
+    "--duration",
+    "duration",
+    type=float,
+    default=20.0,
+    show_default=True,
+    help="Wall-clock seconds of customer traffic (draining comes after).",
+)
 @click.option("--stations", type=click.IntRange(1, 50), default=3, show_default=True)
-@click.option("--speed", type=float, default=120.0, show_default=True,
-              help="Simulated seconds per wall second.")
-@click.option("--arrivals-per-hour", type=float, default=150.0, show_default=True,
-              help="Customers per simulated hour per station.")
+@click.option(
+    "--speed",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Simulated seconds per wall second.",
+)
+@click.option(
+    "--arrivals-per-hour",
+    type=float,
+    default=150.0,
+    show_default=True,
+    help="Customers per simulated hour per station.",
+)
 @click.option("--database-url", default=None, help="HQ database (default: a SQLite file).")
-@click.option("--bus-url", default="memory://", show_default=True,
-              help="memory:// (in-process) or nats://host:4222 (JetStream).")
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Keep journals, databases and logs here (default: a temporary folder).")
+@click.option(
+    "--bus-url",
+    default="memory://",
+    show_default=True,
+    help="memory:// (in-process) or nats://host:4222 (JetStream).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep journals, databases and logs here (default: a temporary folder).",
+)
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def demo(duration: float, stations: int, speed: float, arrivals_per_hour: float,
-         database_url: str | None, bus_url: str, workdir: Path | None, seed: int,
-         as_json: bool) -> None:
+def demo(
+    duration: float,
+    stations: int,
+    speed: float,
+    arrivals_per_hour: float,
+    database_url: str | None,
+    bus_url: str,
+    workdir: Path | None,
+    seed: int,
+    as_json: bool,
+) -> None:
     """HQ + N simulated stations (4 dispensers each), then a three-way reconciliation."""
     from forecourt.demo import DemoOptions, run_demo
 
     configure_logging(os.environ.get("FORECOURT_LOG_LEVEL", "ERROR"), json_lines=False)
-    opts = DemoOptions(duration_s=duration, stations=stations, speed=speed,
-                       arrivals_per_hour=arrivals_per_hour, database_url=database_url,
-                       bus_url=bus_url, workdir=workdir, seed=seed)
+    opts = DemoOptions(
+        duration_s=duration,
+        stations=stations,
+        speed=speed,
+        arrivals_per_hour=arrivals_per_hour,
+        database_url=database_url,
+        bus_url=bus_url,
+        workdir=workdir,
+        seed=seed,
+    )
 
     def progress(line: str) -> None:
         if not as_json:
             err.print(line, highlight=False)
 
     if not as_json:
-        err.print(f"Forecourt demo: {stations} stations, {duration:.0f} s at {speed:.0f}x, "
-                  f"database {'PostgreSQL' if database_url else 'SQLite'}, bus {bus_url}")
+        err.print(
+            f"Forecourt demo: {stations} stations, {duration:.0f} s at {speed:.0f}x, "
+            f"database {'PostgreSQL' if database_url else 'SQLite'}, bus {bus_url}"
+        )
     result = asyncio.run(run_demo(opts, progress))
     if as_json:
         click.echo(json.dumps(result, separators=(",", ":")))
@@ -78,14 +119,21 @@ def _print_demo(result: dict[str, Any]) -> None:
     def versus(d: dict[str, int], x: dict[str, int]) -> str:
         if d == x:
             return "[green]equal[/green]"
-        return (f"[red]{x['sales'] - d['sales']:+d} sales {x['volume_ml'] - d['volume_ml']:+d} ml "
-                f"{x['amount_minor'] - d['amount_minor']:+d} fen[/red]")
+        return (
+            f"[red]{x['sales'] - d['sales']:+d} sales {x['volume_ml'] - d['volume_ml']:+d} ml "
+            f"{x['amount_minor'] - d['amount_minor']:+d} fen[/red]"
+        )
 
     for row in result["per_station_grade"]:
         d = row["dispensers"]
         table.add_row(
-            row["station"], row["grade"], str(d["sales"]), f"{d['volume_ml'] / 1000:.2f}",
-            f"{d['amount_minor'] / 100:.2f}", versus(d, row["edges"]), versus(d, row["hq"]),
+            row["station"],
+            row["grade"],
+            str(d["sales"]),
+            f"{d['volume_ml'] / 1000:.2f}",
+            f"{d['amount_minor'] / 100:.2f}",
+            versus(d, row["edges"]),
+            versus(d, row["hq"]),
         )
     console.print(table)
     verdict = "[green]AGREE[/green]" if result["agree"] else "[red]DISAGREE[/red]"
@@ -105,25 +153,46 @@ def _print_demo(result: dict[str, Any]) -> None:
 @click.option("--port", type=int, default=None)
 @click.option("--database-url", default=None)
 @click.option("--bus-url", default=None)
-def serve(services: str | None, host: str | None, port: int | None, database_url: str | None,
-          bus_url: str | None) -> None:
+def serve(
+    services: str | None,
+    host: str | None,
+    port: int | None,
+    database_url: str | None,
+    bus_url: str | None,
+) -> None:
     """Run the head office (HTTP API, outbox relay) on the configured database and bus."""
     import uvicorn
 
     from forecourt.bootstrap import build_head_office
     from forecourt.settings import Settings
 
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "services": services, "host": host, "port": port, "database_url": database_url,
-        "bus_url": bus_url}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "services": services,
+            "host": host,
+            "port": port,
+            "database_url": database_url,
+            "bus_url": bus_url,
+        }.items()
+        if v is not None
+    }
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_json)
 
     async def run() -> None:
         hq = build_head_office(settings)
         await hq.start()
-        server = uvicorn.Server(uvicorn.Config(hq.app, host=settings.host, port=settings.port,
-                                               log_level="warning", access_log=False, lifespan="off"))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                hq.app,
+                host=settings.host,
+                port=settings.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+            )
+        )
         try:
             await server.serve()
         finally:
@@ -155,7 +224,9 @@ def migrate(database_url: str | None) -> None:
 
 
 @main.command("import")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.argument(
+    "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False
+)
 @click.option("--database-url", default=None)
 @click.option("--sample", is_flag=True, help="Import the sample chain shipped with Forecourt.")
 def import_(path: Path | None, database_url: str | None, sample: bool) -> None:
@@ -180,8 +251,10 @@ def import_(path: Path | None, database_url: str | None, sample: bool) -> None:
             await db.dispose()
 
     result = asyncio.run(run())
-    console.print(f"imported revision {result.revision}: {result.stations} stations, "
-                  f"{result.prices_added} new prices")
+    console.print(
+        f"imported revision {result.revision}: {result.stations} stations, "
+        f"{result.prices_added} new prices"
+    )
 
 
 @main.command()
@@ -216,8 +289,13 @@ def credential(station: str, database_url: str | None) -> None:
 @click.option("--journal", "journal_path", type=click.Path(path_type=Path), default=None)
 @click.option("--controller-url", default=None, help="The PTS-2 forecourt controller (jsonPTS).")
 @click.option("--port", type=int, default=None, help="Port of the edge's own HTTP API.")
-def edge(station: str, hq_url: str | None, journal_path: Path | None,
-         controller_url: str | None, port: int | None) -> None:
+def edge(
+    station: str,
+    hq_url: str | None,
+    journal_path: Path | None,
+    controller_url: str | None,
+    port: int | None,
+) -> None:
     """Run one station's edge node (credential from FORECOURT_EDGE_CREDENTIAL)."""
     import uvicorn
 
@@ -225,17 +303,33 @@ def edge(station: str, hq_url: str | None, journal_path: Path | None,
     from forecourt.kernel.clock import SimulatedClock, SystemClock
     from forecourt.settings import EdgeSettings
 
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "station": station, "hq_url": hq_url, "journal_path": journal_path,
-        "controller_url": controller_url, "port": port}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "station": station,
+            "hq_url": hq_url,
+            "journal_path": journal_path,
+            "controller_url": controller_url,
+            "port": port,
+        }.items()
+        if v is not None
+    }
     settings = EdgeSettings(**overrides)
     configure_logging(settings.log_level, settings.log_json)
     clock = SimulatedClock.from_env(dict(os.environ)) or SystemClock()
 
     async def run() -> None:
         node = build_edge_node(settings, clock, jsonpts_factory(settings))
-        server = uvicorn.Server(uvicorn.Config(node.app, host=settings.host, port=settings.port,
-                                               log_level="warning", access_log=False, lifespan="off"))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                node.app,
+                host=settings.host,
+                port=settings.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+            )
+        )
         server_task = asyncio.create_task(server.serve())
         try:
             await node.start()

@@ -115,8 +115,11 @@ def pick_stations(chain: Chain, count: int) -> Chain:
     i = 0
     while len(chosen) < count:
         template = base[i % len(base)]
-        chosen.append(dataclasses.replace(template, code=f"S{len(chosen) + 1:03d}",
-                                          name=f"{template.name} #{len(chosen) + 1}"))
+        chosen.append(
+            dataclasses.replace(
+                template, code=f"S{len(chosen) + 1:03d}", name=f"{template.name} #{len(chosen) + 1}"
+            )
+        )
         i += 1
     return dataclasses.replace(chain, stations=tuple(chosen))
 
@@ -157,7 +160,9 @@ def simulator_config(
             "arrivals": True,
             "arrivals_per_hour": opts.arrivals_per_hour,
             "seed": seed,
-            "grade_mix": [{"grade_id": grade_ids[g], "weight": weights.get(g, 1)} for g in grade_ids],
+            "grade_mix": [
+                {"grade_id": grade_ids[g], "weight": weights.get(g, 1)} for g in grade_ids
+            ],
             "truck_grade_ids": [grade_ids[g] for g, k in kinds.items() if k == "diesel"],
         },
     }
@@ -188,13 +193,21 @@ class DemoChain:
         opts = self.opts
         database_url = opts.database_url or f"sqlite+aiosqlite:///{self.workdir / 'hq.db'}"
         port = _free_port()
-        settings = Settings(database_url=database_url, bus_url=opts.bus_url, port=port, log_json=False)
+        settings = Settings(
+            database_url=database_url, bus_url=opts.bus_url, port=port, log_json=False
+        )
         # HQ lives in the same simulated time as the stations, so prices, business days and
         # snapshots agree across the demo.
         self.hq = build_head_office(settings, clock=self.clock)
         await self.hq.start()
-        config = uvicorn.Config(self.hq.app, host="127.0.0.1", port=port, log_level="warning",
-                                access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            self.hq.app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
         self._server = uvicorn.Server(config)
         self._server_task = asyncio.create_task(self._server.serve())
         while not self._server.started:
@@ -233,12 +246,20 @@ class DemoChain:
     def _with_price_change(self, chain: Chain) -> Chain:
         """Schedule a 92# price rise for the whole chain at the simulated half-way point."""
         half = self.sim_start + timedelta(seconds=self.opts.duration_s * self.opts.speed / 2)
-        current = max((p for p in chain.prices if p.grade == "92" and p.scope is PriceScope.CHAIN),
-                      key=lambda p: p.effective_from)
+        current = max(
+            (p for p in chain.prices if p.grade == "92" and p.scope is PriceScope.CHAIN),
+            key=lambda p: p.effective_from,
+        )
         rise = UnitPrice(current.milli_minor_per_litre + 150_000, chain.currency)
-        extra = Price(grade="92", scope=PriceScope.CHAIN, scope_code=chain.code,
-                      milli_minor_per_litre=rise.milli_minor_per_litre, currency=chain.currency,
-                      effective_from=half.replace(microsecond=0), price_id=f"demo-{half.timestamp():.0f}")
+        extra = Price(
+            grade="92",
+            scope=PriceScope.CHAIN,
+            scope_code=chain.code,
+            milli_minor_per_litre=rise.milli_minor_per_litre,
+            currency=chain.currency,
+            effective_from=half.replace(microsecond=0),
+            price_id=f"demo-{half.timestamp():.0f}",
+        )
         return dataclasses.replace(chain, prices=(*chain.prices, extra))
 
     async def run_traffic(self, on_tick: Callable[[float], None] | None = None) -> None:
@@ -293,30 +314,46 @@ class DemoChain:
                 snapshot = st.edge.snapshots.current
                 assert snapshot is not None
                 nozzle_grade = {
-                    (fp.number, n.number): n.grade for fp in snapshot.fuelling_points for n in fp.nozzles
+                    (fp.number, n.number): n.grade
+                    for fp in snapshot.fuelling_points
+                    for n in fp.nozzles
                 }
 
                 def cell(grade: str, code: str = st.code) -> dict[str, Figures]:
                     return rec.per_station_grade.setdefault(
-                        (code, grade), {"dispensers": Figures(), "edges": Figures(), "hq": Figures()}
+                        (code, grade),
+                        {"dispensers": Figures(), "edges": Figures(), "hq": Figures()},
                     )
 
                 # 1. the dispensers, through the controller's own interface
-                driver = JsonPtsDriver(st.simulator.base_url, "admin", "demo-controller",
-                                       timezone=snapshot.station.timezone, currency=snapshot.currency)
+                driver = JsonPtsDriver(
+                    st.simulator.base_url,
+                    "admin",
+                    "demo-controller",
+                    timezone=snapshot.station.timezone,
+                    currency=snapshot.currency,
+                )
                 await driver.open()
                 device_keys: dict[tuple[int, int], tuple[str, int, int]] = {}
                 try:
                     for fp in snapshot.fuelling_points:
-                        for txn in await driver.transactions(fp.number, self.sim_start - timedelta(hours=1), window_end):
+                        for txn in await driver.transactions(
+                            fp.number, self.sim_start - timedelta(hours=1), window_end
+                        ):
                             grade = nozzle_grade.get((txn.pump, txn.nozzle), "unknown")
                             cell(grade)["dispensers"].add(1, txn.volume_ml, txn.amount_minor)
-                            device_keys[(txn.pump, txn.transaction)] = (grade, txn.volume_ml, txn.amount_minor)
+                            device_keys[(txn.pump, txn.transaction)] = (
+                                grade,
+                                txn.volume_ml,
+                                txn.amount_minor,
+                            )
                 finally:
                     await driver.close()
                 # 2. the edge's journal
                 for row in await st.edge.journal.summary():
-                    cell(row["grade"])["edges"].add(row["sales"], row["volume_ml"], row["amount_minor"])
+                    cell(row["grade"])["edges"].add(
+                        row["sales"], row["volume_ml"], row["amount_minor"]
+                    )
                 # 3. HQ, through its query API
                 summary = (await hq.get("/v1/sales/summary", params={"station": st.code})).json()
                 for g in summary["groups"]:
@@ -338,9 +375,16 @@ class DemoChain:
                 for key, (grade, volume, amount) in sorted(device_keys.items()):
                     if key not in at_hq:
                         rec.lost += 1
-                        rec.lost_sales.append({"station": st.code, "fuelling_point": key[0],
-                                               "device_txn": key[1], "grade": grade,
-                                               "volume_ml": volume, "amount_minor": amount})
+                        rec.lost_sales.append(
+                            {
+                                "station": st.code,
+                                "fuelling_point": key[0],
+                                "device_txn": key[1],
+                                "grade": grade,
+                                "volume_ml": volume,
+                                "amount_minor": amount,
+                            }
+                        )
         return rec
 
     async def stop(self) -> None:
@@ -360,8 +404,11 @@ class DemoChain:
 
 def report(rec: Reconciliation, stations: int, drained: bool, elapsed_s: float) -> dict[str, Any]:
     d, e, h = rec.total("dispensers"), rec.total("edges"), rec.total("hq")
-    agree = (d.sales, d.volume_ml, d.amount_minor) == (e.sales, e.volume_ml, e.amount_minor) == (
-        h.sales, h.volume_ml, h.amount_minor)
+    agree = (
+        (d.sales, d.volume_ml, d.amount_minor)
+        == (e.sales, e.volume_ml, e.amount_minor)
+        == (h.sales, h.volume_ml, h.amount_minor)
+    )
     return {
         "stations": stations,
         "sales_at_dispensers": d.sales,
@@ -387,7 +434,9 @@ def report(rec: Reconciliation, stations: int, drained: bool, elapsed_s: float) 
     }
 
 
-async def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+async def run_demo(
+    opts: DemoOptions, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     started = time.monotonic()
     demo = DemoChain(opts)
     try:
@@ -401,7 +450,9 @@ async def run_demo(opts: DemoOptions, progress: Callable[[str], None] | None = N
             progress(
                 f"t={elapsed:4.0f}s  sim {demo.clock.now().astimezone().strftime('%H:%M')}  "
                 f"journaled {journaled:5d}  at HQ {uploaded:5d}  "
-                + "  ".join(f"{st.code}:{st.edge.controller.stats.journaled}" for st in demo.stations)
+                + "  ".join(
+                    f"{st.code}:{st.edge.controller.stats.journaled}" for st in demo.stations
+                )
             )
 
         await demo.run_traffic(tick)

@@ -120,12 +120,18 @@ class ForecourtController:
         machine = self.machine(status.pump)
         before = machine.state
         machine.observe(status.state)
-        if status.state is PumpState.CALLING and self.auto_authorise and before is not FpState.AUTHORISED:
+        if (
+            status.state is PumpState.CALLING
+            and self.auto_authorise
+            and before is not FpState.AUTHORISED
+        ):
             await self._authorise(status.pump, status.nozzle)
         elif (
             status.state is PumpState.END_OF_TRANSACTION
             and machine.state is FpState.FINISHED_UNPAID
-            and (status.transaction is None or self._journaled.get(status.pump) != status.transaction)
+            and (
+                status.transaction is None or self._journaled.get(status.pump) != status.transaction
+            )
         ):
             for txn in await self.driver.unacknowledged_transactions([status.pump]):
                 await self._finish(txn)
@@ -149,8 +155,12 @@ class ForecourtController:
             actor=self.actor,
             action="pump.authorize",
             target=f"fp:{pump}",
-            details={"nozzle": nozzle, "grade": grade, "unit_price_mmu": price.milli_minor_per_litre,
-                     "price_version": price.price_id},
+            details={
+                "nozzle": nozzle,
+                "grade": grade,
+                "unit_price_mmu": price.milli_minor_per_litre,
+                "price_version": price.price_id,
+            },
         )
 
     def _draft(self, txn: DeviceTransaction, snap: StationSnapshot) -> SaleDraft:

@@ -33,7 +33,13 @@ TRANSITIONS: dict[FpState, frozenset[FpState]] = {
     FpState.IDLE: frozenset({FpState.CALLING, FpState.AUTHORISED}),
     FpState.CALLING: frozenset({FpState.IDLE, FpState.AUTHORISED}),
     FpState.AUTHORISED: frozenset(
-        {FpState.FUELLING, FpState.IDLE, FpState.STOPPED, FpState.FINISHED_UNPAID, FpState.SUSPENDED}
+        {
+            FpState.FUELLING,
+            FpState.IDLE,
+            FpState.STOPPED,
+            FpState.FINISHED_UNPAID,
+            FpState.SUSPENDED,
+        }
     ),
     FpState.FUELLING: frozenset({FpState.SUSPENDED, FpState.STOPPED, FpState.FINISHED_UNPAID}),
     FpState.SUSPENDED: frozenset({FpState.FUELLING, FpState.STOPPED, FpState.FINISHED_UNPAID}),
@@ -65,8 +71,10 @@ class FuellingPointMachine:
     history: list[tuple[FpState, FpState]] = field(default_factory=list)
 
     def can(self, target: FpState) -> bool:
-        return target == self.state or target in (FpState.ERROR, FpState.OFFLINE) or (
-            target in TRANSITIONS[self.state]
+        return (
+            target == self.state
+            or target in (FpState.ERROR, FpState.OFFLINE)
+            or (target in TRANSITIONS[self.state])
         )
 
     def move(self, target: FpState) -> bool:

@@ -188,7 +188,9 @@ class Journal:
         with self.engine.begin() as conn:
             if conn.scalar(sa.select(sa.func.count()).where(snapshot_t.c.version == version)):
                 return False
-            conn.execute(snapshot_t.insert().values(version=version, body=body, fetched_at=self.clock.now()))
+            conn.execute(
+                snapshot_t.insert().values(version=version, body=body, fetched_at=self.clock.now())
+            )
             # keep the last few versions; the newest is what the edge starts from offline
             keep = sa.select(snapshot_t.c.version).order_by(snapshot_t.c.version.desc()).limit(5)
             conn.execute(snapshot_t.delete().where(snapshot_t.c.version.not_in(keep)))
@@ -199,7 +201,9 @@ class Journal:
 
     def _latest_snapshot(self) -> str | None:
         with self.engine.connect() as conn:
-            return conn.scalar(sa.select(snapshot_t.c.body).order_by(snapshot_t.c.version.desc()).limit(1))
+            return conn.scalar(
+                sa.select(snapshot_t.c.body).order_by(snapshot_t.c.version.desc()).limit(1)
+            )
 
     # --- the sales journal ------------------------------------------------------------------
 
@@ -217,10 +221,15 @@ class Journal:
                     )
                 ).first()
                 if known is not None:
-                    seq = conn.scalar(sa.select(journal_t.c.seq).where(journal_t.c.sale_id == known.sale_id))
+                    seq = conn.scalar(
+                        sa.select(journal_t.c.seq).where(journal_t.c.sale_id == known.sale_id)
+                    )
                     return Journaled(sale_id=known.sale_id, seq=int(seq or 0), new=False)
             # Gap-free: the one writer takes max+1 inside the same transaction.
-            seq = int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(journal_t.c.seq), 0))) or 0) + 1
+            seq = (
+                int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(journal_t.c.seq), 0))) or 0)
+                + 1
+            )
             sale_id = str(new_id())
             payload = _payload(draft, sale_id, seq)
             text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
@@ -242,7 +251,9 @@ class Journal:
             if draft.device_txn is not None:
                 conn.execute(
                     device_txn_t.insert().values(
-                        fuelling_point=draft.fuelling_point, device_txn=draft.device_txn, sale_id=sale_id
+                        fuelling_point=draft.fuelling_point,
+                        device_txn=draft.device_txn,
+                        sale_id=sale_id,
                     )
                 )
             conn.execute(
@@ -315,7 +326,10 @@ class Journal:
 
     def _record_failure(self, seqs: list[int], error: str, reject: bool) -> None:
         with self.engine.begin() as conn:
-            values: dict[str, Any] = {"attempts": outbox_t.c.attempts + 1, "last_error": error[:2000]}
+            values: dict[str, Any] = {
+                "attempts": outbox_t.c.attempts + 1,
+                "last_error": error[:2000],
+            }
             if reject:
                 values["rejected"] = True
             conn.execute(outbox_t.update().where(outbox_t.c.seq.in_(seqs)).values(**values))
@@ -354,7 +368,12 @@ class Journal:
                 .order_by(journal_t.c.grade)
             )
             return [
-                {"grade": r.grade, "sales": r.sales, "volume_ml": int(r.volume_ml), "amount_minor": int(r.amount_minor)}
+                {
+                    "grade": r.grade,
+                    "sales": r.sales,
+                    "volume_ml": int(r.volume_ml),
+                    "amount_minor": int(r.amount_minor),
+                }
                 for r in rows
             ]
 
@@ -379,7 +398,9 @@ class Journal:
 
     # --- audit ------------------------------------------------------------------------------
 
-    async def record_audit(self, *, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
+    async def record_audit(
+        self, *, actor: str, action: str, target: str, details: dict[str, Any]
+    ) -> None:
         await self._run(self._record_audit, actor, action, target, details)
 
     def _record_audit(self, actor: str, action: str, target: str, details: dict[str, Any]) -> None:

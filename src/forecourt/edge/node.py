@@ -105,14 +105,21 @@ class EdgeNode:
             "snapshot_version": snap.version if snap else None,
             "snapshot_source": self.snapshots.source,
             "fuelling_points": self.controller.states(),
-            "outbox": {"pending": pending, "bytes": size, "rejected": rejected,
-                       "budget_bytes": self.sync.budget_bytes, "alarm_level": self.sync.alarm_level},
+            "outbox": {
+                "pending": pending,
+                "bytes": size,
+                "rejected": rejected,
+                "budget_bytes": self.sync.budget_bytes,
+                "alarm_level": self.sync.alarm_level,
+            },
             "controller": self.controller.stats.__dict__,
-            "uploads": {k: v for k, v in self.sync.stats.__dict__.items()},
+            "uploads": dict(self.sync.stats.__dict__),
         }
 
 
-def build_edge_node(settings: EdgeSettings, clock: Clock, driver_factory: DriverFactory) -> EdgeNode:
+def build_edge_node(
+    settings: EdgeSettings, clock: Clock, driver_factory: DriverFactory
+) -> EdgeNode:
     journal = Journal(settings.journal_path, clock)
     hq = HqClient(settings.hq_url, settings.station, settings.credential.get_secret_value())
     snapshots = SnapshotKeeper(journal, hq)
@@ -136,18 +143,30 @@ def build_edge_node(settings: EdgeSettings, clock: Clock, driver_factory: Driver
         actor=f"edge:{settings.station}",
     )
     registry = CollectorRegistry()
-    node = EdgeNode(settings, clock, driver_factory, journal, hq, snapshots, controller, sync, registry)
+    node = EdgeNode(
+        settings, clock, driver_factory, journal, hq, snapshots, controller, sync, registry
+    )
 
-    Gauge("forecourt_edge_journaled", "Sales journaled by this edge since start", registry=registry
-          ).set_function(lambda: controller.stats.journaled)
-    Gauge("forecourt_edge_uploaded", "Sales answered by HQ since start", registry=registry
-          ).set_function(lambda: sync.stats.uploaded)
-    Gauge("forecourt_edge_upload_failures", "Failed upload attempts since start", registry=registry
-          ).set_function(lambda: sync.stats.failures)
-    Gauge("forecourt_edge_outbox_alarm_level", "Outbox disk-budget thresholds crossed",
-          registry=registry).set_function(lambda: sync.alarm_level)
-    outbox_pending = Gauge("forecourt_edge_outbox_pending", "Sales waiting for upload", registry=registry)
-    outbox_bytes = Gauge("forecourt_edge_outbox_bytes", "Bytes waiting for upload", registry=registry)
+    Gauge(
+        "forecourt_edge_journaled", "Sales journaled by this edge since start", registry=registry
+    ).set_function(lambda: controller.stats.journaled)
+    Gauge(
+        "forecourt_edge_uploaded", "Sales answered by HQ since start", registry=registry
+    ).set_function(lambda: sync.stats.uploaded)
+    Gauge(
+        "forecourt_edge_upload_failures", "Failed upload attempts since start", registry=registry
+    ).set_function(lambda: sync.stats.failures)
+    Gauge(
+        "forecourt_edge_outbox_alarm_level",
+        "Outbox disk-budget thresholds crossed",
+        registry=registry,
+    ).set_function(lambda: sync.alarm_level)
+    outbox_pending = Gauge(
+        "forecourt_edge_outbox_pending", "Sales waiting for upload", registry=registry
+    )
+    outbox_bytes = Gauge(
+        "forecourt_edge_outbox_bytes", "Bytes waiting for upload", registry=registry
+    )
 
     async def ready() -> dict[str, bool]:
         pending, size, _ = await journal.outbox_usage() if node.started else (0, 0, 0)

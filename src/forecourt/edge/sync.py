@@ -67,7 +67,9 @@ class SnapshotKeeper:
         if stored is not None and self.current is None:
             self.current = StationSnapshot.model_validate_json(stored)
             self.source = "journal"
-            log.warning("edge.snapshot_from_journal", version=self.current.version, error=self.last_error)
+            log.warning(
+                "edge.snapshot_from_journal", version=self.current.version, error=self.last_error
+            )
         return self.current
 
     async def refresh(self) -> bool:
@@ -186,7 +188,12 @@ class SyncAgent:
             await self.journal.record_failure([items[0].seq], response.text, reject=True)
             self.stats.rejected += 1
             self._limit = self.batch_size
-            log.error("edge.sale_rejected", sale_id=items[0].sale_id, seq=items[0].seq, answer=response.text[:500])
+            log.error(
+                "edge.sale_rejected",
+                sale_id=items[0].sale_id,
+                seq=items[0].seq,
+                answer=response.text[:500],
+            )
             return 1
         await self._failed(items, f"HTTP {response.status_code}: {response.text[:300]}")
         return 0

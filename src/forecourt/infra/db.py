@@ -47,7 +47,9 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(
+        self, value: datetime | None, dialect: Dialect  # noqa: ARG002 - SQLAlchemy signature
+    ) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -107,7 +109,10 @@ class Database:
             engine = engine.execution_options(schema_translate_map=dict.fromkeys(SCHEMAS))
         else:
             engine = create_async_engine(
-                self.url, pool_size=self._pool_size, max_overflow=self._pool_size, pool_pre_ping=True
+                self.url,
+                pool_size=self._pool_size,
+                max_overflow=self._pool_size,
+                pool_pre_ping=True,
             )
         self._engine = engine
 

@@ -39,7 +39,9 @@ def install_common(app: FastAPI, registry: CollectorRegistry, ready: ReadyCheck)
         )
 
     @app.middleware("http")
-    async def _trace(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _trace(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         incoming = request.headers.get("traceparent")
         traceparent = incoming if trace_id_of(incoming) else new_traceparent()
         request.state.traceparent = traceparent

@@ -49,9 +49,7 @@ async def begin_request(
     """Reserve ``key`` or return the stored response of an earlier identical request."""
     t = idempotency_table
     now = uow.db.clock.now()
-    row = (
-        await uow.conn.execute(sa.select(t).where(t.c.scope == scope, t.c.key == key))
-    ).first()
+    row = (await uow.conn.execute(sa.select(t).where(t.c.scope == scope, t.c.key == key))).first()
     if row is not None and row.expires_at <= now:
         await uow.conn.execute(t.delete().where(t.c.scope == scope, t.c.key == key))
         row = None

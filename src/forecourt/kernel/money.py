@@ -39,7 +39,9 @@ def currency_exponent(currency: str) -> int:
     try:
         return CURRENCY_EXPONENTS[currency]
     except KeyError:
-        raise InvalidValue(f"unknown currency {currency!r}", code="kernel.unknown_currency") from None
+        raise InvalidValue(
+            f"unknown currency {currency!r}", code="kernel.unknown_currency"
+        ) from None
 
 
 def _require_int(name: str, value: object) -> int:

@@ -25,7 +25,9 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
         if identity is None:
             raise Unauthorized("unknown station credential", code="auth.unknown_credential")
         if identity.code != code:
-            raise Forbidden(f"credential is for {identity.code}, not {code}", code="auth.wrong_station")
+            raise Forbidden(
+                f"credential is for {identity.code}, not {code}", code="auth.wrong_station"
+            )
         return await build_snapshot(db, code, db.clock.now())
 
     @router.get("/v1/network/stations")
@@ -80,8 +82,12 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
                 for d in st.dispensers
             ],
             "prices_now": {
-                g: {"milli_minor_per_litre": p.milli_minor_per_litre, "currency": p.currency,
-                    "effective_from": p.effective_from.isoformat(), "scope": p.scope.value}
+                g: {
+                    "milli_minor_per_litre": p.milli_minor_per_litre,
+                    "currency": p.currency,
+                    "effective_from": p.effective_from.isoformat(),
+                    "scope": p.scope.value,
+                }
                 for g, p in sorted(prices.items())
             },
         }

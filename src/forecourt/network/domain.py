@@ -146,7 +146,7 @@ def business_date(at: datetime, zone: ZoneInfo, cutoff: time) -> date:
 
 
 def shift_id(at: datetime, zone: ZoneInfo, cutoff: time, shift_starts: tuple[time, ...]) -> str:
-    """``<business date>/<n>``: the n-th shift of the business day (shift 1 starts at the cut-off)."""
+    """``<business date>/<n>``: the n-th shift of the business day (shift 1 starts at cut-off)."""
     day = business_date(at, zone, cutoff)
     local = at.astimezone(zone)
 

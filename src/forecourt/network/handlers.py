@@ -158,10 +158,13 @@ def parse_chain(document: dict[str, Any]) -> Chain:
                     fp_numbers.add(fp.number)
                     for n in fp.nozzles:
                         if n.grade not in grades:
-                            problems.append(f"{s.code} FP{fp.number} N{n.number}: unknown grade {n.grade}")
+                            problems.append(
+                                f"{s.code} FP{fp.number} N{n.number}: unknown grade {n.grade}"
+                            )
                         elif tanks.get(n.tank) != n.grade:
                             problems.append(
-                                f"{s.code} FP{fp.number} N{n.number}: tank {n.tank} does not hold {n.grade}"
+                                f"{s.code} FP{fp.number} N{n.number}: "
+                                f"tank {n.tank} does not hold {n.grade}"
                             )
             try:
                 stations.append(
@@ -180,7 +183,9 @@ def parse_chain(document: dict[str, Any]) -> Chain:
                                 fuelling_points=tuple(
                                     FuellingPoint(
                                         number=fp.number,
-                                        nozzles=tuple(Nozzle(n.number, n.grade, n.tank) for n in fp.nozzles),
+                                        nozzles=tuple(
+                                            Nozzle(n.number, n.grade, n.tank) for n in fp.nozzles
+                                        ),
                                     )
                                     for fp in d.fuelling_points
                                 ),
@@ -292,7 +297,9 @@ async def import_chain(db: Database, chain: Chain, *, actor: str = "cli") -> Imp
     return ImportResult(revision=revision, stations=len(chain.stations), prices_added=added)
 
 
-async def issue_credential(db: Database, station_code: str, *, actor: str = "cli") -> tuple[str, str]:
+async def issue_credential(
+    db: Database, station_code: str, *, actor: str = "cli"
+) -> tuple[str, str]:
     """Create a new credential for a station; the token is shown once and stored hashed."""
     token = secrets.token_urlsafe(32)
     key_id = str(new_id())
@@ -302,7 +309,9 @@ async def issue_credential(db: Database, station_code: str, *, actor: str = "cli
             raise UnknownStation(f"unknown station {station_code!r}")
         await store.add_credential(station_code, key_id, token, db.clock.now())
         await uow.record_audit(
-            actor=actor, action="network.credential.issue", target=f"station:{station_code}",
+            actor=actor,
+            action="network.credential.issue",
+            target=f"station:{station_code}",
             details={"key_id": key_id},
         )
     return key_id, token
@@ -340,7 +349,9 @@ async def build_snapshot(db: Database, station_code: str, now: datetime) -> Stat
                 rounding=models[d.model].rounding,
                 volume_decimals=models[d.model].volume_decimals,
             ),
-            nozzles=[SnapshotNozzle(number=n.number, grade=n.grade, tank=n.tank) for n in fp.nozzles],
+            nozzles=[
+                SnapshotNozzle(number=n.number, grade=n.grade, tank=n.tank) for n in fp.nozzles
+            ],
         )
         for d in station.dispensers
         for fp in d.fuelling_points
@@ -359,7 +370,10 @@ async def build_snapshot(db: Database, station_code: str, now: datetime) -> Stat
             shift_starts=list(station.shift_starts),
         ),
         grades=[SnapshotGrade(code=g.code, name=g.name, kind=g.kind) for g in grades],
-        tanks=[SnapshotTank(number=t.number, grade=t.grade, capacity_ml=t.capacity_ml) for t in station.tanks],
+        tanks=[
+            SnapshotTank(number=t.number, grade=t.grade, capacity_ml=t.capacity_ml)
+            for t in station.tanks
+        ],
         fuelling_points=sorted(fps, key=lambda fp: fp.number),
         prices=[
             SnapshotPrice(

@@ -152,7 +152,9 @@ class NetworkStore:
             await self.conn.execute(revision_t.insert().values(id=1, revision=1, updated_at=now))
             return 1
         await self.conn.execute(
-            revision_t.update().where(revision_t.c.id == 1).values(revision=current + 1, updated_at=now)
+            revision_t.update()
+            .where(revision_t.c.id == 1)
+            .values(revision=current + 1, updated_at=now)
         )
         return current + 1
 
@@ -164,7 +166,9 @@ class NetworkStore:
         """
         c = self.conn
         await c.execute(chain_t.delete())
-        await c.execute(chain_t.insert().values(code=chain.code, name=chain.name, currency=chain.currency))
+        await c.execute(
+            chain_t.insert().values(code=chain.code, name=chain.name, currency=chain.currency)
+        )
         for code, name in chain.regions:
             await c.execute(region_t.delete().where(region_t.c.code == code))
             await c.execute(region_t.insert().values(code=code, name=name))
@@ -231,14 +235,23 @@ class NetworkStore:
             await c.execute(
                 tank_t.insert(),
                 [
-                    {"station_code": st.code, "number": t.number, "grade": t.grade, "capacity_ml": t.capacity_ml}
+                    {
+                        "station_code": st.code,
+                        "number": t.number,
+                        "grade": t.grade,
+                        "capacity_ml": t.capacity_ml,
+                    }
                     for t in st.tanks
                 ],
             )
         for d in st.dispensers:
-            await c.execute(dispenser_t.insert().values(station_code=st.code, number=d.number, model=d.model))
+            await c.execute(
+                dispenser_t.insert().values(station_code=st.code, number=d.number, model=d.model)
+            )
             for fp in d.fuelling_points:
-                await c.execute(fp_t.insert().values(station_code=st.code, number=fp.number, dispenser=d.number))
+                await c.execute(
+                    fp_t.insert().values(station_code=st.code, number=fp.number, dispenser=d.number)
+                )
                 await c.execute(
                     nozzle_t.insert(),
                     [
@@ -253,10 +266,15 @@ class NetworkStore:
                     ],
                 )
 
-    async def add_credential(self, station_code: str, key_id: str, token: str, now: datetime) -> None:
+    async def add_credential(
+        self, station_code: str, key_id: str, token: str, now: datetime
+    ) -> None:
         await self.conn.execute(
             credential_t.insert().values(
-                key_id=key_id, station_code=station_code, secret_sha256=hash_secret(token), created_at=now
+                key_id=key_id,
+                station_code=station_code,
+                secret_sha256=hash_secret(token),
+                created_at=now,
             )
         )
 
@@ -264,8 +282,13 @@ class NetworkStore:
         row = (
             await self.conn.execute(
                 sa.select(station_t.c.code, station_t.c.region_code)
-                .select_from(credential_t.join(station_t, station_t.c.code == credential_t.c.station_code))
-                .where(credential_t.c.secret_sha256 == hash_secret(token), credential_t.c.revoked_at.is_(None))
+                .select_from(
+                    credential_t.join(station_t, station_t.c.code == credential_t.c.station_code)
+                )
+                .where(
+                    credential_t.c.secret_sha256 == hash_secret(token),
+                    credential_t.c.revoked_at.is_(None),
+                )
             )
         ).first()
         return (row.code, row.region_code) if row else None
@@ -293,7 +316,9 @@ class NetworkStore:
         return list(await self.conn.scalars(sa.select(station_t.c.code).order_by(station_t.c.code)))
 
     async def station(self, code: str) -> Station | None:
-        row = (await self.conn.execute(sa.select(station_t).where(station_t.c.code == code))).first()
+        row = (
+            await self.conn.execute(sa.select(station_t).where(station_t.c.code == code))
+        ).first()
         if row is None:
             return None
         tanks = tuple(
@@ -308,7 +333,9 @@ class NetworkStore:
             .where(nozzle_t.c.station_code == code)
             .order_by(nozzle_t.c.fuelling_point, nozzle_t.c.number)
         ):
-            nozzles.setdefault(n.fuelling_point, []).append(Nozzle(number=n.number, grade=n.grade, tank=n.tank))
+            nozzles.setdefault(n.fuelling_point, []).append(
+                Nozzle(number=n.number, grade=n.grade, tank=n.tank)
+            )
         fps: dict[int, list[FuellingPoint]] = {}
         for fp in await self.conn.execute(
             sa.select(fp_t).where(fp_t.c.station_code == code).order_by(fp_t.c.number)
@@ -319,7 +346,9 @@ class NetworkStore:
         dispensers = tuple(
             Dispenser(number=d.number, model=d.model, fuelling_points=tuple(fps.get(d.number, ())))
             for d in await self.conn.execute(
-                sa.select(dispenser_t).where(dispenser_t.c.station_code == code).order_by(dispenser_t.c.number)
+                sa.select(dispenser_t)
+                .where(dispenser_t.c.station_code == code)
+                .order_by(dispenser_t.c.number)
             )
         )
         starts = tuple(time.fromisoformat(s) for s in json.loads(row.shift_starts))

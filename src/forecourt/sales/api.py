@@ -42,15 +42,23 @@ def parse_batch(body: bytes) -> SalesBatchV1:
         raise SchemaInvalid("batch does not match the upload schema", errors=errors) from None
 
 
-def build_router(db: Database, directory: StationDirectory, registry: CollectorRegistry) -> APIRouter:
+def build_router(
+    db: Database, directory: StationDirectory, registry: CollectorRegistry
+) -> APIRouter:
     router = APIRouter(tags=["sales"])
     ingested = Counter(
-        "forecourt_sales_ingested", "Sales answered by HQ ingest, by status", ["status"],
+        "forecourt_sales_ingested",
+        "Sales answered by HQ ingest, by status",
+        ["status"],
         registry=registry,
     )
-    flagged = Counter("forecourt_sales_flagged", "Sale flags raised at ingest", ["flag"], registry=registry)
+    flagged = Counter(
+        "forecourt_sales_flagged", "Sale flags raised at ingest", ["flag"], registry=registry
+    )
     batch_seconds = Histogram(
-        "forecourt_sales_batch_seconds", "Time to ingest one upload batch", registry=registry,
+        "forecourt_sales_batch_seconds",
+        "Time to ingest one upload batch",
+        registry=registry,
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     )
     counters = IngestCounters(
@@ -68,8 +76,12 @@ def build_router(db: Database, directory: StationDirectory, registry: CollectorR
         batch = parse_batch(await request.body())
         with batch_seconds.time():
             return await ingest_batch(
-                db, directory, identity.code, batch,
-                traceparent=request.state.traceparent, counters=counters,
+                db,
+                directory,
+                identity.code,
+                batch,
+                traceparent=request.state.traceparent,
+                counters=counters,
             )
 
     @router.get("/v1/sales")
@@ -122,7 +134,9 @@ def build_router(db: Database, directory: StationDirectory, registry: CollectorR
         }
 
     @router.get("/v1/sales/alerts")
-    async def alerts(station: str | None = None, limit: int = Query(default=100, ge=1, le=1000)) -> list[dict[str, Any]]:
+    async def alerts(
+        station: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+    ) -> list[dict[str, Any]]:
         async with db.connection() as conn:
             rows = await SalesStore(conn).alerts(station, limit)
         return [

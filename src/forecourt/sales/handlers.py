@@ -168,7 +168,13 @@ async def ingest_batch(
                 "raised_at": now,
             }
         )
-        log.warning("sales.alert", kind=kind, station=sale.station_code, sale_id=str(sale.sale_id), **details)
+        log.warning(
+            "sales.alert",
+            kind=kind,
+            station=sale.station_code,
+            sale_id=str(sale.sale_id),
+            **details,
+        )
 
     async with db.begin() as uow:
         store = SalesStore(uow.conn)

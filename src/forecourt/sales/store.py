@@ -89,7 +89,8 @@ class SalesStore:
         serialises all writers, so only PostgreSQL needs the advisory lock."""
         if self.conn.dialect.name == "postgresql":
             await self.conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"sales:{station_code}"}
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                {"k": f"sales:{station_code}"},
             )
 
     async def existing(self, station_code: str, sale_ids: Sequence[UUID]) -> dict[UUID, str]:
@@ -108,9 +109,16 @@ class SalesStore:
     ) -> set[tuple[int, int, int, int]]:
         if not keys:
             return set()
-        cols = (sale_t.c.fuelling_point, sale_t.c.nozzle, sale_t.c.device_txn, sale_t.c.totalizer_end_ml)
+        cols = (
+            sale_t.c.fuelling_point,
+            sale_t.c.nozzle,
+            sale_t.c.device_txn,
+            sale_t.c.totalizer_end_ml,
+        )
         rows = await self.conn.execute(
-            sa.select(*cols).where(sale_t.c.station_code == station_code, sa.tuple_(*cols).in_(keys))
+            sa.select(*cols).where(
+                sale_t.c.station_code == station_code, sa.tuple_(*cols).in_(keys)
+            )
         )
         return {tuple(r) for r in rows}  # type: ignore[misc]
 
@@ -128,14 +136,18 @@ class SalesStore:
 
     async def sequence_book(self, station_code: str) -> SequenceBook:
         row = (
-            await self.conn.execute(sa.select(sequence_t).where(sequence_t.c.station_code == station_code))
+            await self.conn.execute(
+                sa.select(sequence_t).where(sequence_t.c.station_code == station_code)
+            )
         ).first()
         if row is None:
             return SequenceBook()
         gaps: tuple[Gap, ...] = tuple((int(a), int(b)) for a, b in json.loads(row.gaps))
         return SequenceBook(high_water=row.high_water, gaps=gaps)
 
-    async def save_sequence_book(self, station_code: str, book: SequenceBook, now: datetime) -> None:
+    async def save_sequence_book(
+        self, station_code: str, book: SequenceBook, now: datetime
+    ) -> None:
         """Write the book (called under the station lock, so update-then-insert is safe)."""
         values = {"high_water": book.high_water, "gaps": json.dumps(book.gaps), "updated_at": now}
         result = await self.conn.execute(
@@ -221,4 +233,6 @@ class SalesStore:
         return list(rows)
 
     async def stations_with_sequences(self) -> Iterable[sa.Row]:
-        return list(await self.conn.execute(sa.select(sequence_t).order_by(sequence_t.c.station_code)))
+        return list(
+            await self.conn.execute(sa.select(sequence_t).order_by(sequence_t.c.station_code))
+        )

@@ -57,7 +57,9 @@ def upgrade() -> None:
         ["station_code", "fuelling_point", "nozzle", "device_txn", "totalizer_end_ml"],
         schema=schema,
     )
-    op.create_index("ix_sale_date_grade", "sale", ["business_date", "station_code", "grade"], schema=schema)
+    op.create_index(
+        "ix_sale_date_grade", "sale", ["business_date", "station_code", "grade"], schema=schema
+    )
     op.create_table(
         "sale_conflict",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
