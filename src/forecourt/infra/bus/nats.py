@@ -235,7 +235,9 @@ class NatsBus:
         name: str = "forecourt",
     ) -> None:
         if subject_prefix and not all(_PREFIX_TOKEN.match(t) for t in subject_prefix.split(".")):
-            raise ValueError(f"subject prefix {subject_prefix!r} must be plain dot-separated tokens")
+            raise ValueError(
+                f"subject prefix {subject_prefix!r} must be plain dot-separated tokens"
+            )
         self.url = url
         self.stream = stream
         self.subject_prefix = subject_prefix
@@ -254,6 +256,7 @@ class NatsBus:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._subs: set[NatsSubscription] = set()
+        self._closing = False
 
     # --- subjects -------------------------------------------------------------------
 
@@ -280,13 +283,15 @@ class NatsBus:
     async def connect(self) -> None:
         if self._nc is not None:
             return
+        self._closing = False
         nc = NatsClient()
 
         async def on_error(exc: Exception) -> None:
             log.warning("bus.nats_error", error=repr(exc))
 
         async def on_disconnected() -> None:
-            log.warning("bus.nats_disconnected", url=self.url)
+            if not self._closing:
+                log.warning("bus.nats_disconnected", url=self.url)
 
         async def on_reconnected() -> None:
             log.info("bus.nats_reconnected", url=nc.connected_url)
@@ -348,6 +353,7 @@ class NatsBus:
         return self._nc is not None and self._nc.is_connected
 
     async def close(self) -> None:
+        self._closing = True
         for sub in list(self._subs):
             await sub.stop()
         nc, self._nc, self._js = self._nc, None, None

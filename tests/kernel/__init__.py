@@ -1,0 +1,1 @@
+"""Tests of the shared kernel: money, events, clocks and identifiers."""

@@ -1,0 +1,1 @@
+"""Tests of the network context: stations, prices, the chain file and station snapshots."""
