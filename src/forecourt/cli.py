@@ -66,6 +66,9 @@ def main() -> None:
     help="Keep journals, databases and logs here (default: a temporary folder).",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--reset", is_flag=True, help="Drop Forecourt's tables in the database first (it must be empty)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def demo(
     duration: float,
@@ -76,6 +79,7 @@ def demo(
     bus_url: str,
     workdir: Path | None,
     seed: int,
+    reset: bool,
     as_json: bool,
 ) -> None:
     """HQ + N simulated stations (4 dispensers each), then a three-way reconciliation."""
@@ -88,6 +92,7 @@ def demo(
         speed=speed,
         arrivals_per_hour=arrivals_per_hour,
         database_url=database_url,
+        reset=reset,
         bus_url=bus_url,
         workdir=workdir,
         seed=seed,
@@ -102,7 +107,13 @@ def demo(
             f"Forecourt demo: {stations} stations, {duration:.0f} s at {speed:.0f}x, "
             f"database {'PostgreSQL' if database_url else 'SQLite'}, bus {bus_url}"
         )
-    result = asyncio.run(run_demo(opts, progress))
+    from forecourt.kernel.errors import ForecourtError
+
+    try:
+        result = asyncio.run(run_demo(opts, progress))
+    except ForecourtError as exc:
+        err.print(f"[red]{exc.code}: {exc.message}[/red]")
+        sys.exit(2)
     if as_json:
         click.echo(json.dumps(result, separators=(",", ":")))
     else:

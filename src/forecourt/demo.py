@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 import uvicorn
 
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
+from forecourt.infra.db import SCHEMAS, Database
+from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.clock import SimulatedClock
 from forecourt.kernel.money import UnitPrice
 from forecourt.network.contracts import StationSnapshot
@@ -44,8 +47,26 @@ from forecourt.network.handlers import (
     load_chain_file,
 )
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
+from forecourt.sales.store import sale_t
 from forecourt.settings import EdgeSettings, Settings
 from forecourt.sim.pts_controller import SimulatorProcess
+
+class DemoError(ForecourtError):
+    code = "demo.database_not_empty"
+
+
+async def reset_database(db: Database) -> None:
+    """Drop every Forecourt table (PostgreSQL schemas, or the SQLite file's tables)."""
+    await db.connect()
+    async with db.engine.begin() as conn:
+        if db.is_sqlite:
+            names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            for name in names:
+                await conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
+        else:
+            for schema in SCHEMAS:
+                await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
 
 DRAIN_BUDGET_S = 60.0  # wall seconds allowed for fuellings to end and outboxes to drain
 
@@ -61,6 +82,7 @@ class DemoOptions:
     workdir: Path | None = None
     seed: int = 7
     price_change: bool = True  # a scheduled price change half-way through
+    reset: bool = False  # drop Forecourt's schemas in the given database first
 
 
 @dataclass
@@ -199,7 +221,10 @@ class DemoChain:
         # HQ lives in the same simulated time as the stations, so prices, business days and
         # snapshots agree across the demo.
         self.hq = build_head_office(settings, clock=self.clock)
+        if opts.reset:
+            await reset_database(self.hq.db)
         await self.hq.start()
+        await self._require_empty()
         config = uvicorn.Config(
             self.hq.app,
             host="127.0.0.1",
@@ -242,6 +267,17 @@ class DemoChain:
             edge = build_edge_node(edge_settings, self.clock, jsonpts_factory(edge_settings))
             await edge.start()
             self.stations.append(StationRun(station.code, token, sim, edge, grade_ids))
+
+    async def _require_empty(self) -> None:
+        """The reconciliation compares whole stores, so the demo needs a database of its own."""
+        assert self.hq is not None
+        async with self.hq.db.connection() as conn:
+            existing = await conn.scalar(sa.select(sa.func.count()).select_from(sale_t))
+        if existing:
+            raise DemoError(
+                f"the HQ database already holds {existing} sales; give the demo an empty "
+                "database, or pass --reset to drop Forecourt's schemas in it first"
+            )
 
     def _with_price_change(self, chain: Chain) -> Chain:
         """Schedule a 92# price rise for the whole chain at the simulated half-way point."""

@@ -12,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from forecourt.infra.bus import Bus, Delivery, Subscription
 from forecourt.infra.db import Database, UnitOfWork, dead_letter_table, inbox_table
@@ -60,12 +61,7 @@ class InboxConsumer:
         token = trace_id_var.set(trace_id_of(env.traceparent))
         try:
             async with self.db.begin() as uow:
-                seen = await uow.conn.scalar(
-                    sa.select(sa.func.count())
-                    .select_from(inbox_table)
-                    .where(inbox_table.c.consumer == self.name, inbox_table.c.event_id == env.id)
-                )
-                if seen:
+                if await self._seen(uow.conn, env.id):
                     self.skipped += 1
                     return
                 await self.handler(env, uow)
@@ -76,11 +72,25 @@ class InboxConsumer:
                 )
             self.processed += 1
         except Exception as exc:
+            # A concurrent delivery of the same event (redelivery, several instances) may have
+            # won the race for the inbox row: then this one lost nothing and is a repeat.
+            async with self.db.connection() as conn:
+                if await self._seen(conn, env.id):
+                    self.skipped += 1
+                    return
             if delivery.attempt < self.max_deliver:
                 raise  # the bus redelivers later
             await self._dead_letter(delivery, exc)
         finally:
             trace_id_var.reset(token)
+
+    async def _seen(self, conn: AsyncConnection, event_id: str) -> bool:
+        count = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(inbox_table)
+            .where(inbox_table.c.consumer == self.name, inbox_table.c.event_id == event_id)
+        )
+        return bool(count)
 
     async def _dead_letter(self, delivery: Delivery, exc: Exception) -> None:
         env = delivery.envelope

@@ -33,7 +33,7 @@ def new_traceparent() -> str:
 
 
 def trace_id_of(traceparent: str | None) -> str | None:
-    if traceparent and _TRACEPARENT_RE.match(traceparent):
+    if traceparent and _TRACEPARENT_RE.fullmatch(traceparent):
         return traceparent.split("-")[1]
     return None
 
@@ -51,11 +51,11 @@ class Envelope:
     specversion: str = SPECVERSION
 
     def __post_init__(self) -> None:
-        if not _TYPE_RE.match(self.type):
+        if not _TYPE_RE.fullmatch(self.type):
             raise InvalidValue(f"event type {self.type!r} is not com.forecourt.<ctx>.<name>.vN")
         if self.time.tzinfo is None:
             raise InvalidValue("event time must be timezone-aware")
-        if self.traceparent is not None and not _TRACEPARENT_RE.match(self.traceparent):
+        if self.traceparent is not None and not _TRACEPARENT_RE.fullmatch(self.traceparent):
             raise InvalidValue(f"bad traceparent {self.traceparent!r}")
 
     @property
@@ -84,7 +84,10 @@ class Envelope:
     def from_wire(cls, headers: dict[str, str], body: bytes) -> Envelope:
         try:
             if headers.get("ce-specversion") != SPECVERSION:
-                raise InvalidValue("unsupported or missing ce-specversion")
+                raise ValueError("unsupported or missing ce-specversion")
+            data = json.loads(body) if body else {}
+            if not isinstance(data, dict):
+                raise ValueError("the body must be a JSON object")
             return cls(
                 id=headers["ce-id"],
                 source=headers["ce-source"],
@@ -93,7 +96,7 @@ class Envelope:
                 subject=headers.get("ce-subject"),
                 traceparent=headers.get("traceparent"),
                 datacontenttype=headers.get("content-type", "application/json"),
-                data=json.loads(body) if body else {},
+                data=data,
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, InvalidValue) as exc:
             raise InvalidValue(f"malformed event: {exc}", code="kernel.malformed_event") from exc
