@@ -6,6 +6,9 @@ relay; :meth:`HeadOffice.stop` undoes it.
 
 from __future__ import annotations
 
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
@@ -17,7 +20,7 @@ from forecourt.infra.db import Database
 from forecourt.infra.http import install_common
 from forecourt.infra.migrate import upgrade
 from forecourt.infra.relay import OutboxRelay
-from forecourt.kernel.clock import Clock
+from forecourt.kernel.clock import Clock, SimulatedClock
 from forecourt.network import api as network_api
 from forecourt.network.handlers import DbStationDirectory
 from forecourt.sales import api as sales_api
@@ -53,7 +56,9 @@ class HeadOffice:
 
 def build_head_office(settings: Settings, *, clock: Clock | None = None) -> HeadOffice:
     db = Database(settings.database_url, clock=clock)
-    bus = make_bus(settings.bus_url, stream=settings.nats_stream)
+    bus = make_bus(
+        settings.bus_url, stream=settings.nats_stream, subject_prefix=settings.nats_subject_prefix
+    )
     relay = OutboxRelay(
         db, bus, batch_size=settings.relay_batch_size, idle_seconds=settings.relay_idle_seconds
     )
@@ -84,3 +89,24 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         app.include_router(sales_api.build_router(db, directory, registry))
     hq.app = app
     return hq
+
+
+def create_app() -> FastAPI:
+    """ASGI app factory for ``forecourt serve`` (one call per worker process).
+
+    Settings come from the environment / TOML file; a simulation (``FORECOURT_SIM_*`` set)
+    runs HQ in the same simulated time as its stations.
+    """
+    settings = Settings()
+    hq = build_head_office(settings, clock=SimulatedClock.from_env(dict(os.environ)))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await hq.start()
+        try:
+            yield
+        finally:
+            await hq.stop()
+
+    hq.app.router.lifespan_context = lifespan
+    return hq.app

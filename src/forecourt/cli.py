@@ -67,7 +67,9 @@ def main() -> None:
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option(
-    "--reset", is_flag=True, help="Drop Forecourt's tables in the database first (it must be empty)."
+    "--reset",
+    is_flag=True,
+    help="Drop Forecourt's tables in the database first (it must be empty).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def demo(
@@ -164,52 +166,51 @@ def _print_demo(result: dict[str, Any]) -> None:
 @click.option("--port", type=int, default=None)
 @click.option("--database-url", default=None)
 @click.option("--bus-url", default=None)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="HTTP worker processes (more than one needs PostgreSQL).",
+)
 def serve(
     services: str | None,
     host: str | None,
     port: int | None,
     database_url: str | None,
     bus_url: str | None,
+    workers: int | None,
 ) -> None:
     """Run the head office (HTTP API, outbox relay) on the configured database and bus."""
     import uvicorn
 
-    from forecourt.bootstrap import build_head_office
+    from forecourt.infra.db import normalise_url
     from forecourt.settings import Settings
 
-    overrides: dict[str, Any] = {
-        k: v
-        for k, v in {
-            "services": services,
-            "host": host,
-            "port": port,
-            "database_url": database_url,
-            "bus_url": bus_url,
-        }.items()
-        if v is not None
-    }
-    settings = Settings(**overrides)
+    # Options become environment variables so that every worker process sees them.
+    for key, value in {
+        "SERVICES": services,
+        "HOST": host,
+        "PORT": port,
+        "DATABASE_URL": database_url,
+        "BUS_URL": bus_url,
+        "WORKERS": workers,
+    }.items():
+        if value is not None:
+            os.environ[f"FORECOURT_{key}"] = str(value)
+    settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-
-    async def run() -> None:
-        hq = build_head_office(settings)
-        await hq.start()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                hq.app,
-                host=settings.host,
-                port=settings.port,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-            )
-        )
-        try:
-            await server.serve()
-        finally:
-            await hq.stop()
-
-    asyncio.run(run())
+    if settings.workers > 1 and normalise_url(settings.database_url).startswith("sqlite"):
+        raise click.UsageError("several workers need PostgreSQL (SQLite has one writer)")
+    uvicorn.run(
+        "forecourt.bootstrap:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
 
 
 @main.command()

@@ -51,6 +51,7 @@ from forecourt.sales.store import sale_t
 from forecourt.settings import EdgeSettings, Settings
 from forecourt.sim.pts_controller import SimulatorProcess
 
+
 class DemoError(ForecourtError):
     code = "demo.database_not_empty"
 

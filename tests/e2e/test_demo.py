@@ -10,7 +10,9 @@ from forecourt.demo import DemoChain, DemoOptions, report
 from forecourt.sales.store import sale_t
 
 
-async def test_the_demo_chain_agrees_three_ways_and_notices_a_deleted_hq_row(tmp_path: Path) -> None:
+async def test_the_demo_chain_agrees_three_ways_and_notices_a_deleted_hq_row(
+    tmp_path: Path,
+) -> None:
     demo = DemoChain(DemoOptions(duration_s=6, stations=2, workdir=tmp_path))
     try:
         await demo.start()

@@ -58,6 +58,7 @@ class Buses:
             import nats
             import nats.js.errors
 
+            assert self.nats_url is not None
             nc = await nats.connect(self.nats_url)
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await nc.jetstream().delete_stream(self.stream)
@@ -295,6 +296,21 @@ async def test_nats_bus_publishes_to_the_bus_subject_with_the_event_id_as_msg_id
         k: v for k, v in sent.headers().items() if k.startswith("ce-")
     }
     assert stored.data == sent.body()
+
+
+async def test_nats_subscribe_binds_a_durable_pull_consumer_with_explicit_acks(
+    nats_bus: NatsBus, unique_stream: str
+) -> None:
+    await nats_bus.subscribe("sales.projector", ["forecourt.sales.>"], Recorder(), max_deliver=4)
+
+    info = await nats_bus.js.consumer_info(unique_stream, "sales_projector")
+
+    assert info.config.durable_name == "sales_projector"
+    assert info.config.deliver_subject is None  # pull, not push
+    assert info.config.ack_policy == "explicit"
+    assert info.config.max_deliver == 4  # JetStream itself stops redelivering, too
+    assert info.config.ack_wait == 30.0
+    assert info.config.filter_subject == f"{unique_stream.lower()}.forecourt.sales.>"
 
 
 def test_without_a_prefix_the_wire_subject_is_the_bus_subject() -> None:

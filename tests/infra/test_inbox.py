@@ -45,7 +45,7 @@ class Buses:
         self.stream = stream
         self.made: list[Bus] = []
         self.streams: set[str] = set()
-        self.dedupe_gap = 0.0 if kind == "memory" else NO_DEDUPE_WINDOW * 3.5
+        self.dedupe_gap = 0.0 if kind == "memory" else NO_DEDUPE_WINDOW * 5
 
     async def new(self, *, dedupe: bool = True) -> Bus:
         bus: Bus
@@ -74,6 +74,7 @@ class Buses:
             import nats
             import nats.js.errors
 
+            assert self.nats_url is not None
             nc = await nats.connect(self.nats_url)
             for stream in self.streams:
                 with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -187,9 +188,7 @@ async def test_a_handler_that_always_fails_is_dead_lettered_and_later_events_sti
             attempts.append(1)
             raise ValueError(f"pump {envelope.data['n']} is not on this forecourt")
 
-    consumer = InboxConsumer(
-        db, bus, "inbox-poison", ["forecourt.sales.>"], picky, max_deliver=3
-    )
+    consumer = InboxConsumer(db, bus, "inbox-poison", ["forecourt.sales.>"], picky, max_deliver=3)
     await consumer.start()
     poison, later = event(9, poison=True), event(10)
 

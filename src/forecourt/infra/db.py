@@ -48,7 +48,9 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(
-        self, value: datetime | None, dialect: Dialect  # noqa: ARG002 - SQLAlchemy signature
+        self,
+        value: datetime | None,
+        dialect: Dialect,  # noqa: ARG002 - SQLAlchemy signature
     ) -> datetime | None:
         if value is None:
             return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from forecourt.kernel.errors import ForecourtError
@@ -138,11 +138,21 @@ class Chain:
 def business_date(at: datetime, zone: ZoneInfo, cutoff: time) -> date:
     """The station business day an instant belongs to: local time minus the cut-off.
 
-    With a 06:00 cut-off, 05:59 local on the 2nd still belongs to the 1st.
+    With a 06:00 cut-off, 05:59 local on the 2nd still belongs to the 1st. A business day
+    starts when the local clock first reaches the cut-off, so when a DST change repeats an
+    hour containing the cut-off, the repeated part stays in the new day.
     """
     local = at.astimezone(zone)
     shifted = local - timedelta(hours=cutoff.hour, minutes=cutoff.minute, seconds=cutoff.second)
-    return shifted.date()
+    day = shifted.date()
+    if _first_instant(day + timedelta(days=1), cutoff, zone) <= at.astimezone(UTC):
+        return day + timedelta(days=1)
+    return day
+
+
+def _first_instant(day: date, wall: time, zone: ZoneInfo) -> datetime:
+    """The first instant (in UTC) the local clock shows ``wall`` on ``day`` (``fold=0``)."""
+    return datetime.combine(day, wall, tzinfo=zone).astimezone(UTC)
 
 
 def shift_id(at: datetime, zone: ZoneInfo, cutoff: time, shift_starts: tuple[time, ...]) -> str:
@@ -154,7 +164,12 @@ def shift_id(at: datetime, zone: ZoneInfo, cutoff: time, shift_starts: tuple[tim
         begins = datetime.combine(day, start, tzinfo=zone)
         return begins + timedelta(days=1) if start < cutoff else begins
 
-    number = sum(1 for start in shift_starts if start_of(start) <= local)
+    def begun(start: time) -> bool:
+        # By the local clock, or since its first occurrence when a DST change repeats it.
+        begins = start_of(start)
+        return begins <= local or begins.astimezone(UTC) <= at.astimezone(UTC)
+
+    number = sum(1 for start in shift_starts if begun(start))
     return f"{day.isoformat()}/{max(number, 1)}"
 
 

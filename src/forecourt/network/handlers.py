@@ -133,6 +133,8 @@ class ChainFile(_F):
 def parse_chain(document: dict[str, Any]) -> Chain:
     """Validate a chain document (parsed YAML) into the domain model, or raise NetworkError
     listing every problem found."""
+    if not isinstance(document, dict):
+        raise NetworkError("invalid chain file", problems=["expected a mapping at the top level"])
     try:
         f = ChainFile.model_validate(document.get("chain", document))
     except ValidationError as exc:
@@ -262,7 +264,10 @@ def load_chain_file(path: Path) -> Chain:
     except (OSError, yaml.YAMLError) as exc:
         raise NetworkError(f"cannot read {path}: {exc}") from None
     if not isinstance(document, dict):
-        raise NetworkError(f"{path}: expected a mapping at the top level")
+        raise NetworkError(
+            f"{path}: expected a mapping at the top level",
+            problems=["expected a mapping at the top level"],
+        )
     return parse_chain(document)
 
 

@@ -60,7 +60,7 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(p) == len(s)
 
 
-def make_bus(url: str, *, stream: str = "FORECOURT") -> Bus:
+def make_bus(url: str, *, stream: str = "FORECOURT", subject_prefix: str | None = None) -> Bus:
     if url.startswith("memory"):
         from forecourt.infra.bus.memory import MemoryBus
 
@@ -68,5 +68,5 @@ def make_bus(url: str, *, stream: str = "FORECOURT") -> Bus:
     if url.startswith("nats"):
         from forecourt.infra.bus.nats import NatsBus
 
-        return NatsBus(url, stream=stream)
+        return NatsBus(url, stream=stream, subject_prefix=subject_prefix)
     raise ValueError(f"unsupported bus url {url!r} (memory:// or nats://host:port)")

@@ -45,7 +45,9 @@ class _MemorySubscription:
                         delay, self.queue.put_nowait, (envelope, attempt + 1)
                     )
                 else:
-                    log.error("bus.delivery_exhausted", consumer=self.consumer, event_id=envelope.id)
+                    log.error(
+                        "bus.delivery_exhausted", consumer=self.consumer, event_id=envelope.id
+                    )
 
     async def stop(self) -> None:
         self.task.cancel()

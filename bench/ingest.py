@@ -1,0 +1,450 @@
+"""Ingest benchmark: HQ sales ingest on PostgreSQL + NATS against pgbench on the same machine.
+
+Runs, in one process tree:
+
+* the reference: ``pgbench -i -s SCALE`` on its own database, then
+  ``pgbench -M prepared -c C -j 2 -T SECONDS -n``, with a ``CHECKPOINT`` before each phase, once
+  before and once after the ingest phase (the mean is reported);
+* the ingest: ``forecourt serve`` (HQ) on PostgreSQL (``synchronous_commit`` as configured,
+  on by default) with the outbox relay publishing to NATS JetStream; C concurrent upload
+  clients, each with its own station credential, speaking the real HTTP API; batch mix 80 %
+  of 1–10 sales and 20 % of 100–1 000, 5 % re-uploads of an earlier batch; a warm-up, then
+  the measured window. ``sales_per_s`` = new HQ rows ÷ window.
+
+``--json`` prints one JSON object as the last line with ``sales_per_s``, ``pgbench_tps``,
+``ratio``, ``p99_ack_ms``, ``outbox_backlog_end``, ``synchronous_commit`` and the sweep.
+
+    .venv/bin/python bench/ingest.py --json
+    .venv/bin/python bench/ingest.py --quick          # short phases, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from forecourt.demo import pick_stations
+from forecourt.infra.db import Database
+from forecourt.infra.migrate import upgrade
+from forecourt.kernel.ids import new_id
+from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
+
+PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
+PG_USER = os.environ.get("BENCH_PG_USER", "postgres")
+NATS_URL = os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def admin(sql: str, database: str = "postgres") -> Any:
+    conn = await asyncpg.connect(host=PG_HOST, user=PG_USER, database=database)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+# --- pgbench reference -------------------------------------------------------------------
+
+
+def pgbench_init(db: str, scale: int) -> None:
+    subprocess.run(["dropdb", "-h", PG_HOST, "-U", PG_USER, "--if-exists", db], check=True)
+    subprocess.run(["createdb", "-h", PG_HOST, "-U", PG_USER, db], check=True)
+    log(f"pgbench -i -s {scale}")
+    subprocess.run(
+        ["pgbench", "-h", PG_HOST, "-U", PG_USER, "-i", "-s", str(scale), "-q", db],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def pgbench_run(db: str, clients: int, seconds: int) -> float:
+    await admin("CHECKPOINT")
+    log(f"pgbench -M prepared -c {clients} -j 2 -T {seconds} -n")
+    out = subprocess.run(
+        [
+            "pgbench",
+            "-h",
+            PG_HOST,
+            "-U",
+            PG_USER,
+            "-M",
+            "prepared",
+            "-c",
+            str(clients),
+            "-j",
+            "2",
+            "-T",
+            str(seconds),
+            "-n",
+            db,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out) or re.search(
+        r"tps = ([0-9.]+)", out
+    )
+    if not match:
+        raise RuntimeError(f"cannot read pgbench output:\n{out}")
+    return float(match.group(1))
+
+
+# --- the ingest load -----------------------------------------------------------------------
+
+
+@dataclass
+class ClassStats:
+    batches: int = 0
+    sales: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LoadStats:
+    small: ClassStats = field(default_factory=ClassStats)
+    large: ClassStats = field(default_factory=ClassStats)
+    reuploads: int = 0
+    errors: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def latencies(self) -> list[float]:
+        return self.small.latencies_ms + self.large.latencies_ms
+
+
+class StationClient:
+    """One load generator: a station uploading journaled sales with its own credential."""
+
+    def __init__(self, code: str, token: str, rng: random.Random) -> None:
+        self.code = code
+        self.token = token
+        self.rng = rng
+        self.seq = 0
+        self.txn = 0
+        self.sent: list[bytes] = []
+
+    def sale(self, now: datetime) -> dict[str, Any]:
+        self.seq += 1
+        self.txn += 1
+        fp = self.rng.randint(1, 8)
+        volume = self.rng.randint(5_000, 60_000) // 10 * 10
+        return {
+            "sale_id": str(new_id()),
+            "station_seq": self.seq,
+            "fuelling_point": fp,
+            "nozzle": 1,
+            "grade": "92",
+            "volume_ml": volume,
+            "unit_price_mmu": 755000,
+            "amount_minor": (volume * 755000 + 500_000) // 1_000_000,
+            "currency": "CNY",
+            "price_version": "bench",
+            "snapshot_version": 1,
+            "totalizer_start_ml": self.txn * 100_000,
+            "totalizer_end_ml": self.txn * 100_000 + volume,
+            "device_txn": self.txn,
+            "dispense_type": "sale",
+            "started_at": (now - timedelta(minutes=2)).isoformat(),
+            "ended_at": now.isoformat(),
+            "business_date": now.date().isoformat(),
+            "shift_id": f"{now.date().isoformat()}/1",
+        }
+
+    def next_batch(self) -> tuple[bytes, str, bool]:
+        if self.sent and self.rng.random() < 0.05:
+            return self.rng.choice(self.sent), "reupload", True
+        large = self.rng.random() < 0.2
+        n = self.rng.randint(100, 1000) if large else self.rng.randint(1, 10)
+        now = datetime.now(UTC)
+        body = json.dumps(
+            {"schema_version": 1, "sales": [self.sale(now) for _ in range(n)]},
+            separators=(",", ":"),
+        ).encode()
+        if len(self.sent) < 50:
+            self.sent.append(body)
+        else:
+            self.sent[self.rng.randrange(50)] = body
+        return body, "large" if large else "small", False
+
+
+async def drive(
+    clients: list[StationClient], url: str, stop_at: float, measure_from: float, stats: LoadStats
+) -> None:
+    async def one(client: StationClient) -> None:
+        async with httpx.AsyncClient(
+            base_url=url,
+            timeout=60,
+            headers={"authorization": f"Bearer {client.token}", "content-type": "application/json"},
+        ) as http:
+            while time.monotonic() < stop_at:
+                body, kind, reupload = client.next_batch()
+                started = time.monotonic()
+                try:
+                    response = await http.post(
+                        f"/v1/stations/{client.code}/sales:batch", content=body
+                    )
+                except httpx.HTTPError:
+                    stats.errors += 1
+                    await asyncio.sleep(0.1)
+                    continue
+                elapsed = (time.monotonic() - started) * 1000
+                if response.status_code != 200:
+                    stats.errors += 1
+                    continue
+                if started < measure_from:
+                    continue
+                if reupload:
+                    stats.reuploads += 1
+                else:
+                    cls = stats.large if kind == "large" else stats.small
+                    cls.batches += 1
+                    cls.latencies_ms.append(elapsed)
+                    for r in response.json()["results"]:
+                        stats.statuses[r["status"]] = stats.statuses.get(r["status"], 0) + 1
+                    cls.sales += len(response.json()["results"])
+
+    await asyncio.gather(*(one(c) for c in clients))
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def sale_count(db: str) -> int:
+    return int(await admin("SELECT count(*) FROM sales.sale", db))
+
+
+async def ingest_phase(
+    url: str, db: str, clients: list[StationClient], warmup: int, seconds: int
+) -> dict[str, Any]:
+    stats = LoadStats()
+    start = time.monotonic()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
+    task = asyncio.create_task(drive(clients, url, stop_at, measure_from, stats))
+    await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+    rows_before = await sale_count(db)
+    t0 = time.monotonic()
+    await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+    rows_after = await sale_count(db)
+    window = time.monotonic() - t0
+    await task
+    backlog = int(
+        await admin("SELECT count(*) FROM platform.outbox WHERE published_at IS NULL", db)
+    )
+    lat = stats.latencies()
+    return {
+        "clients": len(clients),
+        "sales_per_s": round((rows_after - rows_before) / window, 1),
+        "p50_ack_ms": round(pct(lat, 50), 1),
+        "p99_ack_ms": round(pct(lat, 99), 1),
+        "batches": len(lat),
+        "reuploads": stats.reuploads,
+        "errors": stats.errors,
+        "statuses": stats.statuses,
+        "outbox_backlog_end": backlog,
+        "by_batch_size": {
+            name: {
+                "batches": c.batches,
+                "sales": c.sales,
+                "p50_ack_ms": round(pct(c.latencies_ms, 50), 1),
+                "p99_ack_ms": round(pct(c.latencies_ms, 99), 1),
+                "mean_ack_ms": round(statistics.fmean(c.latencies_ms), 1) if c.latencies_ms else 0,
+            }
+            for name, c in (("1-10", stats.small), ("100-1000", stats.large))
+        },
+    }
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+async def prepare_hq_db(db: str, stations: int) -> dict[str, str]:
+    await admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    await admin(f'CREATE DATABASE "{db}"')
+    database = Database(f"postgresql://{PG_USER}@{PG_HOST}/{db}")
+    await database.connect()
+    try:
+        await upgrade(database)
+        chain = pick_stations(load_chain_file(SAMPLE_CHAIN), stations)
+        await import_chain(database, chain, actor="bench")
+        return {
+            s.code: (await issue_credential(database, s.code, actor="bench"))[1]
+            for s in chain.stations
+        }
+    finally:
+        await database.dispose()
+
+
+def start_hq(
+    db: str, port: int, workers: int, prefix: str, logfile: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "FORECOURT_DATABASE_URL": f"postgresql://{PG_USER}@{PG_HOST}/{db}",
+        "FORECOURT_BUS_URL": NATS_URL,
+        "FORECOURT_NATS_STREAM": f"BENCH_{prefix}",
+        "FORECOURT_NATS_SUBJECT_PREFIX": prefix,
+        "FORECOURT_LOG_LEVEL": "WARNING",
+    }
+    args = [sys.executable, "-m", "forecourt.cli", "serve", "--port", str(port)]
+    if workers > 1:
+        args += ["--workers", str(workers)]
+    with logfile.open("wb") as out:
+        return subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+async def wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as c:
+        while time.monotonic() < deadline:
+            try:
+                if (await c.get(f"{url}/ready", timeout=1)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("HQ did not become ready")
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    sweep = [int(c) for c in args.sweep.split(",")] if args.sweep else []
+    max_clients = max([args.clients, *sweep])
+    hq_db, ref_db = "forecourt_bench", "forecourt_pgbench"
+    pgbench_init(ref_db, args.scale)
+    tps_before = await pgbench_run(ref_db, args.clients, args.pgbench_seconds)
+    log(f"pgbench before: {tps_before:.0f} tps")
+
+    tokens = await prepare_hq_db(hq_db, max_clients)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    prefix = f"b{uuid.uuid4().hex[:8]}"
+    logfile = Path(args.log)
+    hq = start_hq(hq_db, port, args.workers, prefix, logfile)
+    try:
+        await wait_ready(url)
+        sync_commit = str(await admin("SHOW synchronous_commit", hq_db))
+        rng = random.Random(args.seed)
+        codes = sorted(tokens)
+        results: dict[int, dict[str, Any]] = {}
+        for c in [args.clients] + [c for c in sweep if c != args.clients]:
+            clients = [
+                StationClient(code, tokens[code], random.Random(rng.random())) for code in codes[:c]
+            ]
+            for sc in clients:  # continue each station's sequence where the last phase left it
+                sc.seq = sc.txn = int(
+                    await admin(
+                        "SELECT coalesce(max(station_seq), 0) FROM sales.sale"
+                        f" WHERE station_code = '{sc.code}'",
+                        hq_db,
+                    )
+                )
+            seconds = args.seconds if c == args.clients else args.sweep_seconds
+            log(f"ingest: {c} clients, {args.warmup}s warm-up + {seconds}s")
+            results[c] = await ingest_phase(url, hq_db, clients, args.warmup, seconds)
+            log(
+                f"ingest {c} clients: {results[c]['sales_per_s']} sales/s, "
+                f"p99 {results[c]['p99_ack_ms']} ms, backlog {results[c]['outbox_backlog_end']}"
+            )
+            if c == args.clients:
+                tps_after = await pgbench_run(ref_db, args.clients, args.pgbench_seconds)
+                log(f"pgbench after: {tps_after:.0f} tps")
+    finally:
+        os.killpg(hq.pid, signal.SIGTERM)
+        try:
+            hq.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(hq.pid, signal.SIGKILL)
+    main_run = results[args.clients]
+    pgbench_tps = (tps_before + tps_after) / 2
+    return {
+        "sales_per_s": main_run["sales_per_s"],
+        "pgbench_tps": round(pgbench_tps, 1),
+        "pgbench_tps_before": round(tps_before, 1),
+        "pgbench_tps_after": round(tps_after, 1),
+        "ratio": round(main_run["sales_per_s"] / pgbench_tps, 2) if pgbench_tps else None,
+        "p99_ack_ms": main_run["p99_ack_ms"],
+        "p50_ack_ms": main_run["p50_ack_ms"],
+        "outbox_backlog_end": main_run["outbox_backlog_end"],
+        "synchronous_commit": sync_commit,
+        "clients": args.clients,
+        "hq_workers": args.workers,
+        "by_batch_size": main_run["by_batch_size"],
+        "reuploads": main_run["reuploads"],
+        "errors": main_run["errors"],
+        "sweep": {
+            str(c): {k: v for k, v in r.items() if k != "by_batch_size"}
+            | {"by_batch_size": r["by_batch_size"]}
+            for c, r in sorted(results.items())
+        },
+        "goal_met": bool(
+            pgbench_tps
+            and main_run["sales_per_s"] / pgbench_tps >= 2
+            and main_run["p99_ack_ms"] <= 250
+        ),
+    }
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--sweep", default="4,16,64", help="client counts for the sweep ('' = none)")
+    p.add_argument("--seconds", type=int, default=60, help="measured window of the main run")
+    p.add_argument("--sweep-seconds", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--scale", type=int, default=50, help="pgbench scale")
+    p.add_argument("--pgbench-seconds", type=int, default=60)
+    p.add_argument("--workers", type=int, default=2, help="HQ worker processes")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--log", default="bench-hq.log", help="HQ process log file")
+    p.add_argument("--quick", action="store_true", help="short phases (smoke run)")
+    args = p.parse_args()
+    if args.quick:
+        args.seconds = args.sweep_seconds = args.pgbench_seconds = 10
+        args.warmup = 3
+        args.scale = 5
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    result = asyncio.run(main(arguments))
+    if arguments.json:
+        print(json.dumps(result, separators=(",", ":")))
+    else:
+        print(json.dumps(result, indent=2))
