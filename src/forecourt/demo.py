@@ -34,8 +34,8 @@ import uvicorn
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
 from forecourt.infra.db import SCHEMAS, Database
-from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.clock import SimulatedClock
+from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.money import UnitPrice
 from forecourt.network.contracts import StationSnapshot
 from forecourt.network.domain import Chain, Price, PriceScope, Station

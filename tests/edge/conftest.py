@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -45,8 +45,14 @@ class HqServer:
         self._task: asyncio.Task[None] | None = None
 
     async def up(self) -> None:
-        config = uvicorn.Config(self.office.app, host="127.0.0.1", port=self.port,
-                                log_level="error", access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            self.office.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="error",
+            access_log=False,
+            lifespan="off",
+        )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
@@ -60,8 +66,9 @@ class HqServer:
 
 
 class Station:
-    def __init__(self, clock: SimulatedClock, hq: HqServer, token: str, sim: SimulatorProcess,
-                 journal: Path) -> None:
+    def __init__(
+        self, clock: SimulatedClock, hq: HqServer, token: str, sim: SimulatorProcess, journal: Path
+    ) -> None:
         self.clock = clock
         self.hq = hq
         self.token = token
@@ -70,10 +77,18 @@ class Station:
 
     def node(self, **overrides: object) -> EdgeNode:
         settings = EdgeSettings(
-            station="S001", hq_url=self.hq.url, credential=self.token, journal_path=self.journal,
-            controller_url=self.sim.base_url, controller_user="admin",
-            controller_password="demo-controller", poll_interval_s=0.05, log_json=False,
-            sync_backoff_initial_s=0.05, sync_backoff_max_s=0.5, snapshot_refresh_s=0.5,
+            station="S001",
+            hq_url=self.hq.url,
+            credential=self.token,
+            journal_path=self.journal,
+            controller_url=self.sim.base_url,
+            controller_user="admin",
+            controller_password="demo-controller",
+            poll_interval_s=0.05,
+            log_json=False,
+            sync_backoff_initial_s=0.05,
+            sync_backoff_max_s=0.5,
+            snapshot_refresh_s=0.5,
             **overrides,
         )
         return build_edge_node(settings, self.clock, jsonpts_factory(settings))
@@ -113,8 +128,3 @@ async def station(tmp_path: Path, clock: SimulatedClock, hq: HqServer) -> AsyncI
         yield Station(clock, hq, token, sim, tmp_path / "edge.db")
     finally:
         sim.stop()
-
-
-@pytest.fixture
-def anyio_backend() -> Iterator[str]:
-    yield "asyncio"

@@ -31,8 +31,9 @@ async def hq_count(hq: HqServer) -> int:
 async def device_transactions(station: Station, node: EdgeNode) -> set[tuple[int, int]]:
     snap = node.snapshots.current
     assert snap is not None
-    driver = JsonPtsDriver(station.sim.base_url, "admin", "demo-controller",
-                           timezone=snap.station.timezone)
+    driver = JsonPtsDriver(
+        station.sim.base_url, "admin", "demo-controller", timezone=snap.station.timezone
+    )
     await driver.open()
     try:
         out: set[tuple[int, int]] = set()
