@@ -133,5 +133,20 @@ async def nats_url() -> str:
 
 
 @pytest.fixture
-def unique_stream() -> str:
-    return f"FCT_{uuid.uuid4().hex[:10].upper()}"
+async def unique_stream() -> AsyncIterator[str]:
+    """A JetStream stream name of the test's own; the stream is deleted afterwards."""
+    name = f"FCT_{uuid.uuid4().hex[:10].upper()}"
+    yield name
+    if _port_open(NATS_URL, 4222):
+        import nats
+
+        try:
+            nc = await nats.connect(NATS_URL, connect_timeout=2, allow_reconnect=False)
+        except Exception:  # noqa: BLE001 - nothing to clean up without a server
+            return
+        try:
+            await nc.jetstream().delete_stream(name)
+        except Exception:  # noqa: BLE001 - the test may not have created it
+            pass
+        finally:
+            await nc.close()

@@ -80,6 +80,8 @@ class DemoOptions:
     arrivals_per_hour: float = 150.0
     database_url: str | None = None
     bus_url: str = "memory://"
+    nats_stream: str = "FORECOURT"
+    nats_subject_prefix: str | None = None
     workdir: Path | None = None
     seed: int = 7
     price_change: bool = True  # a scheduled price change half-way through
@@ -217,7 +219,12 @@ class DemoChain:
         database_url = opts.database_url or f"sqlite+aiosqlite:///{self.workdir / 'hq.db'}"
         port = _free_port()
         settings = Settings(
-            database_url=database_url, bus_url=opts.bus_url, port=port, log_json=False
+            database_url=database_url,
+            bus_url=opts.bus_url,
+            nats_stream=opts.nats_stream,
+            nats_subject_prefix=opts.nats_subject_prefix,
+            port=port,
+            log_json=False,
         )
         # HQ lives in the same simulated time as the stations, so prices, business days and
         # snapshots agree across the demo.

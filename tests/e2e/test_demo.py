@@ -39,3 +39,33 @@ async def test_the_demo_chain_agrees_three_ways_and_notices_a_deleted_hq_row(
         assert result["agree"] is False
     finally:
         await demo.stop()
+
+
+async def test_the_demo_chain_agrees_on_postgresql_and_nats(
+    tmp_path: Path, pg_url: str, nats_url: str, unique_stream: str
+) -> None:
+    demo = DemoChain(
+        DemoOptions(
+            duration_s=5,
+            stations=2,
+            workdir=tmp_path,
+            database_url=pg_url,
+            bus_url=nats_url,
+            nats_stream=unique_stream,
+            nats_subject_prefix=unique_stream.lower(),
+        )
+    )
+    try:
+        await demo.start()
+        await demo.run_traffic()
+        assert await demo.quiesce()
+        result = report(await demo.reconcile(), len(demo.stations), True, 0.0)
+        assert result["sales_at_dispensers"] >= 15
+        assert result["sales_at_dispensers"] == result["sales_at_edges"] == result["sales_at_hq"]
+        assert result["amount_fen_at_dispensers"] == result["amount_fen_at_hq"]
+        assert result["volume_ml_at_dispensers"] == result["volume_ml_at_hq"]
+        assert (result["lost"], result["duplicates"]) == (0, 0)
+        assert demo.hq is not None
+        assert await demo.hq.relay.backlog() == 0  # every event reached JetStream
+    finally:
+        await demo.stop()

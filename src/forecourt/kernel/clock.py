@@ -39,7 +39,9 @@ class SimulatedClock:
 
     @classmethod
     def ending_before_now(cls, wall_seconds: float, speed: float) -> SimulatedClock:
-        """A clock that reaches the real current time only after ``wall_seconds`` of wall time."""
+        """A clock that starts ``wall_seconds × speed`` in the past and, after ``wall_seconds``
+        of wall time, reaches the instant it was made: it is never ahead of real time within
+        that budget, so nothing it stamps lies in the future."""
         wall_now = time.time()
         start = datetime.fromtimestamp(wall_now, UTC) - timedelta(seconds=wall_seconds * speed)
         return cls(sim_epoch=start, wall_epoch=wall_now, speed=speed)

@@ -44,6 +44,19 @@ def currency_exponent(currency: str) -> int:
         ) from None
 
 
+def _decimal(value: Decimal | str) -> Decimal:
+    """A finite decimal from text or Decimal, or a clear error (never a float)."""
+    if isinstance(value, float):
+        raise InvalidValue("floats are not accepted for money or volumes; pass a string")
+    try:
+        result = Decimal(value)
+    except (ArithmeticError, ValueError, TypeError):
+        raise InvalidValue(f"{value!r} is not a decimal number") from None
+    if not result.is_finite():
+        raise InvalidValue(f"{value!r} is not a finite number")
+    return result
+
+
 def _require_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidValue(f"{name} must be an integer, got {type(value).__name__}")
@@ -116,7 +129,7 @@ class Money:
     @classmethod
     def from_decimal(cls, value: Decimal | str, currency: str) -> Money:
         """Exact conversion; a value with more decimals than the currency has is an error."""
-        scaled = Decimal(value).scaleb(currency_exponent(currency))
+        scaled = _decimal(value).scaleb(currency_exponent(currency))
         if scaled != scaled.to_integral_value():
             raise InvalidValue(f"{value} has more decimals than {currency} allows")
         return cls(int(scaled), currency)
@@ -144,7 +157,7 @@ class UnitPrice:
 
     @classmethod
     def from_decimal(cls, value: Decimal | str, currency: str) -> UnitPrice:
-        scaled = Decimal(value).scaleb(currency_exponent(currency) + 3)
+        scaled = _decimal(value).scaleb(currency_exponent(currency) + 3)
         if scaled != scaled.to_integral_value():
             raise InvalidValue(f"{value} has more decimals than a milli-minor price allows")
         return cls(int(scaled), currency)
@@ -171,7 +184,7 @@ class UnitPrice:
 
 def litres_to_ml(litres: Decimal | str) -> int:
     """Exact litres (as a decimal string/Decimal) to integer millilitres."""
-    scaled = Decimal(litres) * ML_PER_LITRE
+    scaled = _decimal(litres) * ML_PER_LITRE
     if scaled != scaled.to_integral_value():
         raise InvalidValue(f"{litres} L is finer than a millilitre")
     return int(scaled)

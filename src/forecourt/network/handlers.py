@@ -138,8 +138,8 @@ def parse_chain(document: dict[str, Any]) -> Chain:
     try:
         f = ChainFile.model_validate(document.get("chain", document))
     except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise NetworkError("invalid chain file", problems=problems) from None
+        found = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise NetworkError("invalid chain file", problems=found) from None
     problems: list[str] = []
     grades = {g.code for g in f.grades}
     models = {m.code for m in f.dispenser_models}
