@@ -177,16 +177,34 @@ class StationClient:
             "shift_id": f"{now.date().isoformat()}/1",
         }
 
+    def sale_json(self, now: str, started: str, day: str) -> str:
+        """The same sale as :meth:`sale`, written straight to JSON text: the load generator
+        shares the machine with HQ, so it spends as little CPU per sale as it can."""
+        self.seq += 1
+        self.txn += 1
+        fp = self.rng.randint(1, 8)
+        volume = self.rng.randint(500, 6000) * 10
+        amount = (volume * 755000 + 500_000) // 1_000_000
+        start = self.txn * 100_000
+        return (
+            f'{{"sale_id":"{new_id()}","station_seq":{self.seq},"fuelling_point":{fp},'
+            f'"nozzle":1,"grade":"92","volume_ml":{volume},"unit_price_mmu":755000,'
+            f'"amount_minor":{amount},"currency":"CNY","price_version":"bench",'
+            f'"snapshot_version":1,"totalizer_start_ml":{start},'
+            f'"totalizer_end_ml":{start + volume},"device_txn":{self.txn},'
+            f'"dispense_type":"sale","started_at":"{started}","ended_at":"{now}",'
+            f'"business_date":"{day}","shift_id":"{day}/1"}}'
+        )
+
     def next_batch(self) -> tuple[bytes, str, bool]:
         if self.sent and self.rng.random() < 0.05:
             return self.rng.choice(self.sent), "reupload", True
         large = self.rng.random() < 0.2
         n = self.rng.randint(100, 1000) if large else self.rng.randint(1, 10)
         now = datetime.now(UTC)
-        body = json.dumps(
-            {"schema_version": 1, "sales": [self.sale(now) for _ in range(n)]},
-            separators=(",", ":"),
-        ).encode()
+        stamps = (now.isoformat(), (now - timedelta(minutes=2)).isoformat(), now.date().isoformat())
+        sales = ",".join(self.sale_json(*stamps) for _ in range(n))
+        body = f'{{"schema_version":1,"sales":[{sales}]}}'.encode()
         if len(self.sent) < 50:
             self.sent.append(body)
         else:
@@ -233,6 +251,9 @@ async def drive(
     await asyncio.gather(*(one(c) for c in clients))
 
 
+UNPUBLISHED = "SELECT count(*) FROM platform.outbox WHERE published_at IS NULL"
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return 0.0
@@ -259,13 +280,18 @@ async def ingest_phase(
     rows_after = await sale_count(db)
     window = time.monotonic() - t0
     await task
-    backlog = int(
-        await admin("SELECT count(*) FROM platform.outbox WHERE published_at IS NULL", db)
-    )
+    backlog = int(await admin(UNPUBLISHED, db))
+    # How long the relay needs to publish what piled up: the honest sustained rate counts it.
+    drain_started = time.monotonic()
+    while int(await admin(UNPUBLISHED, db)) and time.monotonic() - drain_started < 300:
+        await asyncio.sleep(0.2)
+    drain_s = time.monotonic() - drain_started
     lat = stats.latencies()
     return {
         "clients": len(clients),
         "sales_per_s": round((rows_after - rows_before) / window, 1),
+        "sustained_sales_per_s": round((rows_after - rows_before) / (window + drain_s), 1),
+        "outbox_drain_s": round(drain_s, 1),
         "p50_ack_ms": round(pct(lat, 50), 1),
         "p99_ack_ms": round(pct(lat, 99), 1),
         "batches": len(lat),
@@ -398,6 +424,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ack_ms": main_run["p99_ack_ms"],
         "p50_ack_ms": main_run["p50_ack_ms"],
         "outbox_backlog_end": main_run["outbox_backlog_end"],
+        "outbox_drain_s": main_run["outbox_drain_s"],
+        "sustained_sales_per_s": main_run["sustained_sales_per_s"],
         "synchronous_commit": sync_commit,
         "clients": args.clients,
         "hq_workers": args.workers,

@@ -167,6 +167,9 @@ def _print_demo(result: dict[str, Any]) -> None:
 @click.option("--database-url", default=None)
 @click.option("--bus-url", default=None)
 @click.option(
+    "--reuse-port", is_flag=True, hidden=True, help="Bind with SO_REUSEPORT (worker processes)."
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 64),
     default=None,
@@ -179,10 +182,9 @@ def serve(
     database_url: str | None,
     bus_url: str | None,
     workers: int | None,
+    reuse_port: bool,
 ) -> None:
     """Run the head office (HTTP API, outbox relay) on the configured database and bus."""
-    import uvicorn
-
     from forecourt.infra.db import normalise_url
     from forecourt.settings import Settings
 
@@ -201,16 +203,68 @@ def serve(
     configure_logging(settings.log_level, settings.log_json)
     if settings.workers > 1 and normalise_url(settings.database_url).startswith("sqlite"):
         raise click.UsageError("several workers need PostgreSQL (SQLite has one writer)")
-    uvicorn.run(
+    if settings.workers > 1:
+        sys.exit(_supervise_workers(settings.workers))
+    _serve_one(settings.host, settings.port, reuse_port=reuse_port)
+
+
+def _serve_one(host: str, port: int, *, reuse_port: bool) -> None:
+    """One HQ process: uvicorn on uvloop/httptools, the app built by the factory."""
+    import socket
+
+    import uvicorn
+
+    config = uvicorn.Config(
         "forecourt.bootstrap:create_app",
         factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
         log_level="warning",
         access_log=False,
         lifespan="on",
     )
+    server = uvicorn.Server(config)
+    if not reuse_port:
+        server.run()
+        return
+    # Every worker binds its own socket with SO_REUSEPORT: the kernel spreads connections
+    # over them evenly, where one shared accept queue lets one worker take most of them.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    server.run(sockets=[sock])
+
+
+def _supervise_workers(count: int) -> int:
+    """Start ``count`` single-worker HQ processes on the same port; stop them together."""
+    import signal
+    import subprocess
+    import time
+
+    args = [sys.executable, "-m", "forecourt.cli", "serve", "--workers", "1", "--reuse-port"]
+    children = [subprocess.Popen(args) for _ in range(count)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    forward(signal.SIGTERM, None)  # one died: stop the rest, let the process manager restart us
+    deadline = time.monotonic() + 20
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return max((abs(c.returncode or 0) for c in children), default=0)
 
 
 @main.command()

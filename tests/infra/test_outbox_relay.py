@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -156,6 +156,14 @@ class SpyBus:
         self.published.append(envelope.id)
         if self.crash_after_publish:  # ...and the process dies before the rows are marked
             raise SimulatedCrash(f"crashed after publishing {envelope.id}")
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await self.inner.publish_many(envelopes)  # every one acknowledged by the broker...
+        self.published.extend(e.id for e in envelopes)
+        if self.crash_after_publish:  # ...and the process dies before the rows are marked
+            raise SimulatedCrash(f"crashed after publishing {len(envelopes)} events")
 
 
 class Recorder:

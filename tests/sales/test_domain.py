@@ -104,18 +104,45 @@ def test_the_dispenser_amount_always_agrees_and_two_steps_off_never_does(
     assert not amount_agrees(off, resolution_minor=10, rounding=rounding)
 
 
-@given(
-    st.sampled_from(["volume_ml", "amount_minor", "grade", "business_date", "device_txn", "nozzle"])
-)
-def test_any_changed_field_changes_the_payload_hash(field: str) -> None:
+CHANGED: dict[str, object] = {
+    "sale_id": uuid4(),
+    "station_code": "S002",
+    "station_seq": 2,
+    "fuelling_point": 2,
+    "nozzle": 2,
+    "grade": "95",
+    "volume_ml": 40001,
+    "unit_price_mmu": 755001,
+    "amount_minor": 30201,
+    "currency": "EUR",
+    "price_version": "p2",
+    "snapshot_version": 2,
+    "totalizer_start_ml": 1,
+    "totalizer_end_ml": 40001,
+    "device_txn": None,
+    "dispense_type": DispenseType.PUMP_TEST,
+    "started_at": datetime(2026, 11, 24, 23, 58, tzinfo=UTC),
+    "ended_at": datetime(2026, 11, 25, 0, 1, tzinfo=UTC),
+    "business_date": date(2026, 11, 24),
+    "shift_id": "2026-11-25/2",
+    "schema_version": 2,
+}
+
+
+def test_every_field_of_a_sale_takes_part_in_its_payload_hash() -> None:
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(Sale)}
     sale = _sale()
-    changed_value: object = {
-        "volume_ml": 40001,
-        "amount_minor": 30201,
-        "grade": "95",
-        "business_date": date(2026, 11, 24),
-        "device_txn": 2,
-        "nozzle": 2,
-    }[field]
-    assert sale.payload_hash() != dataclasses.replace(sale, **{field: changed_value}).payload_hash()
+    for name, value in CHANGED.items():
+        changed = dataclasses.replace(sale, **{name: value})
+        assert sale.payload_hash() != changed.payload_hash(), name
     assert sale.payload_hash() == dataclasses.replace(sale).payload_hash()
+
+
+def test_the_same_instant_in_another_offset_hashes_the_same() -> None:
+    from zoneinfo import ZoneInfo
+
+    sale = _sale()
+    shifted = dataclasses.replace(
+        sale, ended_at=sale.ended_at.astimezone(ZoneInfo("Asia/Shanghai"))
+    )
+    assert sale.payload_hash() == shifted.payload_hash()

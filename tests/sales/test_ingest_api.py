@@ -232,3 +232,29 @@ async def test_bad_query_parameters_get_a_clear_422(hq: Hq) -> None:
 async def _outbox_types(hq: Hq) -> list[str]:
     async with hq.office.db.connection() as conn:
         return list(await conn.scalars(sa.select(outbox_table.c.type)))
+
+
+async def test_a_batch_that_fails_midway_leaves_no_trace(hq: Hq, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    import pytest
+
+    from forecourt.infra.db import UnitOfWork
+    from forecourt.sales.contracts import SalesBatchV1
+    from forecourt.sales.handlers import ingest_batch
+
+    emit_many = UnitOfWork.emit_many
+
+    async def emit_then_fail(self: UnitOfWork, envelopes: object) -> None:
+        await emit_many(self, envelopes)  # type: ignore[arg-type]
+        raise RuntimeError("disk full")
+
+    # Fails after the sales and their events were written in the transaction.
+    monkeypatch.setattr(UnitOfWork, "emit_many", emit_then_fail)
+    batch = SalesBatchV1.model_validate_json(
+        _json.dumps({"schema_version": 1, "sales": [make_sale(), make_sale()]})
+    )
+    with pytest.raises(RuntimeError, match="disk full"):
+        await ingest_batch(hq.office.db, hq.office.directory, "S001", batch)
+    assert await count(hq, sale_t) == 0
+    assert await count(hq, outbox_table, outbox_table.c.type.like("com.forecourt.sales.%")) == 0

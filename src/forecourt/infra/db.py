@@ -229,6 +229,18 @@ audit_outbox_table = sa.Table(
 )
 
 
+OUTBOX_COLUMNS = (
+    "event_id",
+    "type",
+    "source",
+    "subject",
+    "time",
+    "traceparent",
+    "data",
+    "created_at",
+)
+
+
 def outbox_row(envelope: Envelope, now: datetime) -> dict[str, Any]:
     return {
         "event_id": envelope.id,
@@ -237,9 +249,25 @@ def outbox_row(envelope: Envelope, now: datetime) -> dict[str, Any]:
         "subject": envelope.subject,
         "time": envelope.time,
         "traceparent": envelope.traceparent,
-        "data": json.dumps(envelope.data, separators=(",", ":"), sort_keys=True),
+        "data": envelope.body().decode(),
         "created_at": now,
     }
+
+
+async def asyncpg_connection(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under ``conn``, inside ``conn``'s transaction.
+
+    SQLAlchemy's asyncpg adapter opens its transaction lazily, on the first statement it
+    runs; raw asyncpg work issued before that would autocommit on its own. So when no
+    transaction is open yet, run a no-op through SQLAlchemy first to open it.
+    """
+    raw = await conn.get_raw_connection()
+    apg = raw.driver_connection
+    if conn.in_transaction() and not apg.is_in_transaction():
+        await conn.execute(sa.text("SELECT 1"))
+        if not apg.is_in_transaction():
+            raise RuntimeError("could not join the unit of work's transaction")
+    return apg
 
 
 class UnitOfWork:
@@ -258,7 +286,18 @@ class UnitOfWork:
         if not envelopes:
             return
         now = self.db.clock.now()
-        await self.conn.execute(outbox_table.insert(), [outbox_row(e, now) for e in envelopes])
+        rows = [outbox_row(e, now) for e in envelopes]
+        if self.db.is_sqlite:
+            await self.conn.execute(outbox_table.insert(), rows)
+        else:
+            # COPY on the same asyncpg connection and transaction: the hot path of ingest.
+            apg = await asyncpg_connection(self.conn)
+            await apg.copy_records_to_table(
+                "outbox",
+                schema_name="platform",
+                columns=OUTBOX_COLUMNS,
+                records=[tuple(row[c] for c in OUTBOX_COLUMNS) for row in rows],
+            )
         self.emitted += len(envelopes)
 
     async def record_audit(

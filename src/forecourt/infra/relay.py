@@ -34,6 +34,7 @@ def _envelope(row: sa.Row) -> Envelope:
         time=row.time,
         traceparent=row.traceparent,
         data=json.loads(row.data),
+        encoded=row.data.encode(),
     )
 
 
@@ -72,8 +73,8 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            # Publish concurrently: JetStream acks are pipelined, order is not promised anyway.
-            await asyncio.gather(*(self.bus.publish(_envelope(r)) for r in rows))
+            # Pipelined: every message out, then every ack; order is not promised anyway.
+            await self.bus.publish_many([_envelope(r) for r in rows])
             await conn.execute(
                 t.update()
                 .where(t.c.id.in_([r.id for r in rows]))

@@ -49,6 +49,9 @@ class Envelope:
     traceparent: str | None = None
     datacontenttype: str = "application/json"
     specversion: str = SPECVERSION
+    # The JSON body when it is already encoded (the outbox stores exactly ``body()``), so
+    # the relay does not encode every event a second time.
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not _TYPE_RE.fullmatch(self.type):
@@ -78,6 +81,8 @@ class Envelope:
         return h
 
     def body(self) -> bytes:
+        if self.encoded is not None:
+            return self.encoded
         return json.dumps(self.data, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod

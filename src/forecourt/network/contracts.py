@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime, time
+from functools import cached_property
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -39,7 +40,7 @@ class StationReferences:
     amount_rules: dict[int, tuple[int, Rounding]]  # fuelling point → (resolution, rounding)
     grades: frozenset[str]
 
-    @property
+    @cached_property
     def fuelling_points(self) -> frozenset[int]:
         return frozenset(fp for fp, _ in self.nozzles)
 

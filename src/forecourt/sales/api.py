@@ -7,7 +7,7 @@ from datetime import date
 from typing import Any
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
@@ -62,11 +62,12 @@ def build_router(
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     )
     counters = IngestCounters(
-        on_status=lambda s: ingested.labels(s).inc(), on_flag=lambda f: flagged.labels(f).inc()
+        on_status=lambda s, n: ingested.labels(s).inc(n),
+        on_flag=lambda f, n: flagged.labels(f).inc(n),
     )
 
     @router.post("/v1/stations/{code}/sales:batch", response_model=BatchResult)
-    async def upload_sales(code: str, request: Request) -> BatchResult:
+    async def upload_sales(code: str, request: Request) -> Response:
         """Upload journaled sales. The station is the credential's, never the body's."""
         identity = await directory.authenticate(bearer_token(request))
         if identity is None:
@@ -75,7 +76,7 @@ def build_router(
             raise StationMismatch(f"credential is for {identity.code}, not {code}")
         batch = parse_batch(await request.body())
         with batch_seconds.time():
-            return await ingest_batch(
+            result = await ingest_batch(
                 db,
                 directory,
                 identity.code,
@@ -83,6 +84,8 @@ def build_router(
                 traceparent=request.state.traceparent,
                 counters=counters,
             )
+        # Serialised once here; returning the model would make FastAPI validate it again.
+        return Response(result.model_dump_json(), media_type="application/json")
 
     @router.get("/v1/sales")
     async def list_sales(

@@ -6,11 +6,11 @@ Upload schema versions: v1 now. When v2 arrives HQ accepts N and N−1
 
 from __future__ import annotations
 
-from datetime import date, datetime
-from typing import Annotated, Literal
+from datetime import date
+from typing import Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from forecourt.kernel.events import event_type
 
@@ -24,15 +24,6 @@ SALE_AMOUNT_MISMATCH = event_type("sales", "sale.amount_mismatch")
 SALE_NATURAL_KEY_COLLISION = event_type("sales", "sale.natural_key_collision")
 
 BIG = 2**53  # keep every integer exact in JSON consumers too
-
-
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("timestamp must carry a UTC offset")
-    return value
-
-
-AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
 
 
 class SaleV1(BaseModel):

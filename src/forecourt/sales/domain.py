@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from datetime import date, datetime
-from uuid import UUID
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from uuid import UUID, uuid5
 
 from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.money import Rounding, UnitPrice
@@ -92,10 +91,43 @@ class Sale:
     schema_version: int
 
     def payload_hash(self) -> str:
-        """A canonical digest of everything the edge said: same id + other digest = conflict."""
-        body = asdict(self)
-        canonical = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """A canonical digest of everything the edge said: same id + other digest = conflict.
+
+        The fields in declaration order as text (ISO for dates and times, normalised to UTC
+        so an offset change alone is no conflict), joined by a unit separator. Stable across
+        processes and versions as long as the field list is; a new schema version extends it
+        at the end.
+        """
+        started = self.started_at.astimezone(UTC).isoformat() if self.started_at else "None"
+        parts = (  # every field, in declaration order (a test checks none is missing)
+            str(self.sale_id),
+            self.station_code,
+            str(self.station_seq),
+            str(self.fuelling_point),
+            str(self.nozzle),
+            self.grade,
+            str(self.volume_ml),
+            str(self.unit_price_mmu),
+            str(self.amount_minor),
+            self.currency,
+            repr(self.price_version),
+            str(self.snapshot_version),
+            str(self.totalizer_start_ml),
+            str(self.totalizer_end_ml),
+            repr(self.device_txn),
+            self.dispense_type.value,
+            started,
+            self.ended_at.astimezone(UTC).isoformat(),
+            self.business_date.isoformat(),
+            self.shift_id,
+            str(self.schema_version),
+        )
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    def event_id(self, event_type: str) -> str:
+        """The id of an event about this sale: derived, so a re-processed sale can never
+        announce the same fact under two ids."""
+        return str(uuid5(_EVENT_NAMESPACE, f"{event_type}|{self.station_code}|{self.sale_id}"))
 
     @property
     def natural_key(self) -> tuple[int, int, int, int] | None:
@@ -103,6 +135,9 @@ class Sale:
         if self.device_txn is None:
             return None
         return (self.fuelling_point, self.nozzle, self.device_txn, self.totalizer_end_ml)
+
+
+_EVENT_NAMESPACE = UUID("5b0a3c1e-8f0e-4c55-9a41-0f6a7c1d2e90")
 
 
 def amount_agrees(sale: Sale, *, resolution_minor: int, rounding: Rounding) -> bool:

@@ -111,10 +111,10 @@ def sale_data(sale: Sale) -> dict[str, Any]:
 
 @dataclass
 class IngestCounters:
-    """Hook for metrics: called with each status and flag (kept free of prometheus here)."""
+    """Hook for metrics: called once per batch with each status and flag and how many."""
 
-    on_status: Callable[[str], None] = lambda _status: None
-    on_flag: Callable[[str], None] = lambda _flag: None
+    on_status: Callable[[str, int], None] = lambda _status, _n: None
+    on_flag: Callable[[str, int], None] = lambda _flag, _n: None
 
 
 async def ingest_batch(
@@ -149,6 +149,7 @@ async def ingest_batch(
     def event(kind: str, sale: Sale, **extra: Any) -> None:
         events.append(
             Envelope(
+                id=sale.event_id(kind),
                 type=kind,
                 source=SOURCE,
                 subject=f"{sale.station_code}/{sale.sale_id}",
@@ -234,11 +235,17 @@ async def ingest_batch(
         if new_book != book:
             await store.save_sequence_book(station_code, new_book, now)
         await uow.emit_many(events)
+    tally: dict[str, int] = {}
+    flag_tally: dict[str, int] = {}
     for r in results:
-        counters.on_status(r.status)
+        tally[r.status] = tally.get(r.status, 0) + 1
         for f in r.flags:
-            counters.on_flag(f)
-    return BatchResult(
+            flag_tally[f] = flag_tally.get(f, 0) + 1
+    for status, n in tally.items():
+        counters.on_status(status, n)
+    for flag, n in flag_tally.items():
+        counters.on_flag(flag, n)
+    return BatchResult.model_construct(
         schema_version=batch.schema_version,
         station=station_code,
         results=results,
@@ -248,7 +255,7 @@ async def ingest_batch(
 
 
 def _result(sale: Sale, status: IngestStatus, flags: list[Flag]) -> SaleResult:
-    return SaleResult(
+    return SaleResult.model_construct(  # values are ours: no re-validation on the hot path
         sale_id=sale.sale_id,
         station_seq=sale.station_seq,
         status=status.value,

@@ -16,7 +16,7 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from forecourt.infra.db import UTCDateTime
+from forecourt.infra.db import UTCDateTime, asyncpg_connection
 from forecourt.sales.domain import Gap, SequenceBook
 
 md = sa.MetaData(schema="sales")
@@ -80,9 +80,20 @@ alert_t = sa.Table(
 )
 
 
+SALE_COLUMNS = tuple(c.name for c in sale_t.columns)
+
+
 class SalesStore:
+    """Sales persistence. On PostgreSQL the ingest hot path talks to asyncpg directly on the
+    same connection and transaction (``= ANY`` arrays instead of expanded IN lists, ``COPY``
+    for inserts): far less parsing and Python work per sale, same interface."""
+
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
+        self.pg = conn.dialect.name == "postgresql"
+
+    async def _asyncpg(self) -> Any:
+        return await asyncpg_connection(self.conn)
 
     async def lock_station(self, station_code: str) -> None:
         """Serialise ingest per station (sequence book, conflict checks). SQLite already
@@ -97,6 +108,15 @@ class SalesStore:
         """sale_id → payload hash for ids already stored for this station."""
         if not sale_ids:
             return {}
+        if self.pg:
+            apg = await self._asyncpg()
+            records = await apg.fetch(
+                "SELECT sale_id, payload_hash FROM sales.sale"
+                " WHERE station_code = $1 AND sale_id = ANY($2::uuid[])",
+                station_code,
+                list(sale_ids),
+            )
+            return {r["sale_id"]: r["payload_hash"] for r in records}
         rows = await self.conn.execute(
             sa.select(sale_t.c.sale_id, sale_t.c.payload_hash).where(
                 sale_t.c.station_code == station_code, sale_t.c.sale_id.in_(sale_ids)
@@ -109,6 +129,22 @@ class SalesStore:
     ) -> set[tuple[int, int, int, int]]:
         if not keys:
             return set()
+        if self.pg:
+            apg = await self._asyncpg()
+            fp, nozzle, txn, end = (list(column) for column in zip(*keys, strict=True))
+            records = await apg.fetch(
+                "SELECT s.fuelling_point, s.nozzle, s.device_txn, s.totalizer_end_ml"
+                " FROM sales.sale s JOIN unnest($2::int[], $3::int[], $4::bigint[], $5::bigint[])"
+                " AS k(fp, nozzle, txn, tot) ON s.fuelling_point = k.fp AND s.nozzle = k.nozzle"
+                " AND s.device_txn = k.txn AND s.totalizer_end_ml = k.tot"
+                " WHERE s.station_code = $1",
+                station_code,
+                fp,
+                nozzle,
+                txn,
+                end,
+            )
+            return {(r[0], r[1], r[2], r[3]) for r in records}
         cols = (
             sale_t.c.fuelling_point,
             sale_t.c.nozzle,
@@ -123,8 +159,18 @@ class SalesStore:
         return {tuple(r) for r in rows}  # type: ignore[misc]
 
     async def insert_sales(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            await self.conn.execute(sale_t.insert(), rows)
+        if not rows:
+            return
+        if self.pg:
+            apg = await self._asyncpg()
+            await apg.copy_records_to_table(
+                "sale",
+                schema_name="sales",
+                columns=SALE_COLUMNS,
+                records=[tuple(row[c] for c in SALE_COLUMNS) for row in rows],
+            )
+            return
+        await self.conn.execute(sale_t.insert(), rows)
 
     async def insert_conflicts(self, rows: list[dict[str, Any]]) -> None:
         if rows:

@@ -6,7 +6,7 @@ de-duplicate through the inbox (see :mod:`forecourt.infra.inbox`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +35,11 @@ class Bus(Protocol):
 
     async def publish(self, envelope: Envelope) -> None:
         """Publish and wait for the broker's acknowledgement; idempotent per ``envelope.id``."""
+        ...
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish several events, waiting for every acknowledgement (pipelined where the
+        broker allows); raises if any one is not acknowledged."""
         ...
 
     async def subscribe(

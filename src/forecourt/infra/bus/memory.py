@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from forecourt.infra.bus import Delivery, Handler, subject_matches
 from forecourt.infra.logging import get_logger
@@ -83,6 +84,10 @@ class MemoryBus:
         for sub in self._subs:
             if sub.matches(envelope.bus_subject):
                 sub.queue.put_nowait((envelope, 1))
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        for envelope in envelopes:
+            await self.publish(envelope)
 
     async def subscribe(
         self, consumer: str, subjects: list[str], handler: Handler, *, max_deliver: int

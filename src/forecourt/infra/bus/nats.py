@@ -47,6 +47,7 @@ import contextlib
 import hashlib
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import nats.errors
@@ -380,6 +381,29 @@ class NatsBus:
         )
         if ack.stream != self.stream:
             raise RuntimeError(f"event {envelope.id} stored in {ack.stream!r}, not {self.stream!r}")
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Pipelined publish: every message goes out at once, then every PubAck is awaited
+        (JetStream async publish); raises if any one is missing or refused."""
+        futures = []
+        for envelope in envelopes:
+            headers = envelope.headers()
+            headers[MSG_ID_HEADER] = envelope.id
+            futures.append(
+                await self.js.publish_async(
+                    self.wire_subject(envelope.bus_subject),
+                    envelope.body(),
+                    wait_stall=None,  # a timeout here costs a task per message
+                    stream=self.stream,
+                    headers=headers,
+                )
+            )
+        acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=self.publish_timeout)
+        for envelope, ack in zip(envelopes, acks, strict=True):
+            if ack.stream != self.stream:
+                raise RuntimeError(
+                    f"event {envelope.id} stored in {ack.stream!r}, not {self.stream!r}"
+                )
 
     async def subscribe(
         self, consumer: str, subjects: list[str], handler: Handler, *, max_deliver: int
