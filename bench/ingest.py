@@ -219,6 +219,9 @@ async def drive(
         async with httpx.AsyncClient(
             base_url=url,
             timeout=60,
+            transport=httpx.AsyncHTTPTransport(
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            ),
             headers={"authorization": f"Bearer {client.token}", "content-type": "application/json"},
         ) as http:
             while time.monotonic() < stop_at:

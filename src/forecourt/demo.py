@@ -20,7 +20,6 @@ import dataclasses
 import socket
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -505,11 +504,3 @@ async def run_demo(
         return report(rec, len(demo.stations), drained, time.monotonic() - started)
     finally:
         await demo.stop()
-
-
-def grade_totals(result: dict[str, Any]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for row in result["per_station_grade"]:
-        for where in ("dispensers", "edges", "hq"):
-            out[row["grade"]][f"{where}_sales"] += row[where]["sales"]
-    return out

@@ -95,6 +95,14 @@ async def test_an_edge_starts_from_its_persisted_snapshot_when_hq_is_unreachable
         assert second.snapshots.source == "journal"
         assert second.snapshots.current is not None
         await wait_for(lambda: second.controller.stats.journaled >= 3)
+        transport = httpx.ASGITransport(app=second.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as edge_api:
+            assert (await edge_api.get("/health")).status_code == 200
+            assert (await edge_api.get("/ready")).json()["checks"]["snapshot"] is True
+            status = (await edge_api.get("/v1/status")).json()
+            assert status["snapshot_source"] == "journal"
+            assert status["outbox"]["pending"] >= 1  # HQ is down: sales wait locally
+            assert "forecourt_edge_journaled" in (await edge_api.get("/metrics")).text
     finally:
         await second.stop()
 

@@ -258,3 +258,32 @@ async def test_a_batch_that_fails_midway_leaves_no_trace(hq: Hq, monkeypatch) ->
         await ingest_batch(hq.office.db, hq.office.directory, "S001", batch)
     assert await count(hq, sale_t) == 0
     assert await count(hq, outbox_table, outbox_table.c.type.like("com.forecourt.sales.%")) == 0
+
+
+async def test_health_ready_and_metrics_answer_and_count_ingest(hq: Hq) -> None:
+    assert (await hq.client.get("/health")).json() == {"status": "ok"}
+    ready = await hq.client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"bus": True, "database": True}
+    await hq.upload("S001", [make_sale(), make_sale(nozzle=9)])
+    metrics = (await hq.client.get("/metrics")).text
+    assert 'forecourt_sales_ingested_total{status="created"} 1.0' in metrics
+    assert 'forecourt_sales_ingested_total{status="quarantined"} 1.0' in metrics
+    assert "forecourt_outbox_backlog" in metrics
+
+
+async def test_the_callers_trace_context_travels_into_the_events(hq: Hq) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    response = await hq.client.post(
+        "/v1/stations/S001/sales:batch",
+        json={"schema_version": 1, "sales": [make_sale()]},
+        headers={**hq.auth("S001"), "traceparent": traceparent},
+    )
+    assert response.headers["traceparent"] == traceparent
+    async with hq.office.db.connection() as conn:
+        stored = await conn.scalar(
+            sa.select(outbox_table.c.traceparent).where(
+                outbox_table.c.type == "com.forecourt.sales.sale.completed.v1"
+            )
+        )
+    assert stored == traceparent

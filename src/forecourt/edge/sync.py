@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -26,12 +28,25 @@ log = get_logger("forecourt.edge.sync")
 
 
 class HqClient:
-    def __init__(self, base_url: str, station: str, credential: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        station: str,
+        credential: str,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.station = station
+        # TCP_NODELAY: a POST goes out as headers then body; without it Nagle's algorithm can
+        # hold the body back for a delayed ACK (tens of milliseconds per upload).
         self._client = httpx.AsyncClient(
             base_url=base_url,
             headers={"authorization": f"Bearer {credential}"},
             timeout=timeout,
+            transport=transport
+            or httpx.AsyncHTTPTransport(
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            ),
         )
 
     async def close(self) -> None:
@@ -124,6 +139,8 @@ class SyncAgent:
         self.wake = asyncio.Event()
         self._attempt = 0
         self._limit = batch_size
+        self.budget_check_s = 5.0
+        self._next_budget_check = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -213,7 +230,10 @@ class SyncAgent:
     async def run(self) -> None:
         while True:
             try:
-                await self.check_budget()
+                if time.monotonic() >= self._next_budget_check:
+                    # Summing a large offline backlog is not free: a few times a minute is enough.
+                    self._next_budget_check = time.monotonic() + self.budget_check_s
+                    await self.check_budget()
                 n = await self.upload_once()
             except asyncio.CancelledError:
                 raise

@@ -3,7 +3,7 @@
 It claims unpublished rows with ``FOR UPDATE SKIP LOCKED`` (several relays can run side by
 side, each takes different rows) — never with a ``WHERE id > last_seen`` cursor, which skips
 rows whose transactions commit out of id order. It publishes each row, waits for the
-broker's acknowledgement, then marks the rows published in the same transaction. A crash in
+broker's acknowledgement, then deletes the rows in the same transaction. A crash in
 between re-publishes; the broker's de-duplication (``Nats-Msg-Id`` = event id) and the
 consumers' inbox absorb the repeat.
 """
@@ -13,28 +13,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
 from forecourt.infra.bus import Bus
-from forecourt.infra.db import Database, outbox_table
+from forecourt.infra.db import Database, asyncpg_connection, outbox_table
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.events import Envelope
 
 log = get_logger("forecourt.relay")
 
 
-def _envelope(row: sa.Row) -> Envelope:
+CLAIM_SQL = (
+    "SELECT id, event_id, type, source, subject, time, traceparent, data FROM platform.outbox"
+    " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+)
+
+
+def _envelope(row: Any) -> Envelope:
     return Envelope(
-        id=row.event_id,
-        type=row.type,
-        source=row.source,
-        subject=row.subject,
-        time=row.time,
-        traceparent=row.traceparent,
-        data=json.loads(row.data),
-        encoded=row.data.encode(),
+        id=row["event_id"],
+        type=row["type"],
+        source=row["source"],
+        subject=row["subject"],
+        time=row["time"],
+        traceparent=row["traceparent"],
+        data=json.loads(row["data"]),
+        encoded=row["data"].encode(),
     )
 
 
@@ -46,19 +52,19 @@ class OutboxRelay:
         *,
         batch_size: int = 500,
         idle_seconds: float = 0.05,
-        retention: timedelta = timedelta(hours=24),
     ) -> None:
         self.db = db
         self.bus = bus
         self.batch_size = batch_size
         self.idle_seconds = idle_seconds
-        self.retention = retention
         self.published = 0
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
 
     async def relay_once(self) -> int:
         """Claim, publish and mark one batch; returns how many rows were published."""
+        if not self.db.is_sqlite:
+            return await self._relay_once_postgres()
         t = outbox_table
         async with self.db.begin() as uow:
             conn = uow.conn
@@ -74,11 +80,23 @@ class OutboxRelay:
             if not rows:
                 return 0
             # Pipelined: every message out, then every ack; order is not promised anyway.
+            await self.bus.publish_many([_envelope(r._mapping) for r in rows])
+            # Deleting is cheaper for PostgreSQL than marking (no new row version, no index
+            # entries); JetStream keeps the published events for replay.
+            await conn.execute(t.delete().where(t.c.id.in_([r.id for r in rows])))
+        self.published += len(rows)
+        return len(rows)
+
+    async def _relay_once_postgres(self) -> int:
+        """The same claim–publish–delete on asyncpg directly (the relay's hot path)."""
+        async with self.db.begin() as uow:
+            apg = await asyncpg_connection(uow.conn)
+            rows = await apg.fetch(CLAIM_SQL, self.batch_size)
+            if not rows:
+                return 0
             await self.bus.publish_many([_envelope(r) for r in rows])
-            await conn.execute(
-                t.update()
-                .where(t.c.id.in_([r.id for r in rows]))
-                .values(published_at=self.db.clock.now())
+            await apg.execute(
+                "DELETE FROM platform.outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
             )
         self.published += len(rows)
         return len(rows)
@@ -102,16 +120,6 @@ class OutboxRelay:
                 sa.select(sa.func.count()).select_from(t).where(t.c.published_at.is_(None))
             )
         return int(value or 0)
-
-    async def prune(self) -> int:
-        """Delete rows published longer ago than the retention."""
-        t = outbox_table
-        cutoff = self.db.clock.now() - self.retention
-        async with self.db.begin() as uow:
-            result = await uow.conn.execute(
-                t.delete().where(t.c.published_at.is_not(None), t.c.published_at < cutoff)
-            )
-        return int(result.rowcount or 0)
 
     async def run(self) -> None:
         backoff = self.idle_seconds
