@@ -38,13 +38,13 @@ class HeadOffice:
     app: FastAPI = field(init=False)
     bus_ready: bool = False
 
-    async def start(self, *, migrate: bool = True, relay: bool = True) -> None:
+    async def start(self, *, migrate: bool = True, relay: bool | None = None) -> None:
         await self.db.connect()
         if migrate:
             await upgrade(self.db)
         await self.bus.connect()
         self.bus_ready = True
-        if relay:
+        if self.settings.relay if relay is None else relay:
             self.relay.start()
 
     async def stop(self) -> None:

@@ -245,8 +245,12 @@ def _supervise_workers(count: int) -> int:
     import subprocess
     import time
 
+    # HTTP workers do not relay; one relay process of its own gets a fair share of the CPU
+    # (inside busy HTTP workers it would starve and the outbox backlog would grow).
     args = [sys.executable, "-m", "forecourt.cli", "serve", "--workers", "1", "--reuse-port"]
-    children = [subprocess.Popen(args) for _ in range(count)]
+    http_env = {**os.environ, "FORECOURT_RELAY": "false"}
+    children = [subprocess.Popen(args, env=http_env) for _ in range(count)]
+    children.append(subprocess.Popen([sys.executable, "-m", "forecourt.cli", "relay"]))
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -265,6 +269,50 @@ def _supervise_workers(count: int) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
     return max((abs(c.returncode or 0) for c in children), default=0)
+
+
+@main.command()
+def relay() -> None:
+    """Run only the outbox relay (publishes committed events to the bus) until stopped."""
+    import signal
+
+    from forecourt.infra.bus import make_bus
+    from forecourt.infra.db import Database
+    from forecourt.infra.migrate import upgrade
+    from forecourt.infra.relay import OutboxRelay
+    from forecourt.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+    async def run() -> None:
+        db = Database(settings.database_url)
+        bus = make_bus(
+            settings.bus_url,
+            stream=settings.nats_stream,
+            subject_prefix=settings.nats_subject_prefix,
+        )
+        await db.connect()
+        await upgrade(db)
+        await bus.connect()
+        worker = OutboxRelay(
+            db, bus, batch_size=settings.relay_batch_size, idle_seconds=settings.relay_idle_seconds
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        worker.start()
+        try:
+            await stop.wait()
+        finally:
+            await worker.stop()
+            await bus.close()
+            await db.dispose()
+
+    import uvloop
+
+    uvloop.run(run())
 
 
 @main.command()

@@ -60,6 +60,7 @@ class Settings(_TomlSettings):
     services: list[str] = Field(default_factory=lambda: list(KNOWN_SERVICES))
     log_level: str = "INFO"
     log_json: bool = True
+    relay: bool = True  # run the outbox relay in this process (off in HTTP-only workers)
     relay_batch_size: int = 500
     relay_idle_seconds: float = 0.05
     consumer_max_deliver: int = 5
