@@ -7,6 +7,7 @@ a missing service fails the test instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -52,11 +53,6 @@ def _port_open(url: str, default_port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def pg_available() -> bool:
-    return _port_open(PG_ADMIN_URL, 5432)
-
-
 async def _admin_execute(sql: str) -> None:
     import asyncpg
 
@@ -78,10 +74,10 @@ def _db_url(name: str) -> str:
     return parsed._replace(path=f"/{name}").geturl()
 
 
-@pytest.fixture
-async def pg_url(pg_available: bool) -> AsyncIterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards."""
-    if not pg_available:
+@contextlib.asynccontextmanager
+async def fresh_pg_database() -> AsyncIterator[str]:
+    """A new PostgreSQL database (its URL) for one test, dropped afterwards."""
+    if not _port_open(PG_ADMIN_URL, 5432):
         service_missing(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
     name = f"forecourt_t_{uuid.uuid4().hex[:12]}"
     await _admin_execute(f'CREATE DATABASE "{name}"')
@@ -89,6 +85,12 @@ async def pg_url(pg_available: bool) -> AsyncIterator[str]:
         yield _db_url(name)
     finally:
         await _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    async with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -102,14 +104,8 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'hq.db'}"
         return
-    if not _port_open(PG_ADMIN_URL, 5432):
-        service_missing(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
-    name = f"forecourt_t_{uuid.uuid4().hex[:12]}"
-    await _admin_execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _db_url(name)
-    finally:
-        await _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,74 +11,17 @@ PubAck). NATS tests use a unique stream under a unique subject prefix, deleted a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
 
 from forecourt.infra.bus import Bus, Delivery
-from forecourt.infra.bus.memory import MemoryBus
 from forecourt.infra.bus.nats import NatsBus, consumer_name
 from forecourt.kernel.events import Envelope, event_type, new_traceparent
+from tests.infra.support import Buses, eventually
 
 SETTLE = 0.3  # how long "nothing else arrives" is watched for
-
-
-class Buses:
-    """Makes connected buses of one backend and cleans them up."""
-
-    def __init__(self, kind: str, nats_url: str | None, stream: str) -> None:
-        self.kind = kind
-        self.nats_url = nats_url
-        self.stream = stream
-        self.made: list[Bus] = []
-
-    async def new(self) -> Bus:
-        bus: Bus
-        if self.kind == "memory":
-            bus = MemoryBus()
-        else:
-            assert self.nats_url is not None
-            bus = NatsBus(
-                self.nats_url,
-                stream=self.stream,
-                subject_prefix=self.stream.lower(),
-                retry_backoff=(0.02, 0.2),
-                fetch_timeout=0.5,
-            )
-        await bus.connect()
-        self.made.append(bus)
-        return bus
-
-    async def cleanup(self) -> None:
-        for bus in self.made:
-            await bus.close()
-        if self.kind == "nats":
-            import nats
-            import nats.js.errors
-
-            assert self.nats_url is not None
-            nc = await nats.connect(self.nats_url)
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await nc.jetstream().delete_stream(self.stream)
-            await nc.close()
-
-
-@pytest.fixture(params=["memory", "nats"])
-def bus_kind(request: pytest.FixtureRequest) -> tuple[str, str | None]:
-    if request.param == "nats":
-        return "nats", request.getfixturevalue("nats_url")
-    return "memory", None
-
-
-@pytest.fixture
-async def buses(bus_kind: tuple[str, str | None], unique_stream: str) -> AsyncIterator[Buses]:
-    made = Buses(bus_kind[0], bus_kind[1], unique_stream)
-    try:
-        yield made
-    finally:
-        await made.cleanup()
 
 
 @pytest.fixture
@@ -95,15 +38,6 @@ def event(context: str = "sales", name: str = "sale.completed", **data: object) 
         traceparent=new_traceparent(),
         data=data or {"litres": "41.37", "grade": "E10", "lines": [{"n": 1, "ok": True}]},
     )
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached within the timeout")
-        await asyncio.sleep(0.01)
 
 
 class Recorder:

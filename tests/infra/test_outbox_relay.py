@@ -15,111 +15,20 @@ a successful publish to play a crash before the rows are marked).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
 
 from forecourt.infra.bus import Bus, Delivery, Handler, Subscription
-from forecourt.infra.bus.memory import MemoryBus
-from forecourt.infra.bus.nats import NatsBus
 from forecourt.infra.db import Database, UnitOfWork, audit_outbox_table, outbox_table
 from forecourt.infra.inbox import InboxConsumer
-from forecourt.infra.migrate import upgrade
 from forecourt.infra.relay import OutboxRelay
 from forecourt.kernel.events import Envelope, event_type, new_traceparent
+from tests.infra.support import Buses, eventually, platform_db
 
 SETTLE = 0.3
-NO_DEDUPE_WINDOW = 0.1  # NATS streams "without" de-duplication: the shortest useful window
-
-
-class Buses:
-    """Connected buses of one backend; ``dedupe=False`` gives one whose broker does not
-    de-duplicate (memory: no window; NATS: a 0.1 s window, wait ``dedupe_gap`` to re-publish)."""
-
-    def __init__(self, kind: str, nats_url: str | None, stream: str) -> None:
-        self.kind = kind
-        self.nats_url = nats_url
-        self.stream = stream
-        self.made: list[Bus] = []
-        self.streams: set[str] = set()
-        self.dedupe_gap = 0.0 if kind == "memory" else NO_DEDUPE_WINDOW * 5
-
-    async def new(self, *, dedupe: bool = True) -> Bus:
-        bus: Bus
-        if self.kind == "memory":
-            bus = MemoryBus() if dedupe else MemoryBus(dedupe_window=0)
-        else:
-            assert self.nats_url is not None
-            stream = self.stream if dedupe else f"{self.stream}_ND"
-            self.streams.add(stream)
-            bus = NatsBus(
-                self.nats_url,
-                stream=stream,
-                subject_prefix=stream.lower(),
-                duplicate_window=120.0 if dedupe else NO_DEDUPE_WINDOW,
-                retry_backoff=(0.02, 0.2),
-                fetch_timeout=0.5,
-            )
-        await bus.connect()
-        self.made.append(bus)
-        return bus
-
-    async def cleanup(self) -> None:
-        for bus in self.made:
-            await bus.close()
-        if self.streams:
-            import nats
-            import nats.js.errors
-
-            assert self.nats_url is not None
-            nc = await nats.connect(self.nats_url)
-            for stream in self.streams:
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    await nc.jetstream().delete_stream(stream)
-            await nc.close()
-
-
-@pytest.fixture(params=["memory", "nats"])
-def bus_kind(request: pytest.FixtureRequest) -> tuple[str, str | None]:
-    if request.param == "nats":
-        return "nats", request.getfixturevalue("nats_url")
-    return "memory", None
-
-
-@pytest.fixture
-async def buses(bus_kind: tuple[str, str | None], unique_stream: str) -> AsyncIterator[Buses]:
-    made = Buses(bus_kind[0], bus_kind[1], unique_stream)
-    try:
-        yield made
-    finally:
-        await made.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def platform_db(url: str, *, migrate: bool = True) -> AsyncIterator[Database]:
-    db = Database(url)
-    await db.connect()
-    try:
-        if migrate:
-            await upgrade(db, ["platform"])
-        yield db
-    finally:
-        await db.dispose()
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    async with platform_db(db_url) as database:
-        yield database
-
-
-@pytest.fixture
-async def pg_db(pg_url: str) -> AsyncIterator[Database]:
-    async with platform_db(pg_url) as database:
-        yield database
 
 
 class SimulatedCrash(Exception):
@@ -186,15 +95,6 @@ def event(n: int = 0) -> Envelope:
         traceparent=new_traceparent(),
         data={"n": n, "litres": "30.01"},
     )
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached within the timeout")
-        await asyncio.sleep(0.01)
 
 
 async def unpublished_ids(db: Database) -> set[str]:

@@ -11,7 +11,6 @@ never makes a second sale.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from forecourt.edge.drivers import (
     PumpStatus,
 )
 from forecourt.edge.journal import Journal, SaleDraft
+from forecourt.infra.background import BackgroundService
 from forecourt.infra.crash import crash_point
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
@@ -45,7 +45,9 @@ class ControllerStats:
     no_price: int = 0
 
 
-class ForecourtController:
+class ForecourtController(BackgroundService):
+    task_name = "edge-controller"
+
     def __init__(
         self,
         driver: ForecourtDriver | None,
@@ -72,7 +74,6 @@ class ForecourtController:
         self._authorised_price: dict[int, tuple[str, int]] = {}
         self._journaled: dict[int, int] = {}  # pump → device transaction already journaled
         self.stats = ControllerStats()
-        self._task: asyncio.Task[None] | None = None
 
     def pumps(self) -> list[int]:
         snap = self.snapshot()
@@ -231,16 +232,6 @@ class ForecourtController:
                 self.stats.driver_errors += 1
                 log.exception("edge.poll_failed", error=str(exc))
             await asyncio.sleep(self.poll_interval_s)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="edge-controller")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def states(self) -> dict[int, str]:
         return {n: m.state.value for n, m in sorted(self.machines.items())}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from forecourt.edge.journal import Journal, PendingUpload
+from forecourt.infra.background import BackgroundService
 from forecourt.infra.crash import crash_point
 from forecourt.infra.logging import get_logger
 from forecourt.network.contracts import StationSnapshot
@@ -113,7 +114,9 @@ class UploadStats:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
-class SyncAgent:
+class SyncAgent(BackgroundService):
+    task_name = "edge-sync"
+
     def __init__(
         self,
         journal: Journal,
@@ -141,17 +144,6 @@ class SyncAgent:
         self._limit = batch_size
         self.budget_check_s = 5.0
         self._next_budget_check = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="edge-sync")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def check_budget(self) -> tuple[int, int, int]:
         pending, size, rejected = await self.journal.outbox_usage()

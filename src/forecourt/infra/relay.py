@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from forecourt.infra.background import BackgroundService
 from forecourt.infra.bus import Bus
 from forecourt.infra.db import Database, asyncpg_connection, outbox_table
 from forecourt.infra.logging import get_logger
@@ -44,7 +45,9 @@ def _envelope(row: Any) -> Envelope:
     )
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundService):
+    task_name = "outbox-relay"
+
     def __init__(
         self,
         db: Database,
@@ -59,7 +62,6 @@ class OutboxRelay:
         self.idle_seconds = idle_seconds
         self.published = 0
         self.failures = 0
-        self._task: asyncio.Task[None] | None = None
 
     async def relay_once(self) -> int:
         """Claim, publish and mark one batch; returns how many rows were published."""
@@ -138,13 +140,3 @@ class OutboxRelay:
                 self.db.outbox_signal.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.db.outbox_signal.wait(), timeout=backoff)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="outbox-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
