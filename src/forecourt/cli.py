@@ -157,6 +157,12 @@ def _print_demo(result: dict[str, Any]) -> None:
     )
 
 
+def _hq_settings(database_url: str | None) -> Any:
+    from forecourt.settings import Settings
+
+    return Settings(database_url=database_url) if database_url else Settings()
+
+
 # --- head office ----------------------------------------------------------------------------
 
 
@@ -321,9 +327,8 @@ def migrate(database_url: str | None) -> None:
     """Bring the HQ database schema up to date (every context's tree)."""
     from forecourt.infra.db import Database
     from forecourt.infra.migrate import upgrade
-    from forecourt.settings import Settings
 
-    settings = Settings(**({"database_url": database_url} if database_url else {}))
+    settings = _hq_settings(database_url)
 
     async def run() -> None:
         db = Database(settings.database_url)
@@ -348,12 +353,11 @@ def import_(path: Path | None, database_url: str | None, sample: bool) -> None:
     from forecourt.infra.db import Database
     from forecourt.infra.migrate import upgrade
     from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
-    from forecourt.settings import Settings
 
     if path is None and not sample:
         raise click.UsageError("give a YAML file or --sample")
     chain = load_chain_file(SAMPLE_CHAIN if sample else path)  # type: ignore[arg-type]
-    settings = Settings(**({"database_url": database_url} if database_url else {}))
+    settings = _hq_settings(database_url)
 
     async def run() -> Any:
         db = Database(settings.database_url)
@@ -378,9 +382,8 @@ def credential(station: str, database_url: str | None) -> None:
     """Issue a new upload credential for STATION (printed once; HQ keeps only its hash)."""
     from forecourt.infra.db import Database
     from forecourt.network.handlers import issue_credential
-    from forecourt.settings import Settings
 
-    settings = Settings(**({"database_url": database_url} if database_url else {}))
+    settings = _hq_settings(database_url)
 
     async def run() -> tuple[str, str]:
         db = Database(settings.database_url)

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 import uvicorn
+from pydantic import SecretStr
 
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
@@ -263,11 +264,11 @@ class DemoChain:
             edge_settings = EdgeSettings(
                 station=station.code,
                 hq_url=self.hq_url,
-                credential=token,
+                credential=SecretStr(token),
                 journal_path=self.workdir / station.code / "edge.db",
                 controller_url=sim.base_url,
                 controller_user="admin",
-                controller_password="demo-controller",
+                controller_password=SecretStr("demo-controller"),
                 poll_interval_s=0.05,
                 log_json=False,
             )

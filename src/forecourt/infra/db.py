@@ -262,7 +262,7 @@ async def asyncpg_connection(conn: AsyncConnection) -> Any:
     transaction is open yet, run a no-op through SQLAlchemy first to open it.
     """
     raw = await conn.get_raw_connection()
-    apg = raw.driver_connection
+    apg: Any = raw.driver_connection
     if conn.in_transaction() and not apg.is_in_transaction():
         await conn.execute(sa.text("SELECT 1"))
         if not apg.is_in_transaction():

@@ -43,7 +43,7 @@ def install_common(app: FastAPI, registry: CollectorRegistry, ready: ReadyCheck)
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         incoming = request.headers.get("traceparent")
-        traceparent = incoming if trace_id_of(incoming) else new_traceparent()
+        traceparent = incoming if incoming and trace_id_of(incoming) else new_traceparent()
         request.state.traceparent = traceparent
         token = trace_id_var.set(trace_id_of(traceparent))
         try:

@@ -11,7 +11,9 @@ import structlog
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
 
 
-def _add_trace_id(_logger: object, _name: str, event: dict[str, object]) -> dict[str, object]:
+def _add_trace_id(
+    _logger: object, _name: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
     trace_id = trace_id_var.get()
     if trace_id and "trace_id" not in event:
         event["trace_id"] = trace_id

@@ -241,8 +241,8 @@ async def ingest_batch(
         tally[r.status] = tally.get(r.status, 0) + 1
         for f in r.flags:
             flag_tally[f] = flag_tally.get(f, 0) + 1
-    for status, n in tally.items():
-        counters.on_status(status, n)
+    for status_name, n in tally.items():
+        counters.on_status(status_name, n)
     for flag, n in flag_tally.items():
         counters.on_flag(flag, n)
     return BatchResult.model_construct(

@@ -73,5 +73,5 @@ def make_bus(url: str, *, stream: str = "FORECOURT", subject_prefix: str | None 
     if url.startswith("nats"):
         from forecourt.infra.bus.nats import NatsBus
 
-        return NatsBus(url, stream=stream, subject_prefix=subject_prefix)
+        return NatsBus(url, stream=stream, subject_prefix=subject_prefix or "")
     raise ValueError(f"unsupported bus url {url!r} (memory:// or nats://host:port)")
