@@ -191,8 +191,9 @@ async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
     assert "edge.mid_upload" in marker.read_text()
     assert hq.alive()
 
-    # 2. Edge A uploads (HQ's 3rd batch kills HQ mid-batch), then dies after a journal commit.
-    a.start(FORECOURT_CRASH_AT="edge.after_journal_commit:3")
+    # 2. Edge A uploads its first sale (HQ's 3rd batch kills HQ mid-batch); A itself dies right
+    #    after its 5th journal commit, before closing that transaction at the device.
+    a.start(FORECOURT_CRASH_AT="edge.after_journal_commit:5")
     assert hq.wait_dead(60) == -signal.SIGKILL, hq.tail()
     assert a.wait_dead(60) == -signal.SIGKILL, a.tail()
     crashes = marker.read_text()
@@ -254,6 +255,10 @@ async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
     async with httpx.AsyncClient() as c:
         summary = (await c.get(f"{hq_url}/v1/sales/summary")).json()
     assert summary["natural_key_duplicates"] == 0
+    # The crashes did what they were meant to: A's second life re-read the transaction it had
+    # journaled but not closed, and B re-sent sales HQ had already stored (answered duplicate).
+    assert "edge.recovered_transactions" in a.log.read_text()
+    assert _answers(tmp_path / "S002.db").get("duplicate", 0) >= 1
     total = sum(len(v) for v in at_hq.values())
     await wait_until(
         lambda: _stream_count(nats_url, unique_stream, unique_stream.lower(), total),
@@ -303,6 +308,13 @@ async def _device_txns(
         return out
     finally:
         await driver.close()
+
+
+def _answers(path: Path) -> dict[str, int]:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute("SELECT hq_status, count(*) FROM journal GROUP BY hq_status"))
 
 
 def _journal_rows(path: Path) -> dict[tuple[int, int], int]:
