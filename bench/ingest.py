@@ -11,6 +11,9 @@ Runs, in one process tree:
   of 1–10 sales and 20 % of 100–1 000, 5 % re-uploads of an earlier batch; a warm-up, then
   the measured window. ``sales_per_s`` = new HQ rows ÷ window.
 
+Then, beside the closed loop the issue defines, paced runs (``--paced``): the same 16 clients
+offering a fixed total rate, which shows the latency at a load below saturation.
+
 ``--json`` prints one JSON object as the last line with ``sales_per_s``, ``pgbench_tps``,
 ``ratio``, ``p99_ack_ms``, ``outbox_backlog_end``, ``synchronous_commit`` and the sweep.
 
@@ -213,8 +216,18 @@ class StationClient:
 
 
 async def drive(
-    clients: list[StationClient], url: str, stop_at: float, measure_from: float, stats: LoadStats
+    clients: list[StationClient],
+    url: str,
+    stop_at: float,
+    measure_from: float,
+    stats: LoadStats,
+    offered: float | None = None,
 ) -> None:
+    """Closed loop by default (the next batch as soon as the last is answered). With
+    ``offered`` (sales per second over all clients) each client paces itself: after a batch
+    of n sales it waits until n ÷ (offered ÷ C) seconds have passed since sending it."""
+    per_client = offered / len(clients) if offered else None
+
     async def one(client: StationClient) -> None:
         async with httpx.AsyncClient(
             base_url=url,
@@ -236,6 +249,9 @@ async def drive(
                     await asyncio.sleep(0.1)
                     continue
                 elapsed = (time.monotonic() - started) * 1000
+                if per_client and not reupload:
+                    n_sales = body.count(b'"sale_id"')
+                    await asyncio.sleep(max(0.0, started + n_sales / per_client - time.monotonic()))
                 if response.status_code != 200:
                     stats.errors += 1
                     continue
@@ -269,13 +285,18 @@ async def sale_count(db: str) -> int:
 
 
 async def ingest_phase(
-    url: str, db: str, clients: list[StationClient], warmup: int, seconds: int
+    url: str,
+    db: str,
+    clients: list[StationClient],
+    warmup: int,
+    seconds: int,
+    offered: float | None = None,
 ) -> dict[str, Any]:
     stats = LoadStats()
     start = time.monotonic()
     measure_from = start + warmup
     stop_at = measure_from + seconds
-    task = asyncio.create_task(drive(clients, url, stop_at, measure_from, stats))
+    task = asyncio.create_task(drive(clients, url, stop_at, measure_from, stats, offered))
     await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
     rows_before = await sale_count(db)
     t0 = time.monotonic()
@@ -292,6 +313,7 @@ async def ingest_phase(
     lat = stats.latencies()
     return {
         "clients": len(clients),
+        "offered_sales_per_s": offered,
         "sales_per_s": round((rows_after - rows_before) / window, 1),
         "sustained_sales_per_s": round((rows_after - rows_before) / (window + drain_s), 1),
         "outbox_drain_s": round(drain_s, 1),
@@ -388,7 +410,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         rng = random.Random(args.seed)
         codes = sorted(tokens)
         results: dict[int, dict[str, Any]] = {}
-        for c in [args.clients] + [c for c in sweep if c != args.clients]:
+
+        async def make_clients(c: int) -> list[StationClient]:
             clients = [
                 StationClient(code, tokens[code], random.Random(rng.random())) for code in codes[:c]
             ]
@@ -400,6 +423,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         hq_db,
                     )
                 )
+            return clients
+
+        for c in [args.clients] + [c for c in sweep if c != args.clients]:
+            clients = await make_clients(c)
             seconds = args.seconds if c == args.clients else args.sweep_seconds
             log(f"ingest: {c} clients, {args.warmup}s warm-up + {seconds}s")
             results[c] = await ingest_phase(url, hq_db, clients, args.warmup, seconds)
@@ -410,6 +437,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             if c == args.clients:
                 tps_after = await pgbench_run(ref_db, args.clients, args.pgbench_seconds)
                 log(f"pgbench after: {tps_after:.0f} tps")
+        paced: dict[str, dict[str, Any]] = {}
+        for rate in [float(r) for r in args.paced.split(",") if r]:
+            log(f"paced: {args.clients} clients offering {rate:.0f} sales/s")
+            result = await ingest_phase(
+                url, hq_db, await make_clients(args.clients), args.warmup, args.sweep_seconds, rate
+            )
+            paced[f"{rate:.0f}"] = result
+            log(f"paced {rate:.0f}: {result['sales_per_s']} sales/s, p99 {result['p99_ack_ms']} ms")
     finally:
         os.killpg(hq.pid, signal.SIGTERM)
         try:
@@ -440,6 +475,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             | {"by_batch_size": r["by_batch_size"]}
             for c, r in sorted(results.items())
         },
+        "paced": paced,
         "goal_met": bool(
             pgbench_tps
             and main_run["sales_per_s"] / pgbench_tps >= 2
@@ -463,6 +499,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="HQ worker processes")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--log", default="bench-hq.log", help="HQ process log file")
+    p.add_argument(
+        "--paced",
+        default="2500,4000",
+        help="offered loads (sales/s over all clients) for paced runs after the sweep ('' = none)",
+    )
     p.add_argument("--quick", action="store_true", help="short phases (smoke run)")
     args = p.parse_args()
     if args.quick:
