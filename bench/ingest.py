@@ -377,6 +377,19 @@ def start_hq(
         )
 
 
+async def delete_stream(name: str) -> None:
+    """The benchmark's JetStream stream holds hundreds of thousands of events: drop it."""
+    import nats
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        await nc.jetstream().delete_stream(name)
+    except Exception as exc:  # noqa: BLE001 - cleanup only
+        log(f"could not delete stream {name}: {exc}")
+    finally:
+        await nc.close()
+
+
 async def wait_ready(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as c:
@@ -451,6 +464,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             hq.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(hq.pid, signal.SIGKILL)
+        await delete_stream(f"BENCH_{prefix}")
     main_run = results[args.clients]
     pgbench_tps = (tps_before + tps_after) / 2
     return {
