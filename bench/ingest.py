@@ -44,7 +44,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from forecourt.demo import pick_stations
+from forecourt.demo import free_port, pick_stations
 from forecourt.infra.db import Database
 from forecourt.infra.migrate import upgrade
 from forecourt.kernel.ids import new_id
@@ -57,12 +57,6 @@ NATS_URL = os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222")
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def admin(sql: str, database: str = "postgres") -> Any:
@@ -153,36 +147,9 @@ class StationClient:
         self.txn = 0
         self.sent: list[bytes] = []
 
-    def sale(self, now: datetime) -> dict[str, Any]:
-        self.seq += 1
-        self.txn += 1
-        fp = self.rng.randint(1, 8)
-        volume = self.rng.randint(5_000, 60_000) // 10 * 10
-        return {
-            "sale_id": str(new_id()),
-            "station_seq": self.seq,
-            "fuelling_point": fp,
-            "nozzle": 1,
-            "grade": "92",
-            "volume_ml": volume,
-            "unit_price_mmu": 755000,
-            "amount_minor": (volume * 755000 + 500_000) // 1_000_000,
-            "currency": "CNY",
-            "price_version": "bench",
-            "snapshot_version": 1,
-            "totalizer_start_ml": self.txn * 100_000,
-            "totalizer_end_ml": self.txn * 100_000 + volume,
-            "device_txn": self.txn,
-            "dispense_type": "sale",
-            "started_at": (now - timedelta(minutes=2)).isoformat(),
-            "ended_at": now.isoformat(),
-            "business_date": now.date().isoformat(),
-            "shift_id": f"{now.date().isoformat()}/1",
-        }
-
     def sale_json(self, now: str, started: str, day: str) -> str:
-        """The same sale as :meth:`sale`, written straight to JSON text: the load generator
-        shares the machine with HQ, so it spends as little CPU per sale as it can."""
+        """One v1 sale written straight to JSON text: the load generator shares the machine
+        with HQ, so it spends as little CPU per sale as it can."""
         self.seq += 1
         self.txn += 1
         fp = self.rng.randint(1, 8)

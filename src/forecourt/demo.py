@@ -94,7 +94,6 @@ class StationRun:
     credential: str
     simulator: SimulatorProcess
     edge: EdgeNode
-    grade_ids: dict[str, int]
 
 
 @dataclass
@@ -125,7 +124,7 @@ class Reconciliation:
         return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -217,7 +216,7 @@ class DemoChain:
     async def start(self) -> None:
         opts = self.opts
         database_url = opts.database_url or f"sqlite+aiosqlite:///{self.workdir / 'hq.db'}"
-        port = _free_port()
+        port = free_port()
         settings = Settings(
             database_url=database_url,
             bus_url=opts.bus_url,
@@ -274,7 +273,7 @@ class DemoChain:
             )
             edge = build_edge_node(edge_settings, self.clock, jsonpts_factory(edge_settings))
             await edge.start()
-            self.stations.append(StationRun(station.code, token, sim, edge, grade_ids))
+            self.stations.append(StationRun(station.code, token, sim, edge))
 
     async def _require_empty(self) -> None:
         """The reconciliation compares whole stores, so the demo needs a database of its own."""

@@ -26,7 +26,7 @@ import httpx
 import nats
 import pytest
 
-from forecourt.demo import DemoOptions, simulator_config
+from forecourt.demo import DemoOptions, free_port, simulator_config
 from forecourt.infra.db import Database
 from forecourt.infra.migrate import upgrade
 from forecourt.kernel.clock import SimulatedClock
@@ -39,7 +39,6 @@ from forecourt.network.handlers import (
 )
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
 from forecourt.sim.pts_controller import SimulatorProcess
-from tests.edge.conftest import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,6 @@ simulated PTS-2 controller process per station."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import uvicorn
 
 from forecourt.bootstrap import HeadOffice, build_head_office
-from forecourt.demo import DemoOptions, simulator_config
+from forecourt.demo import DemoOptions, free_port, simulator_config
 from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
 from forecourt.kernel.clock import SimulatedClock
 from forecourt.network.handlers import (
@@ -26,12 +25,6 @@ from forecourt.settings import EdgeSettings, Settings
 from forecourt.sim.pts_controller import SimulatorProcess
 
 SPEED = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class HqServer:

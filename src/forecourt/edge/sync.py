@@ -95,8 +95,9 @@ class SnapshotKeeper:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return False
         await self.journal.save_snapshot(snapshot.version, body)
-        if self.current is None or snapshot.version >= self.current.version:
-            if self.current is None or snapshot.version > self.current.version:
+        known = self.current.version if self.current is not None else 0
+        if snapshot.version >= known:  # never step back to an older network revision
+            if snapshot.version > known:
                 log.info("edge.snapshot_loaded", version=snapshot.version)
             self.current = snapshot
             self.source = "hq"

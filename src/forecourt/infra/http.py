@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from forecourt.infra.logging import get_logger, trace_id_var
-from forecourt.kernel.errors import ForecourtError
+from forecourt.kernel.errors import ForecourtError, Unauthorized
 from forecourt.kernel.events import new_traceparent, trace_id_of
 
 log = get_logger("forecourt.http")
@@ -82,7 +82,5 @@ def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ForecourtError(
-            "missing bearer credential", code="auth.missing_credential"
-        ).with_status(401)
+        raise Unauthorized("missing bearer credential", code="auth.missing_credential")
     return token.strip()

@@ -22,10 +22,6 @@ class ForecourtError(Exception):
         self.message = message
         self.details = details
 
-    def with_status(self, http_status: int) -> ForecourtError:
-        self.http_status = http_status
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:

@@ -240,22 +240,19 @@ def parse_chain(document: dict[str, Any]) -> Chain:
             problems.append(f"price for {p.grade}: {exc}")
     if problems:
         raise NetworkError("invalid chain file", problems=problems)
-    try:
-        return Chain(
-            code=f.code,
-            name=f.name,
-            currency=f.currency,
-            regions=tuple((r.code, r.name) for r in f.regions),
-            grades=tuple(Grade(g.code, g.name, g.kind) for g in f.grades),
-            dispenser_models=tuple(
-                DispenserModel(m.code, m.amount_resolution_minor, m.rounding, m.volume_decimals)
-                for m in f.dispenser_models
-            ),
-            stations=tuple(stations),
-            prices=tuple(prices),
-        )
-    except NetworkError:
-        raise
+    return Chain(
+        code=f.code,
+        name=f.name,
+        currency=f.currency,
+        regions=tuple((r.code, r.name) for r in f.regions),
+        grades=tuple(Grade(g.code, g.name, g.kind) for g in f.grades),
+        dispenser_models=tuple(
+            DispenserModel(m.code, m.amount_resolution_minor, m.rounding, m.volume_decimals)
+            for m in f.dispenser_models
+        ),
+        stations=tuple(stations),
+        prices=tuple(prices),
+    )
 
 
 def load_chain_file(path: Path) -> Chain:

@@ -170,20 +170,16 @@ class NetworkStore:
             chain_t.insert().values(code=chain.code, name=chain.name, currency=chain.currency)
         )
         for code, name in chain.regions:
-            await c.execute(region_t.delete().where(region_t.c.code == code))
-            await c.execute(region_t.insert().values(code=code, name=name))
+            await self._replace_by_code(region_t, code=code, name=name)
         for g in chain.grades:
-            await c.execute(grade_t.delete().where(grade_t.c.code == g.code))
-            await c.execute(grade_t.insert().values(code=g.code, name=g.name, kind=g.kind))
+            await self._replace_by_code(grade_t, code=g.code, name=g.name, kind=g.kind)
         for m in chain.dispenser_models:
-            await c.execute(model_t.delete().where(model_t.c.code == m.code))
-            await c.execute(
-                model_t.insert().values(
-                    code=m.code,
-                    amount_resolution_minor=m.amount_resolution_minor,
-                    rounding=m.rounding.value,
-                    volume_decimals=m.volume_decimals,
-                )
+            await self._replace_by_code(
+                model_t,
+                code=m.code,
+                amount_resolution_minor=m.amount_resolution_minor,
+                rounding=m.rounding.value,
+                volume_decimals=m.volume_decimals,
             )
         for st in chain.stations:
             await self._replace_station(st)
@@ -215,6 +211,11 @@ class NetworkStore:
             )
             added += 1
         return added
+
+    async def _replace_by_code(self, table: sa.Table, **values: object) -> None:
+        """Upsert a row keyed by ``code`` the same way on SQLite and PostgreSQL."""
+        await self.conn.execute(table.delete().where(table.c.code == values["code"]))
+        await self.conn.execute(table.insert().values(**values))
 
     async def _replace_station(self, st: Station) -> None:
         c = self.conn

@@ -8,7 +8,7 @@ that also suits range partitioning by business date later. A non-unique index on
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 from uuid import UUID
@@ -277,8 +277,3 @@ class SalesStore:
             sa.select(alert_t).where(*where).order_by(alert_t.c.id.desc()).limit(limit)
         )
         return list(rows)
-
-    async def stations_with_sequences(self) -> Iterable[sa.Row]:
-        return list(
-            await self.conn.execute(sa.select(sequence_t).order_by(sequence_t.c.station_code))
-        )
