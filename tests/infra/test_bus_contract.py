@@ -285,6 +285,35 @@ async def test_publish_raises_when_jetstream_does_not_acknowledge(
         await nats_bus.publish(event())
 
 
+async def test_pipelined_publish_raises_when_jetstream_does_not_acknowledge(
+    nats_bus: NatsBus, unique_stream: str
+) -> None:
+    records = [event(n=i).record() for i in range(5)]
+    await nats_bus.publish_records(records)  # acknowledged while the stream exists
+    await nats_bus.js.delete_stream(unique_stream)
+
+    with pytest.raises(RuntimeError, match="no stream answered"):
+        await nats_bus.publish_records([event(n=i).record() for i in range(5, 10)])
+
+
+async def test_pipelined_publish_refuses_a_stream_that_is_not_ours(
+    nats_bus: NatsBus, unique_stream: str
+) -> None:
+    # Another stream captures one of our subjects: the server must refuse to store there.
+    other = f"{unique_stream}_OTHER"
+    subject = nats_bus.wire_subject("forecourt.other.thing.v1")
+    await nats_bus.js.delete_stream(unique_stream)
+    await nats_bus.js.add_stream(name=other, subjects=[subject])
+    try:
+        record = Envelope(
+            type="com.forecourt.other.thing.v1", source="/t", data={}, time=datetime.now(UTC)
+        ).record()
+        with pytest.raises(RuntimeError, match=record.id):
+            await nats_bus.publish_records([record])
+    finally:
+        await nats_bus.js.delete_stream(other)
+
+
 async def test_ready_reports_the_connection(nats_bus: NatsBus) -> None:
     assert await nats_bus.ready()
 

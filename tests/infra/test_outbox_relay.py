@@ -25,7 +25,7 @@ from forecourt.infra.bus import Bus, Delivery, Handler, Subscription
 from forecourt.infra.db import Database, UnitOfWork, audit_outbox_table, outbox_table
 from forecourt.infra.inbox import InboxConsumer
 from forecourt.infra.relay import OutboxRelay
-from forecourt.kernel.events import Envelope, event_type, new_traceparent
+from forecourt.kernel.events import Envelope, EventRecord, event_type, new_traceparent
 from tests.infra.support import Buses, eventually, platform_db
 
 SETTLE = 0.3
@@ -73,6 +73,14 @@ class SpyBus:
         self.published.extend(e.id for e in envelopes)
         if self.crash_after_publish:  # ...and the process dies before the rows are marked
             raise SimulatedCrash(f"crashed after publishing {len(envelopes)} events")
+
+    async def publish_records(self, records: Sequence[EventRecord]) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await self.inner.publish_records(records)  # every one acknowledged by the broker...
+        self.published.extend(r.id for r in records)
+        if self.crash_after_publish:  # ...and the process dies before the rows are marked
+            raise SimulatedCrash(f"crashed after publishing {len(records)} events")
 
 
 class Recorder:

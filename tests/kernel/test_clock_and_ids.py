@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from forecourt.kernel import clock as clock_module
 from forecourt.kernel.clock import SimulatedClock, SystemClock, ensure_aware
-from forecourt.kernel.ids import new_id, parse_id
+from forecourt.kernel.ids import new_id, parse_id, uuid5_str
 
 EPOCH = datetime(2026, 11, 25, 6, 0, tzinfo=UTC)
 
@@ -187,3 +187,8 @@ def test_parse_id_accepts_text_and_uuids_alike() -> None:
     assert parse_id(value) is value
     with pytest.raises(ValueError, match="hexadecimal"):
         parse_id("not-a-uuid")
+
+
+@given(st.uuids(), st.text())
+def test_uuid5_str_is_the_standard_uuid5(namespace: uuid.UUID, name: str) -> None:
+    assert uuid5_str(namespace.bytes, name) == str(uuid.uuid5(namespace, name))

@@ -243,14 +243,14 @@ async def test_a_batch_that_fails_midway_leaves_no_trace(hq: Hq, monkeypatch) ->
     from forecourt.sales.contracts import SalesBatchV1
     from forecourt.sales.handlers import ingest_batch
 
-    emit_many = UnitOfWork.emit_many
+    emit_records = UnitOfWork.emit_records
 
-    async def emit_then_fail(self: UnitOfWork, envelopes: object) -> None:
-        await emit_many(self, envelopes)  # type: ignore[arg-type]
+    async def emit_then_fail(self: UnitOfWork, records: object) -> None:
+        await emit_records(self, records)  # type: ignore[arg-type]
         raise RuntimeError("disk full")
 
     # Fails after the sales and their events were written in the transaction.
-    monkeypatch.setattr(UnitOfWork, "emit_many", emit_then_fail)
+    monkeypatch.setattr(UnitOfWork, "emit_records", emit_then_fail)
     batch = SalesBatchV1.model_validate_json(
         _json.dumps({"schema_version": 1, "sales": [make_sale(), make_sale()]})
     )

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from forecourt.infra.logging import trace_id_var
 from forecourt.kernel.clock import Clock, SystemClock
-from forecourt.kernel.events import Envelope
+from forecourt.kernel.events import Envelope, EventRecord, check_records
 from forecourt.kernel.ids import new_id
 
 SCHEMAS = ("platform", "network", "sales")
@@ -241,15 +241,15 @@ OUTBOX_COLUMNS = (
 )
 
 
-def outbox_row(envelope: Envelope, now: datetime) -> dict[str, Any]:
+def outbox_row(record: EventRecord, now: datetime) -> dict[str, Any]:
     return {
-        "event_id": envelope.id,
-        "type": envelope.type,
-        "source": envelope.source,
-        "subject": envelope.subject,
-        "time": envelope.time,
-        "traceparent": envelope.traceparent,
-        "data": envelope.body().decode(),
+        "event_id": record.id,
+        "type": record.type,
+        "source": record.source,
+        "subject": record.subject,
+        "time": record.time,
+        "traceparent": record.traceparent,
+        "data": record.data,
         "created_at": now,
     }
 
@@ -283,22 +283,28 @@ class UnitOfWork:
         await self.emit_many(envelopes)
 
     async def emit_many(self, envelopes: Sequence[Envelope]) -> None:
-        if not envelopes:
+        await self.emit_records([e.record() for e in envelopes])
+
+    async def emit_records(self, records: Sequence[EventRecord]) -> None:
+        """Append already-encoded events to the outbox (the hot path: no envelope objects,
+        each body encoded once by the caller; the envelope's rules are still checked)."""
+        if not records:
             return
+        check_records(records)
         now = self.db.clock.now()
-        rows = [outbox_row(e, now) for e in envelopes]
         if self.db.is_sqlite:
-            await self.conn.execute(outbox_table.insert(), rows)
+            await self.conn.execute(outbox_table.insert(), [outbox_row(r, now) for r in records])
         else:
             # COPY on the same asyncpg connection and transaction: the hot path of ingest.
+            # An EventRecord is already the outbox row in OUTBOX_COLUMNS order, less created_at.
             apg = await asyncpg_connection(self.conn)
             await apg.copy_records_to_table(
                 "outbox",
                 schema_name="platform",
                 columns=OUTBOX_COLUMNS,
-                records=[tuple(row[c] for c in OUTBOX_COLUMNS) for row in rows],
+                records=[(*r, now) for r in records],
             )
-        self.emitted += len(envelopes)
+        self.emitted += len(records)
 
     async def record_audit(
         self, *, actor: str, action: str, target: str, details: dict[str, Any] | None = None

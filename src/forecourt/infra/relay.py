@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,7 +20,7 @@ from forecourt.infra.background import BackgroundService
 from forecourt.infra.bus import Bus
 from forecourt.infra.db import Database, asyncpg_connection, outbox_table
 from forecourt.infra.logging import get_logger
-from forecourt.kernel.events import Envelope
+from forecourt.kernel.events import EventRecord
 
 log = get_logger("forecourt.relay")
 
@@ -32,16 +31,15 @@ CLAIM_SQL = (
 )
 
 
-def _envelope(row: Any) -> Envelope:
-    return Envelope(
-        id=row["event_id"],
-        type=row["type"],
-        source=row["source"],
-        subject=row["subject"],
-        time=row["time"],
-        traceparent=row["traceparent"],
-        data=json.loads(row["data"]),
-        encoded=row["data"].encode(),
+def _record(row: Any) -> EventRecord:
+    return EventRecord(
+        row["event_id"],
+        row["type"],
+        row["source"],
+        row["subject"],
+        row["time"],
+        row["traceparent"],
+        row["data"],
     )
 
 
@@ -82,7 +80,7 @@ class OutboxRelay(BackgroundService):
             if not rows:
                 return 0
             # Pipelined: every message out, then every ack; order is not promised anyway.
-            await self.bus.publish_many([_envelope(r._mapping) for r in rows])
+            await self.bus.publish_records([_record(r._mapping) for r in rows])
             # Deleting is cheaper for PostgreSQL than marking (no new row version, no index
             # entries); JetStream keeps the published events for replay.
             await conn.execute(t.delete().where(t.c.id.in_([r.id for r in rows])))
@@ -96,7 +94,7 @@ class OutboxRelay(BackgroundService):
             rows = await apg.fetch(CLAIM_SQL, self.batch_size)
             if not rows:
                 return 0
-            await self.bus.publish_many([_envelope(r) for r in rows])
+            await self.bus.publish_records([_record(r) for r in rows])
             await apg.execute(
                 "DELETE FROM platform.outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
             )

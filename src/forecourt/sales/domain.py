@@ -11,9 +11,10 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from uuid import UUID, uuid5
+from uuid import UUID
 
 from forecourt.kernel.errors import ForecourtError
+from forecourt.kernel.ids import uuid5_str
 from forecourt.kernel.money import Rounding, UnitPrice
 
 
@@ -127,7 +128,7 @@ class Sale:
     def event_id(self, event_type: str) -> str:
         """The id of an event about this sale: derived, so a re-processed sale can never
         announce the same fact under two ids."""
-        return str(uuid5(_EVENT_NAMESPACE, f"{event_type}|{self.station_code}|{self.sale_id}"))
+        return uuid5_str(_EVENT_NAMESPACE_BYTES, f"{event_type}|{self.station_code}|{self.sale_id}")
 
     @property
     def natural_key(self) -> tuple[int, int, int, int] | None:
@@ -138,6 +139,7 @@ class Sale:
 
 
 _EVENT_NAMESPACE = UUID("5b0a3c1e-8f0e-4c55-9a41-0f6a7c1d2e90")
+_EVENT_NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
 
 
 def amount_agrees(sale: Sale, *, resolution_minor: int, rounding: Rounding) -> bool:

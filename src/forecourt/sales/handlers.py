@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from pydantic_core import to_json
+
 from forecourt.infra.crash import crash_point
 from forecourt.infra.db import Database
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.errors import NotFound
-from forecourt.kernel.events import Envelope
+from forecourt.kernel.events import EventRecord
 from forecourt.kernel.money import Rounding
 from forecourt.network.contracts import StationDirectory, StationReferences
 from forecourt.sales.contracts import (
@@ -22,7 +24,6 @@ from forecourt.sales.contracts import (
     SALE_NATURAL_KEY_COLLISION,
     SALE_QUARANTINED,
     BatchResult,
-    SaleResult,
     SalesBatchV1,
     SaleV1,
 )
@@ -117,6 +118,32 @@ class IngestCounters:
     on_flag: Callable[[str, int], None] = lambda _flag, _n: None
 
 
+@dataclass
+class IngestOutcome:
+    """What HQ answers for one batch (the :class:`BatchResult` contract), kept as plain
+    values: a big batch answers thousands of sales, so no model object per sale."""
+
+    schema_version: int
+    station: str
+    results: list[dict[str, Any]]  # sale_id, station_seq, status, flags
+    high_water_mark: int
+    gaps: list[tuple[int, int]]
+
+    def to_json(self) -> bytes:
+        return to_json(
+            {
+                "schema_version": self.schema_version,
+                "station": self.station,
+                "results": self.results,
+                "high_water_mark": self.high_water_mark,
+                "gaps": self.gaps,
+            }
+        )
+
+    def model(self) -> BatchResult:
+        return BatchResult.model_validate_json(self.to_json())
+
+
 async def ingest_batch(
     db: Database,
     directory: StationDirectory,
@@ -125,7 +152,7 @@ async def ingest_batch(
     *,
     traceparent: str | None = None,
     counters: IngestCounters | None = None,
-) -> BatchResult:
+) -> IngestOutcome:
     """Record a batch from one station: every schema-valid sale is stored exactly once.
 
     Order does not matter and repeats are answered from what is stored: same ``sale_id`` and
@@ -140,22 +167,24 @@ async def ingest_batch(
     sales = [to_domain(s, station_code) for s in batch.sales]
     judged = [(sale, judge(sale, refs), sale.payload_hash()) for sale in sales]
 
-    results: list[SaleResult] = []
-    rows: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     conflicts: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
-    events: list[Envelope] = []
+    events: list[EventRecord] = []
 
-    def event(kind: str, sale: Sale, **extra: Any) -> None:
+    def event(kind: str, sale: Sale, data: dict[str, Any], **extra: Any) -> None:
+        # Built straight as outbox records: one JSON encoding per event, no envelope object
+        # (uow.emit_records still checks the envelope's rules once per distinct value).
         events.append(
-            Envelope(
-                id=sale.event_id(kind),
-                type=kind,
-                source=SOURCE,
-                subject=f"{sale.station_code}/{sale.sale_id}",
-                time=now,
-                traceparent=traceparent,
-                data={**sale_data(sale), **extra},
+            EventRecord(
+                sale.event_id(kind),
+                kind,
+                SOURCE,
+                f"{station_code}/{data['sale_id']}",
+                now,
+                traceparent,
+                to_json({**data, **extra}).decode(),
             )
         )
 
@@ -191,17 +220,18 @@ async def ingest_batch(
                 if previous == digest:
                     results.append(_result(sale, IngestStatus.DUPLICATE, []))
                     continue
+                data = sale_data(sale)
                 conflicts.append(
                     {
                         "station_code": station_code,
                         "sale_id": sale.sale_id,
                         "payload_hash": digest,
-                        "payload": json.dumps(sale_data(sale), sort_keys=True),
+                        "payload": json.dumps(data, sort_keys=True),
                         "received_at": now,
                     }
                 )
                 alert("conflict", sale, stored_hash=previous, received_hash=digest)
-                event(SALE_CONFLICT, sale, stored_hash=previous, received_hash=digest)
+                event(SALE_CONFLICT, sale, data, stored_hash=previous, received_hash=digest)
                 results.append(_result(sale, IngestStatus.CONFLICT, []))
                 continue
             batch_hashes[sale.sale_id] = digest
@@ -211,21 +241,23 @@ async def ingest_batch(
                     flags.append(Flag.NATURAL_KEY_COLLISION)
                 key_hits.add(key)
             quarantined = any(f in QUARANTINE_FLAGS for f in flags)
-            rows.append(_row(sale, digest, quarantined, flags, now))
+            flag_names = [f.value for f in flags]
+            rows.append(_row(sale, digest, quarantined, flag_names, now))
             seqs.append(sale.station_seq)
+            data = sale_data(sale)
             if quarantined:
-                alert("quarantined", sale, flags=[f.value for f in flags])
-                event(SALE_QUARANTINED, sale, flags=[f.value for f in flags])
+                alert("quarantined", sale, flags=flag_names)
+                event(SALE_QUARANTINED, sale, data, flags=flag_names)
             else:
-                event(SALE_COMPLETED, sale, flags=[f.value for f in flags])
+                event(SALE_COMPLETED, sale, data, flags=flag_names)
             if Flag.AMOUNT_MISMATCH in flags:
                 alert("amount_mismatch", sale)
-                event(SALE_AMOUNT_MISMATCH, sale)
+                event(SALE_AMOUNT_MISMATCH, sale, data)
             if Flag.NATURAL_KEY_COLLISION in flags:
                 alert("natural_key_collision", sale)
-                event(SALE_NATURAL_KEY_COLLISION, sale)
+                event(SALE_NATURAL_KEY_COLLISION, sale, data)
             status = IngestStatus.QUARANTINED if quarantined else IngestStatus.CREATED
-            results.append(_result(sale, status, flags))
+            results.append(_result(sale, status, flag_names))
         await store.insert_sales(rows)
         crash_point("hq.mid_batch")
         await store.insert_conflicts(conflicts)
@@ -234,18 +266,18 @@ async def ingest_batch(
         new_book = book.receive(seqs)
         if new_book != book:
             await store.save_sequence_book(station_code, new_book, now)
-        await uow.emit_many(events)
+        await uow.emit_records(events)
     tally: dict[str, int] = {}
     flag_tally: dict[str, int] = {}
     for r in results:
-        tally[r.status] = tally.get(r.status, 0) + 1
-        for f in r.flags:
+        tally[r["status"]] = tally.get(r["status"], 0) + 1
+        for f in r["flags"]:
             flag_tally[f] = flag_tally.get(f, 0) + 1
     for status_name, n in tally.items():
         counters.on_status(status_name, n)
     for flag, n in flag_tally.items():
         counters.on_flag(flag, n)
-    return BatchResult.model_construct(
+    return IngestOutcome(
         schema_version=batch.schema_version,
         station=station_code,
         results=results,
@@ -254,40 +286,41 @@ async def ingest_batch(
     )
 
 
-def _result(sale: Sale, status: IngestStatus, flags: list[Flag]) -> SaleResult:
-    return SaleResult.model_construct(  # values are ours: no re-validation on the hot path
-        sale_id=sale.sale_id,
-        station_seq=sale.station_seq,
-        status=status.value,
-        flags=[f.value for f in flags],
-    )
-
-
-def _row(sale: Sale, digest: str, quarantined: bool, flags: list[Flag], now: Any) -> dict[str, Any]:
+def _result(sale: Sale, status: IngestStatus, flags: list[str]) -> dict[str, Any]:
     return {
-        "station_code": sale.station_code,
-        "business_date": sale.business_date,
         "sale_id": sale.sale_id,
         "station_seq": sale.station_seq,
-        "fuelling_point": sale.fuelling_point,
-        "nozzle": sale.nozzle,
-        "grade": sale.grade,
-        "volume_ml": sale.volume_ml,
-        "unit_price_mmu": sale.unit_price_mmu,
-        "amount_minor": sale.amount_minor,
-        "currency": sale.currency,
-        "price_version": sale.price_version,
-        "snapshot_version": sale.snapshot_version,
-        "totalizer_start_ml": sale.totalizer_start_ml,
-        "totalizer_end_ml": sale.totalizer_end_ml,
-        "device_txn": sale.device_txn,
-        "dispense_type": sale.dispense_type.value,
-        "started_at": sale.started_at,
-        "ended_at": sale.ended_at,
-        "shift_id": sale.shift_id,
-        "schema_version": sale.schema_version,
-        "payload_hash": digest,
-        "quarantined": quarantined,
-        "flags": ",".join(f.value for f in flags),
-        "received_at": now,
+        "status": status.value,
+        "flags": flags,
     }
+
+
+def _row(sale: Sale, digest: str, quarantined: bool, flags: list[str], now: Any) -> tuple[Any, ...]:
+    """The ``sales.sale`` row, in ``SALE_COLUMNS`` order."""
+    return (
+        sale.station_code,
+        sale.business_date,
+        sale.sale_id,
+        sale.station_seq,
+        sale.fuelling_point,
+        sale.nozzle,
+        sale.grade,
+        sale.volume_ml,
+        sale.unit_price_mmu,
+        sale.amount_minor,
+        sale.currency,
+        sale.price_version,
+        sale.snapshot_version,
+        sale.totalizer_start_ml,
+        sale.totalizer_end_ml,
+        sale.device_txn,
+        sale.dispense_type.value,
+        sale.started_at,
+        sale.ended_at,
+        sale.shift_id,
+        sale.schema_version,
+        digest,
+        quarantined,
+        ",".join(flags),
+        now,
+    )

@@ -158,19 +158,19 @@ class SalesStore:
         )
         return {tuple(r) for r in rows}  # type: ignore[misc]
 
-    async def insert_sales(self, rows: list[dict[str, Any]]) -> None:
+    async def insert_sales(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert sale rows given as tuples in ``SALE_COLUMNS`` order."""
         if not rows:
             return
         if self.pg:
             apg = await self._asyncpg()
             await apg.copy_records_to_table(
-                "sale",
-                schema_name="sales",
-                columns=SALE_COLUMNS,
-                records=[tuple(row[c] for c in SALE_COLUMNS) for row in rows],
+                "sale", schema_name="sales", columns=SALE_COLUMNS, records=rows
             )
             return
-        await self.conn.execute(sale_t.insert(), rows)
+        await self.conn.execute(
+            sale_t.insert(), [dict(zip(SALE_COLUMNS, r, strict=True)) for r in rows]
+        )
 
     async def insert_conflicts(self, rows: list[dict[str, Any]]) -> None:
         if rows:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from forecourt.kernel.events import Envelope
+from forecourt.kernel.events import Envelope, EventRecord
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ class Bus(Protocol):
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
         """Publish several events, waiting for every acknowledgement (pipelined where the
         broker allows); raises if any one is not acknowledged."""
+        ...
+
+    async def publish_records(self, records: Sequence[EventRecord]) -> None:
+        """``publish_many`` for events exactly as the outbox stored them (the relay's path:
+        a backend need not decode the bodies it only forwards)."""
         ...
 
     async def subscribe(

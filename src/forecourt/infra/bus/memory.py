@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from forecourt.infra.bus import Delivery, Handler, subject_matches
 from forecourt.infra.logging import get_logger
-from forecourt.kernel.events import Envelope
+from forecourt.kernel.events import Envelope, EventRecord
 
 log = get_logger("forecourt.bus.memory")
 
@@ -88,6 +88,10 @@ class MemoryBus:
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
         for envelope in envelopes:
             await self.publish(envelope)
+
+    async def publish_records(self, records: Sequence[EventRecord]) -> None:
+        # Handlers receive envelopes, so in process the bodies are decoded here.
+        await self.publish_many([Envelope.from_record(r) for r in records])
 
     async def subscribe(
         self, consumer: str, subjects: list[str], handler: Handler, *, max_deliver: int

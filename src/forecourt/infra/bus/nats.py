@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -58,11 +59,12 @@ from nats.js import JetStreamContext, api
 
 from forecourt.infra.bus import Delivery, Handler
 from forecourt.infra.logging import get_logger
-from forecourt.kernel.events import Envelope
+from forecourt.kernel.events import Envelope, EventRecord
 
 log = get_logger("forecourt.bus.nats")
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _PREFIX_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -213,6 +215,24 @@ class NatsSubscription:
         self.bus._subs.discard(self)
 
 
+class _PendingAcks:
+    """The acknowledgements one pipelined publish still waits for."""
+
+    def __init__(self, count: int) -> None:
+        self.waiting = set(range(count))
+        self.error: tuple[int, str] | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not count:
+            self.done.set_result(None)
+
+    def answer(self, index: int, error: str | None) -> None:
+        if error is not None and self.error is None:
+            self.error = (index, error)
+        self.waiting.discard(index)
+        if (not self.waiting or self.error is not None) and not self.done.done():
+            self.done.set_result(None)
+
+
 class NatsBus:
     """The :class:`~forecourt.infra.bus.Bus` on NATS JetStream (see the module docstring)."""
 
@@ -258,6 +278,9 @@ class NatsBus:
         self._js: JetStreamContext | None = None
         self._subs: set[NatsSubscription] = set()
         self._closing = False
+        self._ack_prefix: str | None = None
+        self._pending: dict[str, _PendingAcks] = {}
+        self._batch_no = 0
 
     # --- subjects -------------------------------------------------------------------
 
@@ -358,6 +381,7 @@ class NatsBus:
         for sub in list(self._subs):
             await sub.stop()
         nc, self._nc, self._js = self._nc, None, None
+        self._ack_prefix = None
         if nc is not None and not nc.is_closed:
             try:
                 await nc.drain()
@@ -383,27 +407,74 @@ class NatsBus:
             raise RuntimeError(f"event {envelope.id} stored in {ack.stream!r}, not {self.stream!r}")
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
-        """Pipelined publish: every message goes out at once, then every PubAck is awaited
-        (JetStream async publish); raises if any one is missing or refused."""
-        futures = []
-        for envelope in envelopes:
-            headers = envelope.headers()
-            headers[MSG_ID_HEADER] = envelope.id
-            futures.append(
-                await self.js.publish_async(
-                    self.wire_subject(envelope.bus_subject),
-                    envelope.body(),
-                    wait_stall=None,  # a timeout here costs a task per message
-                    stream=self.stream,
+        await self.publish_records([e.record() for e in envelopes])
+
+    async def publish_records(self, records: Sequence[EventRecord]) -> None:
+        """Pipelined publish: every message goes out at once, then every PubAck is awaited;
+        raises if any one is missing or refused (the relay then keeps its rows).
+
+        The relay's hot path, so it stays lean: headers straight from the stored record,
+        no body decoding, and one reply subscription for all acknowledgements instead of
+        the client library's per-message future, semaphore and timeout task. Each message
+        still carries ``Nats-Msg-Id`` (de-duplication) and ``Nats-Expected-Stream`` (the
+        server refuses to store it anywhere else).
+        """
+        if not records:
+            return
+        if self._nc is None:
+            raise RuntimeError("NatsBus.connect() has not been called")
+        nc = self._nc
+        prefix = await self._ack_inbox()
+        self._batch_no += 1
+        token = str(self._batch_no)
+        pending = _PendingAcks(len(records))
+        self._pending[token] = pending
+        reply = f"{prefix}.{token}."
+        try:
+            for i, record in enumerate(records):
+                headers = record.headers()
+                headers[MSG_ID_HEADER] = record.id
+                headers[EXPECTED_STREAM_HEADER] = self.stream
+                await nc.publish(
+                    self.wire_subject(record.bus_subject),
+                    record.data.encode(),
+                    reply=f"{reply}{i}",
                     headers=headers,
                 )
-            )
-        acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=self.publish_timeout)
-        for envelope, ack in zip(envelopes, acks, strict=True):
-            if ack.stream != self.stream:
-                raise RuntimeError(
-                    f"event {envelope.id} stored in {ack.stream!r}, not {self.stream!r}"
-                )
+            await asyncio.wait_for(asyncio.shield(pending.done), timeout=self.publish_timeout)
+        finally:
+            del self._pending[token]
+        if pending.error is not None:
+            raise RuntimeError(f"event {records[pending.error[0]].id}: {pending.error[1]}")
+
+    async def _ack_inbox(self) -> str:
+        """The reply subject prefix for PubAcks, subscribed once per connection."""
+        if self._ack_prefix is None:
+            assert self._nc is not None
+            prefix = self._nc.new_inbox()
+            await self._nc.subscribe(f"{prefix}.*.*", cb=self._on_ack)
+            self._ack_prefix = prefix
+        return self._ack_prefix
+
+    async def _on_ack(self, msg: Msg) -> None:
+        _, token, index = msg.subject.rsplit(".", 2)
+        pending = self._pending.get(token)
+        if pending is None:
+            return  # an answer after its batch timed out: the relay retries that batch
+        error: str | None = None
+        if not msg.data:
+            status = (msg.headers or {}).get("Status", "?")
+            error = f"no stream answered (status {status})"
+        else:
+            try:
+                ack = json.loads(msg.data)
+            except ValueError:
+                ack = {"error": {"description": f"unreadable PubAck {msg.data[:200]!r}"}}
+            if "error" in ack:
+                error = str(ack["error"].get("description", ack["error"]))
+            elif ack.get("stream") != self.stream:
+                error = f"stored in {ack.get('stream')!r}, not {self.stream!r}"
+        pending.answer(int(index), error)
 
     async def subscribe(
         self, consumer: str, subjects: list[str], handler: Handler, *, max_deliver: int
