@@ -230,9 +230,10 @@ async def drive(
                     cls = stats.large if kind == "large" else stats.small
                     cls.batches += 1
                     cls.latencies_ms.append(elapsed)
-                    for r in response.json()["results"]:
+                    results = response.json()["results"]
+                    for r in results:
                         stats.statuses[r["status"]] = stats.statuses.get(r["status"], 0) + 1
-                    cls.sales += len(response.json()["results"])
+                    cls.sales += len(results)
 
     await asyncio.gather(*(one(c) for c in clients))
 

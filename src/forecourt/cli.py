@@ -292,7 +292,7 @@ def relay() -> None:
     configure_logging(settings.log_level, settings.log_json)
 
     async def run() -> None:
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, application_name="forecourt-relay")
         bus = make_bus(
             settings.bus_url,
             stream=settings.nats_stream,

@@ -73,8 +73,17 @@ def normalise_url(url: str) -> str:
 class Database:
     """One database (SQLite file or PostgreSQL server) and its engine."""
 
-    def __init__(self, url: str, *, clock: Clock | None = None, pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock | None = None,
+        pool_size: int = 10,
+        application_name: str = "forecourt",
+    ) -> None:
         self.url = normalise_url(url)
+        # Shown in pg_stat_activity, so operators can tell HQ workers from the relay.
+        self.application_name = application_name
         self.backend = make_url(self.url).get_backend_name()
         if self.backend not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {self.backend!r}")
@@ -115,6 +124,7 @@ class Database:
                 pool_size=self._pool_size,
                 max_overflow=self._pool_size,
                 pool_pre_ping=True,
+                connect_args={"server_settings": {"application_name": self.application_name}},
             )
         self._engine = engine
 
@@ -168,7 +178,7 @@ outbox_table = sa.Table(
     "outbox",
     platform_md,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-    sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("event_id", sa.String(64), nullable=False),
     sa.Column("type", sa.String(200), nullable=False),
     sa.Column("source", sa.String(200), nullable=False),
     sa.Column("subject", sa.String(200)),

@@ -1,8 +1,9 @@
 """Persistence of sales (SQLAlchemy Core on SQLite and PostgreSQL).
 
 The ``sale`` table's key is (station, business date, ``sale_id``): permanent de-duplication
-that also suits range partitioning by business date later. A non-unique index on
-(station, ``sale_id``) finds a re-upload whose business date was changed (a conflict).
+that also suits range partitioning by business date later. Its index is ordered
+(station, ``sale_id``, business date), so it also finds a re-upload whose business date was
+changed (a conflict) without a second index.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ md = sa.MetaData(schema="sales")
 sale_t = sa.Table(
     "sale",
     md,
-    sa.Column("station_code", sa.String(40), primary_key=True),
-    sa.Column("business_date", sa.Date, primary_key=True),
-    sa.Column("sale_id", sa.Uuid, primary_key=True),
+    sa.Column("station_code", sa.String(40), nullable=False),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("sale_id", sa.Uuid, nullable=False),
     sa.Column("station_seq", sa.BigInteger, nullable=False),
     sa.Column("fuelling_point", sa.Integer, nullable=False),
     sa.Column("nozzle", sa.Integer, nullable=False),
@@ -49,6 +50,9 @@ sale_t = sa.Table(
     sa.Column("quarantined", sa.Boolean, nullable=False),
     sa.Column("flags", sa.String(400), nullable=False),
     sa.Column("received_at", UTCDateTime(), nullable=False),
+    # The key (station, business date, sale_id), indexed with sale_id second so it also
+    # finds a sale_id re-uploaded under another business date (a conflict).
+    sa.PrimaryKeyConstraint("station_code", "sale_id", "business_date", name="sale_pkey"),
 )
 conflict_t = sa.Table(
     "sale_conflict",
