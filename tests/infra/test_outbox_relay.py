@@ -108,7 +108,7 @@ def event(n: int = 0) -> Envelope:
 async def unpublished_ids(db: Database) -> set[str]:
     t = outbox_table
     async with db.connection() as conn:
-        rows = await conn.execute(sa.select(t.c.event_id).where(t.c.published_at.is_(None)))
+        rows = await conn.execute(sa.select(t.c.event_id))
         return {r.event_id for r in rows}
 
 

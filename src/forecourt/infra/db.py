@@ -186,9 +186,6 @@ outbox_table = sa.Table(
     sa.Column("traceparent", sa.String(64)),
     sa.Column("data", sa.Text(), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
-    sa.Column("published_at", UTCDateTime()),
-    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
-    sa.Column("last_error", sa.Text()),
 )
 
 inbox_table = sa.Table(

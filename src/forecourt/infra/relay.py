@@ -27,7 +27,7 @@ log = get_logger("forecourt.relay")
 
 CLAIM_SQL = (
     "SELECT id, event_id, type, source, subject, time, traceparent, data FROM platform.outbox"
-    " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+    " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
 )
 
 
@@ -62,7 +62,7 @@ class OutboxRelay(BackgroundService):
         self.failures = 0
 
     async def relay_once(self) -> int:
-        """Claim, publish and mark one batch; returns how many rows were published."""
+        """Claim, publish and delete one batch; returns how many rows were published."""
         if not self.db.is_sqlite:
             return await self._relay_once_postgres()
         t = outbox_table
@@ -71,7 +71,6 @@ class OutboxRelay(BackgroundService):
             rows = (
                 await conn.execute(
                     sa.select(t)
-                    .where(t.c.published_at.is_(None))
                     .order_by(t.c.id)
                     .limit(self.batch_size)
                     .with_for_update(skip_locked=True)
@@ -116,9 +115,7 @@ class OutboxRelay(BackgroundService):
     async def backlog(self) -> int:
         t = outbox_table
         async with self.db.connection() as conn:
-            value = await conn.scalar(
-                sa.select(sa.func.count()).select_from(t).where(t.c.published_at.is_(None))
-            )
+            value = await conn.scalar(sa.select(sa.func.count()).select_from(t))
         return int(value or 0)
 
     async def run(self) -> None:
