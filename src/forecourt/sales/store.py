@@ -86,6 +86,25 @@ alert_t = sa.Table(
 
 SALE_COLUMNS = tuple(c.name for c in sale_t.columns)
 
+# Point lookups for a batch, written so PostgreSQL probes the index once per item whatever
+# its statistics say: a scalar subquery per item is never turned into a join. With a join
+# or ``= ANY``, stale statistics on a fast-growing table (every busy day) can make the
+# planner scan all of a station's history per batch and compare it with every item.
+EXISTING_SQL = (
+    "SELECT id AS sale_id, hash AS payload_hash FROM ("
+    " SELECT k.id, (SELECT s.payload_hash FROM sales.sale s"
+    "  WHERE s.station_code = $1 AND s.sale_id = k.id LIMIT 1) AS hash"
+    " FROM unnest($2::uuid[]) AS k(id)) AS found WHERE hash IS NOT NULL"
+)
+NATURAL_KEY_SQL = (
+    "SELECT fp, nozzle, txn, tot FROM ("
+    " SELECT k.fp, k.nozzle, k.txn, k.tot, (SELECT true FROM sales.sale s"
+    "  WHERE s.station_code = $1 AND s.fuelling_point = k.fp AND s.nozzle = k.nozzle"
+    "  AND s.device_txn = k.txn AND s.totalizer_end_ml = k.tot LIMIT 1) AS hit"
+    " FROM unnest($2::int[], $3::int[], $4::bigint[], $5::bigint[]) AS k(fp, nozzle, txn, tot)"
+    ") AS found WHERE hit"
+)
+
 
 class SalesStore:
     """Sales persistence. On PostgreSQL the ingest hot path talks to asyncpg directly on the
@@ -114,12 +133,7 @@ class SalesStore:
             return {}
         if self.pg:
             apg = await self._asyncpg()
-            records = await apg.fetch(
-                "SELECT sale_id, payload_hash FROM sales.sale"
-                " WHERE station_code = $1 AND sale_id = ANY($2::uuid[])",
-                station_code,
-                list(sale_ids),
-            )
+            records = await apg.fetch(EXISTING_SQL, station_code, list(sale_ids))
             return {r["sale_id"]: r["payload_hash"] for r in records}
         rows = await self.conn.execute(
             sa.select(sale_t.c.sale_id, sale_t.c.payload_hash).where(
@@ -136,18 +150,7 @@ class SalesStore:
         if self.pg:
             apg = await self._asyncpg()
             fp, nozzle, txn, end = (list(column) for column in zip(*keys, strict=True))
-            records = await apg.fetch(
-                "SELECT s.fuelling_point, s.nozzle, s.device_txn, s.totalizer_end_ml"
-                " FROM sales.sale s JOIN unnest($2::int[], $3::int[], $4::bigint[], $5::bigint[])"
-                " AS k(fp, nozzle, txn, tot) ON s.fuelling_point = k.fp AND s.nozzle = k.nozzle"
-                " AND s.device_txn = k.txn AND s.totalizer_end_ml = k.tot"
-                " WHERE s.station_code = $1",
-                station_code,
-                fp,
-                nozzle,
-                txn,
-                end,
-            )
+            records = await apg.fetch(NATURAL_KEY_SQL, station_code, fp, nozzle, txn, end)
             return {(r[0], r[1], r[2], r[3]) for r in records}
         cols = (
             sale_t.c.fuelling_point,
