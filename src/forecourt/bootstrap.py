@@ -60,7 +60,11 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         settings.bus_url, stream=settings.nats_stream, subject_prefix=settings.nats_subject_prefix
     )
     relay = OutboxRelay(
-        db, bus, batch_size=settings.relay_batch_size, idle_seconds=settings.relay_idle_seconds
+        db,
+        bus,
+        batch_size=settings.relay_batch_size,
+        idle_seconds=settings.relay_idle_seconds,
+        vacuum_every=settings.relay_vacuum_every,
     )
     registry = CollectorRegistry()
     directory = DbStationDirectory(db)

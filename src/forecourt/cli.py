@@ -302,7 +302,11 @@ def relay() -> None:
         await upgrade(db)
         await bus.connect()
         worker = OutboxRelay(
-            db, bus, batch_size=settings.relay_batch_size, idle_seconds=settings.relay_idle_seconds
+            db,
+            bus,
+            batch_size=settings.relay_batch_size,
+            idle_seconds=settings.relay_idle_seconds,
+            vacuum_every=settings.relay_vacuum_every,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -63,6 +63,7 @@ class Settings(_TomlSettings):
     relay: bool = True  # run the outbox relay in this process (off in HTTP-only workers)
     relay_batch_size: int = 500
     relay_idle_seconds: float = 0.05
+    relay_vacuum_every: int = 20_000  # PostgreSQL: vacuum the outbox after this many rows
     nats_stream: str = "FORECOURT"
     nats_subject_prefix: str | None = None  # e.g. per environment sharing one NATS server
     workers: int = 1  # HTTP worker processes (PostgreSQL only when more than one)

@@ -298,3 +298,26 @@ async def test_a_row_that_commits_after_a_later_row_is_still_published(
     assert await unpublished_ids(pg_db) == set()
     await eventually(lambda: len(rec.deliveries) >= 2)
     assert sorted(rec.ids()) == sorted([early.id, late.id])
+
+
+async def test_the_relay_vacuums_the_outbox_so_claims_do_not_walk_dead_rows(
+    pg_db: Database, buses: Buses
+) -> None:
+    bus = await buses.new()
+    events = [event(i) for i in range(60)]
+    async with pg_db.begin() as uow:
+        await uow.emit(*events)
+    relay = OutboxRelay(pg_db, SpyBus(bus), batch_size=10, vacuum_every=25)
+
+    assert await relay.drain() == 60
+
+    assert relay.vacuums == 2  # after 30 and after 60 deleted rows
+    async with pg_db.connection() as conn:
+        vacuumed = await conn.scalar(
+            sa.text(
+                "SELECT vacuum_count FROM pg_stat_user_tables"
+                " WHERE schemaname = 'platform' AND relname = 'outbox'"
+            )
+        )
+    assert vacuumed is not None
+    assert vacuumed >= 2
