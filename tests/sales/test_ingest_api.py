@@ -7,6 +7,7 @@ import json
 import sqlalchemy as sa
 
 from forecourt.infra.db import outbox_table
+from forecourt.kernel.events import trace_id_of
 from forecourt.sales.store import alert_t, conflict_t, sale_t
 from tests.sales.conftest import Hq, make_sale
 
@@ -287,3 +288,19 @@ async def test_the_callers_trace_context_travels_into_the_events(hq: Hq) -> None
             )
         )
     assert stored == traceparent
+
+
+async def test_every_answer_carries_a_trace_context_and_a_malformed_one_is_replaced(
+    hq: Hq,
+) -> None:
+    refused = await hq.client.post(
+        "/v1/stations/S001/sales:batch",
+        json={"schema_version": 1, "sales": [make_sale()]},
+        headers={"traceparent": "00-not-a-trace-01"},
+    )
+    assert refused.status_code == 401
+    fresh = refused.headers["traceparent"]
+    assert fresh != "00-not-a-trace-01"
+    assert trace_id_of(fresh) is not None
+    health = await hq.client.get("/health")
+    assert trace_id_of(health.headers["traceparent"]) not in (None, trace_id_of(fresh))

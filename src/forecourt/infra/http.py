@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forecourt.infra.logging import get_logger, trace_id_var
 from forecourt.kernel.errors import ForecourtError, Unauthorized
@@ -38,20 +39,7 @@ def install_common(app: FastAPI, registry: CollectorRegistry, ready: ReadyCheck)
             },
         )
 
-    @app.middleware("http")
-    async def _trace(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        incoming = request.headers.get("traceparent")
-        traceparent = incoming if incoming and trace_id_of(incoming) else new_traceparent()
-        request.state.traceparent = traceparent
-        token = trace_id_var.set(trace_id_of(traceparent))
-        try:
-            response = await call_next(request)
-        finally:
-            trace_id_var.reset(token)
-        response.headers["traceparent"] = traceparent
-        return response
+    app.add_middleware(TraceContextMiddleware)
 
     @app.get("/health", include_in_schema=False)
     async def _health() -> dict[str, str]:
@@ -69,6 +57,38 @@ def install_common(app: FastAPI, registry: CollectorRegistry, ready: ReadyCheck)
     @app.get("/metrics", include_in_schema=False)
     async def _metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class TraceContextMiddleware:
+    """W3C trace context: adopt the caller's ``traceparent`` (or start a trace), make it
+    ``request.state.traceparent`` and the logs' trace id, and answer with it.
+
+    Plain ASGI rather than ``@app.middleware("http")``: that style runs every request
+    through a task and memory streams, which costs more than many handlers do."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v for k, v in scope["headers"] if k == b"traceparent"), None)
+        text = incoming.decode("latin-1") if incoming else None
+        traceparent = text if text and trace_id_of(text) else new_traceparent()
+        scope.setdefault("state", {})["traceparent"] = traceparent
+        header = (b"traceparent", traceparent.encode("latin-1"))
+
+        async def send_with_trace(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        token = trace_id_var.set(trace_id_of(traceparent))
+        try:
+            await self.app(scope, receive, send_with_trace)
+        finally:
+            trace_id_var.reset(token)
 
 
 def _clean(error: object) -> object:
