@@ -47,7 +47,6 @@ import httpx
 from forecourt.demo import free_port, pick_stations
 from forecourt.infra.db import Database
 from forecourt.infra.migrate import upgrade
-from forecourt.kernel.ids import new_id
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 
 PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
@@ -147,6 +146,18 @@ class StationClient:
         self.txn = 0
         self.sent: list[bytes] = []
 
+    def sale_id(self) -> str:
+        """A UUIDv7 (millisecond time, then random bits) from the client's own seeded
+        generator: the edge's ``new_id`` draws from the OS on every call, which in a load
+        generator sharing two cores with HQ is CPU taken from what is measured."""
+        ms = time.time_ns() // 1_000_000
+        bits = self.rng.getrandbits(74)
+        value = (
+            (ms << 80) | (0x7 << 76) | ((bits >> 62) << 64) | (0b10 << 62) | (bits & (2**62 - 1))
+        )
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
     def sale_json(self, now: str, started: str, day: str) -> str:
         """One v1 sale written straight to JSON text: the load generator shares the machine
         with HQ, so it spends as little CPU per sale as it can."""
@@ -157,7 +168,7 @@ class StationClient:
         amount = (volume * 755000 + 500_000) // 1_000_000
         start = self.txn * 100_000
         return (
-            f'{{"sale_id":"{new_id()}","station_seq":{self.seq},"fuelling_point":{fp},'
+            f'{{"sale_id":"{self.sale_id()}","station_seq":{self.seq},"fuelling_point":{fp},'
             f'"nozzle":1,"grade":"92","volume_ml":{volume},"unit_price_mmu":755000,'
             f'"amount_minor":{amount},"currency":"CNY","price_version":"bench",'
             f'"snapshot_version":1,"totalizer_start_ml":{start},'
@@ -230,14 +241,19 @@ async def drive(
                     cls = stats.large if kind == "large" else stats.small
                     cls.batches += 1
                     cls.latencies_ms.append(elapsed)
-                    results = response.json()["results"]
-                    for r in results:
-                        stats.statuses[r["status"]] = stats.statuses.get(r["status"], 0) + 1
-                    cls.sales += len(results)
+                    # Counted in the raw answer rather than decoded: same figures, less CPU
+                    # taken from HQ on a shared machine (a test checks the answer's shape).
+                    answer = response.content
+                    for status in STATUSES:
+                        n = answer.count(b'"status":"%s"' % status.encode())
+                        if n:
+                            stats.statuses[status] = stats.statuses.get(status, 0) + n
+                    cls.sales += answer.count(b'"sale_id"')
 
     await asyncio.gather(*(one(c) for c in clients))
 
 
+STATUSES = ("created", "duplicate", "quarantined", "conflict")
 UNPUBLISHED = "SELECT count(*) FROM platform.outbox"  # the relay deletes what it published
 
 

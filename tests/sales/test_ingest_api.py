@@ -304,3 +304,11 @@ async def test_every_answer_carries_a_trace_context_and_a_malformed_one_is_repla
     assert trace_id_of(fresh) is not None
     health = await hq.client.get("/health")
     assert trace_id_of(health.headers["traceparent"]) not in (None, trace_id_of(fresh))
+
+
+async def test_the_answer_is_compact_json_one_result_per_sale(hq: Hq) -> None:
+    # The ingest benchmark counts statuses in the raw answer; this is the shape it relies on.
+    response = await hq.upload("S001", [make_sale(), make_sale(), make_sale(nozzle=9)])
+    assert response.content.count(b'"status":"created"') == 2
+    assert response.content.count(b'"status":"quarantined"') == 1
+    assert response.content.count(b'"sale_id"') == 3

@@ -188,20 +188,45 @@ class SalesStore:
             await self.conn.execute(alert_t.insert(), rows)
 
     async def sequence_book(self, station_code: str) -> SequenceBook:
-        row = (
-            await self.conn.execute(
-                sa.select(sequence_t).where(sequence_t.c.station_code == station_code)
+        if self.pg and self.conn.in_transaction():  # the ingest path: asyncpg directly
+            apg = await self._asyncpg()
+            row = await apg.fetchrow(
+                "SELECT high_water, gaps FROM sales.station_sequence WHERE station_code = $1",
+                station_code,
             )
-        ).first()
+        else:
+            row = (
+                (
+                    await self.conn.execute(
+                        sa.select(sequence_t.c.high_water, sequence_t.c.gaps).where(
+                            sequence_t.c.station_code == station_code
+                        )
+                    )
+                )
+                .mappings()
+                .first()
+            )
         if row is None:
             return SequenceBook()
-        gaps: tuple[Gap, ...] = tuple((int(a), int(b)) for a, b in json.loads(row.gaps))
-        return SequenceBook(high_water=row.high_water, gaps=gaps)
+        gaps: tuple[Gap, ...] = tuple((int(a), int(b)) for a, b in json.loads(row["gaps"]))
+        return SequenceBook(high_water=row["high_water"], gaps=gaps)
 
     async def save_sequence_book(
         self, station_code: str, book: SequenceBook, now: datetime
     ) -> None:
         """Write the book (called under the station lock, so update-then-insert is safe)."""
+        if self.pg:
+            apg = await self._asyncpg()
+            await apg.execute(
+                "INSERT INTO sales.station_sequence (station_code, high_water, gaps,"
+                " updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (station_code) DO UPDATE"
+                " SET high_water = $2, gaps = $3, updated_at = $4",
+                station_code,
+                book.high_water,
+                json.dumps(book.gaps),
+                now,
+            )
+            return
         values = {"high_water": book.high_water, "gaps": json.dumps(book.gaps), "updated_at": now}
         result = await self.conn.execute(
             sequence_t.update().where(sequence_t.c.station_code == station_code).values(**values)
