@@ -65,6 +65,7 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         batch_size=settings.relay_batch_size,
         idle_seconds=settings.relay_idle_seconds,
         vacuum_every=settings.relay_vacuum_every,
+        lanes=settings.relay_lanes,
     )
     registry = CollectorRegistry()
     directory = DbStationDirectory(db)

@@ -307,6 +307,7 @@ def relay() -> None:
             batch_size=settings.relay_batch_size,
             idle_seconds=settings.relay_idle_seconds,
             vacuum_every=settings.relay_vacuum_every,
+            lanes=settings.relay_lanes,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -64,6 +64,7 @@ class Settings(_TomlSettings):
     relay_batch_size: int = 500
     relay_idle_seconds: float = 0.05
     relay_vacuum_every: int = 20_000  # PostgreSQL: vacuum the outbox after this many rows
+    relay_lanes: int = 2  # PostgreSQL: claim–publish–delete loops side by side
     nats_stream: str = "FORECOURT"
     nats_subject_prefix: str | None = None  # e.g. per environment sharing one NATS server
     workers: int = 1  # HTTP worker processes (PostgreSQL only when more than one)

@@ -43,6 +43,7 @@ class SpyBus:
         self.delay = delay
         self.crash_after_publish = crash_after_publish
         self.published: list[str] = []
+        self.in_flight = self.max_in_flight = 0
 
     async def connect(self) -> None:
         await self.inner.connect()
@@ -75,9 +76,14 @@ class SpyBus:
             raise SimulatedCrash(f"crashed after publishing {len(envelopes)} events")
 
     async def publish_records(self, records: Sequence[EventRecord]) -> None:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        await self.inner.publish_records(records)  # every one acknowledged by the broker...
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            await self.inner.publish_records(records)  # every one acknowledged by the broker...
+        finally:
+            self.in_flight -= 1
         self.published.extend(r.id for r in records)
         if self.crash_after_publish:  # ...and the process dies before the rows are marked
             raise SimulatedCrash(f"crashed after publishing {len(records)} events")
@@ -321,3 +327,24 @@ async def test_the_relay_vacuums_the_outbox_so_claims_do_not_walk_dead_rows(
         )
     assert vacuumed is not None
     assert vacuumed >= 2
+
+
+async def test_relay_lanes_publish_side_by_side_and_never_twice(
+    pg_db: Database, buses: Buses
+) -> None:
+    bus = await buses.new()
+    spy = SpyBus(bus, delay=0.02)
+    relay = OutboxRelay(pg_db, spy, batch_size=5, lanes=3, idle_seconds=0.01)
+    events = [event(i) for i in range(100)]
+    for i in range(0, 100, 10):
+        async with pg_db.begin() as uow:
+            await uow.emit(*events[i : i + 10])
+    relay.start()
+    try:
+        await eventually(lambda: len(spy.published) >= 100, timeout=20)
+    finally:
+        await relay.stop()
+
+    assert spy.max_in_flight > 1, "the lanes never published at the same time"
+    assert sorted(spy.published) == sorted(e.id for e in events)
+    assert await relay.backlog() == 0

@@ -54,12 +54,14 @@ class OutboxRelay(BackgroundService):
         batch_size: int = 500,
         idle_seconds: float = 0.05,
         vacuum_every: int = 20_000,
+        lanes: int = 2,
     ) -> None:
         self.db = db
         self.bus = bus
         self.batch_size = batch_size
         self.idle_seconds = idle_seconds
         self.vacuum_every = vacuum_every
+        self.lanes = lanes
         self.published = 0
         self.failures = 0
         self.vacuums = 0
@@ -143,6 +145,13 @@ class OutboxRelay(BackgroundService):
         return int(value or 0)
 
     async def run(self) -> None:
+        """Relay until cancelled. On PostgreSQL ``lanes`` loops run side by side, each in
+        its own transaction (``SKIP LOCKED`` keeps their rows apart), so one lane claims
+        and deletes while another waits for the broker's acknowledgements."""
+        lanes = 1 if self.db.is_sqlite else max(1, self.lanes)
+        await asyncio.gather(*(self._lane() for _ in range(lanes)))
+
+    async def _lane(self) -> None:
         backoff = self.idle_seconds
         while True:
             try:
