@@ -49,6 +49,19 @@ async def upgrade(db: Database, trees: Iterable[str] = HQ_TREES) -> None:
             await conn.run_sync(upgrade_sync, tree, schema)
 
 
+def downgrade_sync(connection: sa.Connection, tree: str, schema: str | None, rev: str) -> None:
+    command.downgrade(_config(tree, connection, schema), rev)
+
+
+async def downgrade(db: Database, tree: str, revision: str) -> None:
+    """Take one tree back to ``revision`` (an operator's rollback of a release)."""
+    schema = db.schema(tree)
+    async with db.engine.begin() as conn:
+        if schema is not None:
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+        await conn.run_sync(downgrade_sync, tree, schema, revision)
+
+
 def run_env() -> None:
     """Body of every tree's ``env.py``: run migrations on the connection we were handed."""
     from alembic import context
