@@ -499,7 +499,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--log", default="bench-hq.log", help="HQ process log file")
     p.add_argument(
         "--paced",
-        default="2500,4000",
+        default="4000,8000,12000",
         help="offered loads (sales/s over all clients) for paced runs after the sweep ('' = none)",
     )
     p.add_argument("--quick", action="store_true", help="short phases (smoke run)")

@@ -91,7 +91,11 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     if "network" in settings.services:
         app.include_router(network_api.build_router(db, directory))
     if "sales" in settings.services:
-        app.include_router(sales_api.build_router(db, directory, registry))
+        app.include_router(
+            sales_api.build_router(
+                db, directory, registry, ingest_concurrency=settings.ingest_concurrency
+            )
+        )
     hq.app = app
     return hq
 

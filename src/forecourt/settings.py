@@ -68,6 +68,7 @@ class Settings(_TomlSettings):
     nats_stream: str = "FORECOURT"
     nats_subject_prefix: str | None = None  # e.g. per environment sharing one NATS server
     workers: int = 1  # HTTP worker processes (PostgreSQL only when more than one)
+    ingest_concurrency: int = 2  # uploads processed at once per process (first come first served)
 
     @field_validator("services", mode="before")
     @classmethod

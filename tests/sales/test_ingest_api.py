@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
+import pytest
 import sqlalchemy as sa
 
+from forecourt.bootstrap import build_head_office
 from forecourt.infra.db import outbox_table
 from forecourt.kernel.events import trace_id_of
+from forecourt.network.handlers import (
+    SAMPLE_CHAIN,
+    import_chain,
+    issue_credential,
+    load_chain_file,
+)
+from forecourt.sales import api as sales_api
 from forecourt.sales.store import alert_t, conflict_t, sale_t
+from forecourt.settings import Settings
 from tests.sales.conftest import Hq, make_sale
 
 
@@ -312,3 +324,52 @@ async def test_the_answer_is_compact_json_one_result_per_sale(hq: Hq) -> None:
     assert response.content.count(b'"status":"created"') == 2
     assert response.content.count(b'"status":"quarantined"') == 1
     assert response.content.count(b'"sale_id"') == 3
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_uploads_are_admitted_a_few_at_a_time(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = 0
+    most = 0
+    order: list[int] = []
+    real = sales_api.ingest_batch
+
+    async def slow_ingest(*args: object, **kwargs: object) -> object:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        order.append(args[3].sales[0].station_seq)  # type: ignore[attr-defined]
+        try:
+            await asyncio.sleep(0.05)
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(sales_api, "ingest_batch", slow_ingest)
+    office = build_head_office(Settings(database_url=db_url, log_json=False, ingest_concurrency=1))
+    await office.start(relay=False)
+    try:
+        await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
+        token = (await issue_credential(office.db, "S001"))[1]
+        transport = httpx.ASGITransport(app=office.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
+            sales = [make_sale() for _ in range(4)]
+
+            async def upload(sale: dict[str, object], delay: float) -> httpx.Response:
+                await asyncio.sleep(delay)
+                return await client.post(
+                    "/v1/stations/S001/sales:batch",
+                    json={"schema_version": 1, "sales": [sale]},
+                    headers={"authorization": f"Bearer {token}"},
+                )
+
+            answers = await asyncio.gather(
+                *(upload(sale, i * 0.005) for i, sale in enumerate(sales))
+            )
+    finally:
+        await office.stop()
+
+    assert [a.status_code for a in answers] == [200] * 4
+    assert most == 1
+    assert sorted(order) == sorted(s["station_seq"] for s in sales)
