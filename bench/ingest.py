@@ -11,7 +11,7 @@ Runs, in one process tree:
   of 1–10 sales and 20 % of 100–1 000, 5 % re-uploads of an earlier batch; a warm-up, then
   the measured window. ``sales_per_s`` = new HQ rows ÷ window.
 
-Then, beside the closed loop the issue defines, paced runs (``--paced``): the same 16 clients
+Then, beside the closed loop, paced runs (``--paced``): the same 16 clients
 offering a fixed total rate, which shows the latency at a load below saturation.
 
 ``--json`` prints one JSON object as the last line with ``sales_per_s``, ``pgbench_tps``,
