@@ -54,12 +54,9 @@ class HeadOffice:
         await self.db.dispose()
 
 
-def build_head_office(settings: Settings, *, clock: Clock | None = None) -> HeadOffice:
-    db = Database(settings.database_url, clock=clock)
-    bus = make_bus(
-        settings.bus_url, stream=settings.nats_stream, subject_prefix=settings.nats_subject_prefix
-    )
-    relay = OutboxRelay(
+def build_relay(db: Database, bus: Bus, settings: Settings) -> OutboxRelay:
+    """The outbox relay as the settings describe it (in HQ, or as ``forecourt relay``)."""
+    return OutboxRelay(
         db,
         bus,
         batch_size=settings.relay_batch_size,
@@ -67,6 +64,14 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         vacuum_every=settings.relay_vacuum_every,
         lanes=settings.relay_lanes,
     )
+
+
+def build_head_office(settings: Settings, *, clock: Clock | None = None) -> HeadOffice:
+    db = Database(settings.database_url, clock=clock)
+    bus = make_bus(
+        settings.bus_url, stream=settings.nats_stream, subject_prefix=settings.nats_subject_prefix
+    )
+    relay = build_relay(db, bus, settings)
     registry = CollectorRegistry()
     directory = DbStationDirectory(db)
     hq = HeadOffice(settings, db, bus, relay, directory, registry)

@@ -282,10 +282,10 @@ def relay() -> None:
     """Run only the outbox relay (publishes committed events to the bus) until stopped."""
     import signal
 
+    from forecourt.bootstrap import build_relay
     from forecourt.infra.bus import make_bus
     from forecourt.infra.db import Database
     from forecourt.infra.migrate import upgrade
-    from forecourt.infra.relay import OutboxRelay
     from forecourt.settings import Settings
 
     settings = Settings()
@@ -301,14 +301,7 @@ def relay() -> None:
         await db.connect()
         await upgrade(db)
         await bus.connect()
-        worker = OutboxRelay(
-            db,
-            bus,
-            batch_size=settings.relay_batch_size,
-            idle_seconds=settings.relay_idle_seconds,
-            vacuum_every=settings.relay_vacuum_every,
-            lanes=settings.relay_lanes,
-        )
+        worker = build_relay(db, bus, settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
