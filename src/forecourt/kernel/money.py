@@ -93,6 +93,17 @@ def divide_rounded(numerator: int, denominator: int, rounding: Rounding) -> int:
     return q + (q % 2)  # HALF_EVEN
 
 
+def charge_minor(
+    volume_ml: int, milli_minor_per_litre: int, resolution_minor: int, rounding: Rounding
+) -> int:
+    """Volume × unit price in minor units, rounded to the dispenser's resolution: the rule of
+    :meth:`UnitPrice.amount_for` on plain integers, for hot paths that have checked their
+    inputs already (positive resolution, integers, a known currency)."""
+    exact_numerator = volume_ml * milli_minor_per_litre  # milli-minor × ml
+    steps = divide_rounded(exact_numerator, ML_PER_LITRE * MILLI * resolution_minor, rounding)
+    return steps * resolution_minor
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Money:
     minor: int
@@ -174,9 +185,10 @@ class UnitPrice:
         _require_int("resolution_minor", resolution_minor)
         if resolution_minor <= 0:
             raise InvalidValue("resolution_minor must be positive")
-        exact_numerator = volume_ml * self.milli_minor_per_litre  # milli-minor × ml
-        steps = divide_rounded(exact_numerator, ML_PER_LITRE * MILLI * resolution_minor, rounding)
-        return Money(steps * resolution_minor, self.currency)
+        return Money(
+            charge_minor(volume_ml, self.milli_minor_per_litre, resolution_minor, rounding),
+            self.currency,
+        )
 
     def __str__(self) -> str:
         return f"{self.to_decimal():f} {self.currency}/L"

@@ -15,7 +15,7 @@ from uuid import UUID
 
 from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.ids import uuid5_str
-from forecourt.kernel.money import Rounding, UnitPrice
+from forecourt.kernel.money import Rounding, charge_minor
 
 
 class SalesError(ForecourtError):
@@ -148,10 +148,11 @@ def amount_agrees(sale: Sale, *, resolution_minor: int, rounding: Rounding) -> b
     The dispenser rounds to its own resolution; anything further off means the meter, the
     price or the journal is wrong, so the sale is recorded and flagged.
     """
-    expected = UnitPrice(sale.unit_price_mmu, sale.currency).amount_for(
-        sale.volume_ml, resolution_minor=resolution_minor, rounding=rounding
-    )
-    return abs(expected.minor - sale.amount_minor) <= resolution_minor
+    if resolution_minor <= 0:
+        raise SalesError("a dispenser's amount resolution must be positive")
+    # Integers the upload schema has checked: the kernel's rule without its value objects.
+    expected = charge_minor(sale.volume_ml, sale.unit_price_mmu, resolution_minor, rounding)
+    return abs(expected - sale.amount_minor) <= resolution_minor
 
 
 # --- the per-station sequence book: high-water mark and gaps --------------------------------
