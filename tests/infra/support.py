@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 from forecourt.infra.bus import Bus
 from forecourt.infra.bus.memory import MemoryBus
 from forecourt.infra.bus.nats import NatsBus
 from forecourt.infra.db import Database
 from forecourt.infra.migrate import upgrade
+from forecourt.kernel.events import Envelope, event_type, new_traceparent
 
 NO_DEDUPE_WINDOW = 0.1  # NATS streams "without" de-duplication: the shortest useful window
 
@@ -81,3 +83,15 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached within the timeout")
         await asyncio.sleep(0.01)
+
+
+def sale_event(n: int = 0, **data: object) -> Envelope:
+    """A ``sale.completed`` event numbered ``n`` (its subject and data say which)."""
+    return Envelope(
+        type=event_type("sales", "sale.completed"),
+        source="/stations/st-0042",
+        subject=f"sale-{n}",
+        time=datetime.now(UTC),
+        traceparent=new_traceparent(),
+        data={"n": n, **data},
+    )

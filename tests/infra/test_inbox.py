@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
@@ -24,21 +23,11 @@ from forecourt.infra.db import (
     inbox_table,
 )
 from forecourt.infra.inbox import InboxConsumer
-from forecourt.kernel.events import Envelope, event_type, new_traceparent, trace_id_of
+from forecourt.kernel.events import Envelope, trace_id_of
 from tests.infra.support import Buses, eventually
+from tests.infra.support import sale_event as event
 
 SETTLE = 0.3
-
-
-def event(n: int = 0, **data: object) -> Envelope:
-    return Envelope(
-        type=event_type("sales", "sale.completed"),
-        source="/stations/st-0042",
-        subject=f"sale-{n}",
-        time=datetime.now(UTC),
-        traceparent=new_traceparent(),
-        data={"n": n, **data},
-    )
 
 
 async def book_sale(envelope: Envelope, uow: UnitOfWork) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -25,8 +24,9 @@ from forecourt.infra.bus import Bus, Delivery, Handler, Subscription
 from forecourt.infra.db import Database, UnitOfWork, audit_outbox_table, outbox_table
 from forecourt.infra.inbox import InboxConsumer
 from forecourt.infra.relay import OutboxRelay
-from forecourt.kernel.events import Envelope, EventRecord, event_type, new_traceparent
+from forecourt.kernel.events import Envelope, EventRecord
 from tests.infra.support import Buses, eventually, platform_db
+from tests.infra.support import sale_event as event
 
 SETTLE = 0.3
 
@@ -98,17 +98,6 @@ class Recorder:
 
     def ids(self) -> list[str]:
         return [d.envelope.id for d in self.deliveries]
-
-
-def event(n: int = 0) -> Envelope:
-    return Envelope(
-        type=event_type("sales", "sale.completed"),
-        source="/stations/st-0042",
-        subject=f"sale-{n}",
-        time=datetime.now(UTC),
-        traceparent=new_traceparent(),
-        data={"n": n, "litres": "30.01"},
-    )
 
 
 async def unpublished_ids(db: Database) -> set[str]:

@@ -248,19 +248,6 @@ OUTBOX_COLUMNS = (
 )
 
 
-def outbox_row(record: EventRecord, now: datetime) -> dict[str, Any]:
-    return {
-        "event_id": record.id,
-        "type": record.type,
-        "source": record.source,
-        "subject": record.subject,
-        "time": record.time,
-        "traceparent": record.traceparent,
-        "data": record.data,
-        "created_at": now,
-    }
-
-
 async def asyncpg_connection(conn: AsyncConnection) -> Any:
     """The asyncpg connection under ``conn``, inside ``conn``'s transaction.
 
@@ -299,17 +286,17 @@ class UnitOfWork:
             return
         check_records(records)
         now = self.db.clock.now()
+        # An EventRecord is the outbox row in OUTBOX_COLUMNS order, less created_at.
+        rows = [(*r, now) for r in records]
         if self.db.is_sqlite:
-            await self.conn.execute(outbox_table.insert(), [outbox_row(r, now) for r in records])
+            await self.conn.execute(
+                outbox_table.insert(), [dict(zip(OUTBOX_COLUMNS, row, strict=True)) for row in rows]
+            )
         else:
             # COPY on the same asyncpg connection and transaction: the hot path of ingest.
-            # An EventRecord is already the outbox row in OUTBOX_COLUMNS order, less created_at.
             apg = await asyncpg_connection(self.conn)
             await apg.copy_records_to_table(
-                "outbox",
-                schema_name="platform",
-                columns=OUTBOX_COLUMNS,
-                records=[(*r, now) for r in records],
+                "outbox", schema_name="platform", columns=OUTBOX_COLUMNS, records=rows
             )
         self.emitted += len(records)
 

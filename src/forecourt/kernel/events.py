@@ -69,19 +69,29 @@ class EventRecord(NamedTuple):
 
     def headers(self) -> dict[str, str]:
         """The CloudEvents binary-mode headers."""
-        h = {
-            "ce-specversion": SPECVERSION,
-            "ce-id": self.id,
-            "ce-source": self.source,
-            "ce-type": self.type,
-            "ce-time": self.time.isoformat(),
-            "content-type": "application/json",
-        }
-        if self.subject is not None:
-            h["ce-subject"] = self.subject
-        if self.traceparent is not None:
-            h["traceparent"] = self.traceparent
-        return h
+        return binary_headers(self)
+
+
+def binary_headers(
+    event: EventRecord | Envelope,
+    specversion: str = SPECVERSION,
+    datacontenttype: str = "application/json",
+) -> dict[str, str]:
+    """An event's attributes as CloudEvents binary-mode headers (``ce-*``, W3C
+    ``traceparent``, ``content-type``)."""
+    h = {
+        "ce-specversion": specversion,
+        "ce-id": event.id,
+        "ce-source": event.source,
+        "ce-type": event.type,
+        "ce-time": event.time.isoformat(),
+        "content-type": datacontenttype,
+    }
+    if event.subject is not None:
+        h["ce-subject"] = event.subject
+    if event.traceparent is not None:
+        h["traceparent"] = event.traceparent
+    return h
 
 
 def check_records(records: Iterable[EventRecord]) -> None:
@@ -131,19 +141,7 @@ class Envelope:
         return self.type.removeprefix("com.")
 
     def headers(self) -> dict[str, str]:
-        h = {
-            "ce-specversion": self.specversion,
-            "ce-id": self.id,
-            "ce-source": self.source,
-            "ce-type": self.type,
-            "ce-time": self.time.isoformat(),
-            "content-type": self.datacontenttype,
-        }
-        if self.subject is not None:
-            h["ce-subject"] = self.subject
-        if self.traceparent is not None:
-            h["traceparent"] = self.traceparent
-        return h
+        return binary_headers(self, self.specversion, self.datacontenttype)
 
     def record(self) -> EventRecord:
         return EventRecord(

@@ -23,7 +23,6 @@ from forecourt.sales.contracts import (
     SALE_CONFLICT,
     SALE_NATURAL_KEY_COLLISION,
     SALE_QUARANTINED,
-    BatchResult,
     SalesBatchV1,
     SaleV1,
 )
@@ -139,9 +138,6 @@ class IngestOutcome:
                 "gaps": self.gaps,
             }
         )
-
-    def model(self) -> BatchResult:
-        return BatchResult.model_validate_json(self.to_json())
 
 
 async def ingest_batch(

@@ -108,15 +108,20 @@ NATURAL_KEY_SQL = (
 
 class SalesStore:
     """Sales persistence. On PostgreSQL the ingest hot path talks to asyncpg directly on the
-    same connection and transaction (``= ANY`` arrays instead of expanded IN lists, ``COPY``
+    same connection and transaction (array parameters instead of expanded IN lists, ``COPY``
     for inserts): far less parsing and Python work per sale, same interface."""
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self.pg = conn.dialect.name == "postgresql"
+        self._apg: Any = None
 
     async def _asyncpg(self) -> Any:
-        return await asyncpg_connection(self.conn)
+        """The asyncpg connection under ``conn``, looked up once per store (one transaction)
+        once that transaction has started."""
+        if self._apg is None or (self.conn.in_transaction() and not self._apg.is_in_transaction()):
+            self._apg = await asyncpg_connection(self.conn)
+        return self._apg
 
     async def lock_station(self, station_code: str) -> None:
         """Serialise ingest per station (sequence book, conflict checks). SQLite already
@@ -188,7 +193,7 @@ class SalesStore:
             await self.conn.execute(alert_t.insert(), rows)
 
     async def sequence_book(self, station_code: str) -> SequenceBook:
-        if self.pg and self.conn.in_transaction():  # the ingest path: asyncpg directly
+        if self.pg:
             apg = await self._asyncpg()
             row = await apg.fetchrow(
                 "SELECT high_water, gaps FROM sales.station_sequence WHERE station_code = $1",
@@ -214,7 +219,8 @@ class SalesStore:
     async def save_sequence_book(
         self, station_code: str, book: SequenceBook, now: datetime
     ) -> None:
-        """Write the book (called under the station lock, so update-then-insert is safe)."""
+        """Write the book (called under the station lock; an upsert on PostgreSQL,
+        update-then-insert elsewhere, which the lock makes safe)."""
         if self.pg:
             apg = await self._asyncpg()
             await apg.execute(

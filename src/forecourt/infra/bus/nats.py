@@ -222,8 +222,6 @@ class _PendingAcks:
         self.waiting = set(range(count))
         self.error: tuple[int, str] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not count:
-            self.done.set_result(None)
 
     def answer(self, index: int, error: str | None) -> None:
         if error is not None and self.error is None:
@@ -393,18 +391,7 @@ class NatsBus:
     # --- the Bus protocol -----------------------------------------------------------
 
     async def publish(self, envelope: Envelope) -> None:
-        headers = envelope.headers()
-        headers[MSG_ID_HEADER] = envelope.id
-        # ``stream=`` makes the server refuse the message unless it lands in our stream.
-        ack = await self.js.publish(
-            self.wire_subject(envelope.bus_subject),
-            envelope.body(),
-            timeout=self.publish_timeout,
-            stream=self.stream,
-            headers=headers,
-        )
-        if ack.stream != self.stream:
-            raise RuntimeError(f"event {envelope.id} stored in {ack.stream!r}, not {self.stream!r}")
+        await self.publish_records([envelope.record()])
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> None:
         await self.publish_records([e.record() for e in envelopes])
