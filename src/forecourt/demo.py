@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shutil
+import signal
 import socket
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -130,6 +133,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A socket bound and listening before anyone learns its port: nobody can take it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+async def serve_until_started(
+    server: uvicorn.Server, sock: socket.socket, timeout_s: float = 20.0
+) -> asyncio.Task[None]:
+    """Start ``server`` on ``sock`` and wait (with a deadline) until it accepts requests."""
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it
+            raise RuntimeError("HTTP server stopped before it started")
+        if loop.time() > deadline:
+            server.should_exit = True
+            raise TimeoutError(f"HTTP server not started after {timeout_s} s")
+        await asyncio.sleep(0.01)
+    return task
+
+
+def _owned_station_dirs(workdir: Path) -> list[Path]:
+    """What an earlier demo left in a work folder: its stations' journals and controllers."""
+    return sorted(
+        d
+        for d in workdir.iterdir()
+        if d.is_dir() and ((d / "edge.db").exists() or (d / "pts").exists())
+    )
+
+
 def pick_stations(chain: Chain, count: int) -> Chain:
     """The first ``count`` stations of the chain, cloning the layout when more are asked."""
     if count < 1:
@@ -213,10 +252,32 @@ class DemoChain:
         self._server_task: asyncio.Task[None] | None = None
         self.stations: list[StationRun] = []
 
+    def _clear_workdir(self) -> None:
+        """``--reset`` resets everything the demo owns; without it, an earlier run's journals
+        are refused (they would meet a fresh HQ and fresh controllers and disagree)."""
+        leftovers = _owned_station_dirs(self.workdir)
+        hq_file = self.workdir / "hq.db"
+        if not self.opts.reset:
+            if leftovers:
+                raise DemoError(
+                    f"the work folder {self.workdir} holds the journals of an earlier demo "
+                    f"({', '.join(d.name for d in leftovers)}); pass --reset to start afresh, "
+                    "or give another --workdir",
+                    code="demo.workdir_not_empty",
+                )
+            return
+        for directory in leftovers:
+            shutil.rmtree(directory)
+        if self.opts.database_url is None:
+            for path in (hq_file, hq_file.with_name("hq.db-wal"), hq_file.with_name("hq.db-shm")):
+                path.unlink(missing_ok=True)
+
     async def start(self) -> None:
         opts = self.opts
+        self._clear_workdir()
         database_url = opts.database_url or f"sqlite+aiosqlite:///{self.workdir / 'hq.db'}"
-        port = free_port()
+        sock = listening_socket()
+        port = int(sock.getsockname()[1])
         settings = Settings(
             database_url=database_url,
             bus_url=opts.bus_url,
@@ -241,9 +302,7 @@ class DemoChain:
             lifespan="off",
         )
         self._server = uvicorn.Server(config)
-        self._server_task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            await asyncio.sleep(0.02)
+        self._server_task = await serve_until_started(self._server, sock)
         self.hq_url = f"http://127.0.0.1:{port}"
 
         chain = pick_stations(load_chain_file(SAMPLE_CHAIN), opts.stations)
@@ -274,6 +333,25 @@ class DemoChain:
             edge = build_edge_node(edge_settings, self.clock, jsonpts_factory(edge_settings))
             await edge.start()
             self.stations.append(StationRun(station.code, token, sim, edge))
+
+    async def restart_controller(
+        self, code: str, sig: int = signal.SIGTERM, *, reset_counters: bool = True
+    ) -> None:
+        """Restart one station's simulated PTS-2 (same address, same dispensers and memory);
+        with ``reset_counters`` its transaction numbers start again at 1."""
+        station = next(st for st in self.stations if st.code == code)
+        await asyncio.to_thread(station.simulator.restart, sig, reset_counters=reset_counters)
+
+    async def set_faults(self, code: str, faults: dict[str, Any]) -> dict[str, Any]:
+        """Switch simulator faults on or off at one station (see forecourt.sim.pts_controller)."""
+        station = next(st for st in self.stations if st.code == code)
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            answer = await client.post(
+                f"{station.simulator.base_url}/sim/control", json={"faults": faults}
+            )
+            answer.raise_for_status()
+            body: dict[str, Any] = answer.json()
+            return body
 
     async def _require_empty(self) -> None:
         """The reconciliation compares whole stores, so the demo needs a database of its own."""
@@ -377,7 +455,10 @@ class DemoChain:
                     currency=snapshot.currency,
                 )
                 await driver.open()
-                device_keys: dict[tuple[int, int], tuple[str, int, int]] = {}
+                # A device transaction by its contents: after a controller restart with its
+                # counters reset, one pump shows the same number for two sales.
+                device_keys: Counter[tuple[int, int, int, int]] = Counter()
+                device_grade: dict[tuple[int, int, int, int], str] = {}
                 try:
                     for fp in snapshot.fuelling_points:
                         for txn in await driver.transactions(
@@ -385,11 +466,9 @@ class DemoChain:
                         ):
                             grade = nozzle_grade.get((txn.pump, txn.nozzle), "unknown")
                             cell(grade)["dispensers"].add(1, txn.volume_ml, txn.amount_minor)
-                            device_keys[(txn.pump, txn.transaction)] = (
-                                grade,
-                                txn.volume_ml,
-                                txn.amount_minor,
-                            )
+                            key = (txn.pump, txn.transaction, txn.volume_ml, txn.amount_minor)
+                            device_keys[key] += 1
+                            device_grade[key] = grade
                 finally:
                     await driver.close()
                 # 2. the edge's journal
@@ -404,30 +483,33 @@ class DemoChain:
                     if g["quarantined"]:
                         rec.quarantined += g["sales"]
                 rec.duplicates += summary["natural_key_duplicates"]
-                at_hq: set[tuple[int, int]] = set()
+                at_hq: Counter[tuple[int, int, int, int]] = Counter()
                 after = None
                 while True:
                     params: dict[str, Any] = {"station": st.code, "limit": 5000}
                     if after:
                         params["after"] = after
                     page = (await hq.get("/v1/sales", params=params)).json()
-                    at_hq.update((s["fuelling_point"], s["device_txn"]) for s in page["items"])
+                    at_hq.update(
+                        (s["fuelling_point"], s["device_txn"], s["volume_ml"], s["amount_minor"])
+                        for s in page["items"]
+                    )
                     after = page["next_after"]
                     if not after:
                         break
-                for key, (grade, volume, amount) in sorted(device_keys.items()):
-                    if key not in at_hq:
-                        rec.lost += 1
-                        rec.lost_sales.append(
-                            {
-                                "station": st.code,
-                                "fuelling_point": key[0],
-                                "device_txn": key[1],
-                                "grade": grade,
-                                "volume_ml": volume,
-                                "amount_minor": amount,
-                            }
-                        )
+                for key, missing in sorted((device_keys - at_hq).items()):
+                    rec.lost += missing
+                    rec.lost_sales.extend(
+                        {
+                            "station": st.code,
+                            "fuelling_point": key[0],
+                            "device_txn": key[1],
+                            "grade": device_grade[key],
+                            "volume_ml": key[2],
+                            "amount_minor": key[3],
+                        }
+                        for _ in range(missing)
+                    )
         return rec
 
     async def stop(self) -> None:

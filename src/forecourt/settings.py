@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -97,6 +97,7 @@ class EdgeSettings(_TomlSettings):
     controller_volume_decimals: int = 2
     controller_amount_decimals: int = 2
     controller_price_decimals: int = 2
+    controller_auth: Literal["auto", "basic", "digest"] = "auto"  # the device offers either
     host: str = "127.0.0.1"
     port: int = 8401
     poll_interval_s: float = 0.1
@@ -106,6 +107,16 @@ class EdgeSettings(_TomlSettings):
     sync_backoff_max_s: float = 30.0
     outbox_budget_bytes: int = 512 * 1024 * 1024
     outbox_alarm_ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8])
+    # Journal on disk (main file + WAL) alarms at outbox_alarm_ratios of this; None: the
+    # outbox budget. Free space below min_free_disk_bytes alarms and runs retention early.
+    journal_budget_bytes: int | None = Field(default=None, ge=0)
+    min_free_disk_bytes: int = Field(default=1024**3, ge=0)
+    # Settled sales HQ has answered leave the journal for the archive after retention_days
+    # (on journaled_at); None as archive_dir: "<journal_path>.archive/".
+    retention_days: int = Field(default=90, ge=1)
+    archive_dir: Path | None = None
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+    retention_batch_rows: int = Field(default=10_000, ge=1)
     auto_settle: bool = True
     log_level: str = "INFO"
     log_json: bool = True

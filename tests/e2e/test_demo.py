@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from forecourt.demo import DemoChain, DemoOptions, report
+from forecourt.kernel.errors import ForecourtError
 from forecourt.sales.store import sale_t
 
 
@@ -37,6 +40,69 @@ async def test_the_demo_chain_agrees_three_ways_and_notices_a_deleted_hq_row(
         assert result["sales_at_hq"] == result["sales_at_dispensers"] - 1
         assert result["lost_sales"][0]["device_txn"] == victim.device_txn
         assert result["agree"] is False
+    finally:
+        await demo.stop()
+
+
+async def test_the_reconciliation_counts_every_station_on_its_own(tmp_path: Path) -> None:
+    """A duplicate at the first station is counted, and a sale lost at one station cannot hide
+    behind the same device transaction at another (numbers start at 1 on every pump)."""
+    demo = DemoChain(DemoOptions(duration_s=5, stations=2, workdir=tmp_path))
+    try:
+        await demo.start()
+        await demo.run_traffic()
+        assert await demo.quiesce()
+        first, second = (st.code for st in demo.stations)
+        assert demo.hq is not None
+        async with demo.hq.db.begin() as uow:
+            rows = (
+                await uow.conn.execute(
+                    sa.select(sale_t).where(sale_t.c.station_code == first).limit(2)
+                )
+            ).all()
+            assert len(rows) == 2
+            copy, moved = (dict(r._mapping) for r in rows)
+            # 1. a natural-key duplicate at the first station (a second sale_id, same meter)
+            copy["sale_id"] = uuid.uuid4()
+            copy["station_seq"] = 10**9
+            await uow.conn.execute(sa.insert(sale_t).values(**copy))
+            # 2. a sale of the first station lost at HQ, while the second station holds one
+            #    with the same pump, number, volume and amount
+            await uow.conn.execute(sa.delete(sale_t).where(sale_t.c.sale_id == moved["sale_id"]))
+            moved.update(sale_id=uuid.uuid4(), station_code=second, station_seq=10**9 + 1)
+            await uow.conn.execute(sa.insert(sale_t).values(**moved))
+        result = report(await demo.reconcile(), len(demo.stations), True, 0.0)
+        assert result["duplicates"] == 1
+        assert result["lost"] == 1
+        assert result["lost_sales"][0]["station"] == first
+        assert result["agree"] is False
+    finally:
+        await demo.stop()
+
+
+async def test_a_second_run_in_the_same_work_folder_resets_or_refuses(tmp_path: Path) -> None:
+    first = DemoChain(DemoOptions(duration_s=3, stations=1, workdir=tmp_path))
+    try:
+        await first.start()
+        await first.run_traffic()
+        assert await first.quiesce()
+    finally:
+        await first.stop()
+    again = DemoChain(DemoOptions(duration_s=3, stations=1, workdir=tmp_path))
+    with pytest.raises(ForecourtError) as refused:
+        await again.start()
+    await again.stop()
+    assert refused.value.code == "demo.workdir_not_empty"
+    assert "--reset" in refused.value.message
+    demo = DemoChain(DemoOptions(duration_s=3, stations=1, workdir=tmp_path, reset=True))
+    try:
+        await demo.start()
+        await demo.run_traffic()
+        assert await demo.quiesce()
+        result = report(await demo.reconcile(), len(demo.stations), True, 0.0)
+        assert result["sales_at_dispensers"] > 0
+        assert result["sales_at_dispensers"] == result["sales_at_edges"] == result["sales_at_hq"]
+        assert result["agree"] is True
     finally:
         await demo.stop()
 

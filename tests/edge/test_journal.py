@@ -51,7 +51,7 @@ async def test_sales_get_a_gap_free_sequence_and_an_outbox_row_each(tmp_path: Pa
         assert await journal.sequence_check() == (20, 20)
         pending = await journal.pending_uploads(100)
         assert [p.seq for p in pending] == list(range(1, 21))
-        assert pending[0].payload["schema_version"] == 1
+        assert pending[0].payload["schema_version"] == 2
         assert pending[0].payload["station_seq"] == pending[0].seq
     finally:
         await journal.close()

@@ -1,4 +1,5 @@
-"""The sync agent against a real HQ app: bisection of a refused batch, the disk budget."""
+"""The sync agent against a real HQ app: a refused sale never blocks the rest, the disk
+budget, back-off (more on HQ's verdicts in test_upload_verdicts)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ async def _journal(tmp_path: Path) -> Journal:
     return journal
 
 
-async def test_a_sale_hq_refuses_is_isolated_by_bisection_and_the_rest_uploads(
+async def test_a_sale_hq_refuses_is_kept_aside_and_the_rest_uploads(
     tmp_path: Path, office: tuple[HeadOffice, str]
 ) -> None:
     hq, token = office
@@ -46,7 +47,7 @@ async def test_a_sale_hq_refuses_is_isolated_by_bisection_and_the_rest_uploads(
     client = HqClient("http://hq", "S001", token, transport=httpx.ASGITransport(app=hq.app))
     try:
         for n in range(1, 8):
-            await journal.record_sale(replace(DRAFT, device_txn=n))
+            await journal.record_sale(replace(DRAFT, device_txn=n, device_id="pts-S001"))
 
         # Corrupt sale 5 in the outbox as a buggy older edge might have written it.
         def corrupt() -> None:
@@ -64,7 +65,7 @@ async def test_a_sale_hq_refuses_is_isolated_by_bisection_and_the_rest_uploads(
             if not await agent.upload_once():
                 break
         assert agent.stats.uploaded == 6
-        assert agent.stats.rejected == 1
+        assert agent.stats.refused == 1
         pending, _, rejected = await journal.outbox_usage()
         assert (pending, rejected) == (1, 1)  # kept, not dropped, and never blocks the rest
         assert await journal.pending_uploads(100) == []

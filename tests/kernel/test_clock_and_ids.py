@@ -6,15 +6,17 @@ properties do not depend on how fast the machine is.
 
 from __future__ import annotations
 
+import math
 import time as real_time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
+from fractions import Fraction
 from unittest import mock
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from forecourt.kernel import clock as clock_module
@@ -57,6 +59,11 @@ aware_epochs = st.builds(
     wall_epoch=wall_epochs,
     elapsed=st.floats(min_value=0, max_value=3600, allow_nan=False),
 )
+# Once flaky: ``wall_epoch + elapsed`` rounds to the float spacing at 1.6e9 (2.4e-7 s), so the
+# clock sees 2.4e-7 s, not the 1.19e-7 s meant, and speed 8391 makes that a millisecond.
+@example(speed=8391.0, wall_epoch=1.6e9, elapsed=1.1920929e-07)
+# Float arithmetic (product, then timedelta's rounding) landed a microsecond off here.
+@example(speed=2742.9291313405365, wall_epoch=1879472654.0235934, elapsed=1787.1983603173867)
 def test_simulated_time_advances_speed_times_faster_than_wall_time(
     speed: float, wall_epoch: float, elapsed: float
 ) -> None:
@@ -68,8 +75,15 @@ def test_simulated_time_advances_speed_times_faster_than_wall_time(
         # And after some wall seconds it has moved speed times as far
         wall.now = wall_epoch + elapsed
         later = clock.now()
-    assert (later - EPOCH).total_seconds() == pytest.approx(elapsed * speed, abs=1e-3, rel=1e-6)
     assert later.utcoffset() == timedelta(0)
+    moved_us = (later - EPOCH) // timedelta(microseconds=1)
+    # Exactly: the wall seconds the clock saw, times speed, rounded once to the microsecond
+    seen = Fraction(wall.now) - Fraction(wall_epoch)
+    assert moved_us == round(seen * Fraction(speed) * 10**6)
+    # And against the elapsed time we meant: off by at most the rounding of the wall reading
+    # (half the float spacing at its magnitude) times speed, plus half a microsecond
+    error_s = abs(Fraction(moved_us, 10**6) - Fraction(elapsed) * Fraction(speed))
+    assert error_s <= Fraction(math.ulp(wall.now)) / 2 * Fraction(speed) + Fraction(1, 2 * 10**6)
 
 
 def test_a_simulated_clock_at_sixty_times_speed_covers_an_hour_in_a_wall_minute() -> None:
@@ -107,17 +121,24 @@ def test_an_environment_without_a_simulated_epoch_means_no_simulated_clock() -> 
     fraction=st.floats(min_value=0, max_value=1, allow_nan=False),
     start=wall_epochs,
 )
+# ``start + budget`` rounded up past the budget (by up to half the float spacing at 1.7e9,
+# 1.2e-7 s, times speed 10 000: more than the 1 ms budget), so the clock read ahead.
+@example(budget=0.001027004384942532, speed=10_000.0, fraction=1.0, start=1706425607.047258)
 def test_a_clock_ending_before_now_is_never_ahead_of_real_time_within_its_budget(
     budget: float, speed: float, fraction: float, start: float
 ) -> None:
     # Given a clock that should only reach real time after ``budget`` wall seconds
     with wall_time_at(start) as wall:
         clock = SimulatedClock.ending_before_now(budget, speed)
-        # Then when created it is budget × speed simulated seconds behind
-        behind = (datetime.fromtimestamp(start, UTC) - clock.now()).total_seconds()
-        assert behind == pytest.approx(budget * speed, abs=1e-5)
-        # And at any point within the budget it is still behind real time
+        # Then when created it is budget × speed simulated seconds behind, to the microsecond
+        behind = datetime.fromtimestamp(start, UTC) - clock.now()
+        assert behind == timedelta(microseconds=round(Fraction(budget) * Fraction(speed) * 10**6))
+        # And at any wall reading within the budget it is still behind real time. A float
+        # reading cannot always land on ``start + fraction × budget``: the nearest one may
+        # lie past the budget, so step down to the last reading inside it.
         wall.now = start + fraction * budget
+        while wall.now - start > budget:
+            wall.now = math.nextafter(wall.now, 0.0)
         assert clock.now() <= datetime.fromtimestamp(wall.now, UTC)
     assert clock.speed == speed
 

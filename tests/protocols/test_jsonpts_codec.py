@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -17,6 +17,9 @@ from forecourt.protocols.jsonpts.codec import (
     JsonPtsPrecision,
     NumberFormat,
     Packet,
+    PtsErrorCode,
+    Quantity,
+    decimal_to_nearest,
     decode_envelope,
     dumps,
     encode_envelope,
@@ -28,6 +31,7 @@ from forecourt.protocols.jsonpts.codec import (
     parse_envelope,
     parse_local,
     parse_packet,
+    vendor_error,
 )
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -307,3 +311,76 @@ def test_an_instant_is_written_as_local_wall_clock_time_without_offset():
 def test_a_device_date_time_in_another_format_is_malformed(text):
     with pytest.raises(JsonPtsMalformed):
         parse_local(text, SHANGHAI)
+
+
+# --------------------------------------------------------------------------- lenient reading
+
+
+@given(
+    units=st.integers(-(10**15), 10**15),
+    places=st.integers(0, 8),
+    decimals=st.integers(0, 5),
+    unit_exponent=st.integers(0, 5),
+)
+def test_a_lenient_read_is_the_half_even_nearest_unit_and_says_what_it_had_to_do(
+    units, places, decimals, unit_exponent
+):
+    wire = fixed_point(units, places)
+    read = decimal_to_nearest(wire, decimals=decimals, unit_exponent=unit_exponent)
+    exact_units = wire.scaleb(unit_exponent)
+    reference = exact_units.quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
+    assert read.units == int(reference)
+    assert read.exact is (exact_units == reference)
+    significant = -wire.normalize().as_tuple().exponent if wire else 0
+    assert read.extra_decimals is (significant > decimals)
+    assert Decimal(read.wire) == wire
+
+
+@given(units=st.integers(-(10**12), 10**12), places=st.integers(0, 4))
+def test_a_lenient_read_agrees_with_the_strict_one_whenever_the_strict_one_succeeds(units, places):
+    fmt = NumberFormat(volume_decimals=2, amount_decimals=2, price_decimals=2)
+    wire = fixed_point(units, places)
+    for quantity in Quantity:
+        read = fmt.read(wire, quantity)
+        try:
+            strict = fmt.to_units(wire, quantity)
+        except JsonPtsMalformed:
+            assert not read.exact or read.extra_decimals
+            continue
+        assert (read.units, read.exact, read.extra_decimals) == (strict, True, False)
+
+
+def test_lenient_reading_still_refuses_what_is_not_a_sane_number():
+    with pytest.raises(JsonPtsMalformed):
+        decimal_to_nearest(Decimal("1E+999999999"), decimals=2, unit_exponent=3)
+    with pytest.raises(JsonPtsMalformed):
+        decimal_to_nearest(Decimal("NaN"), decimals=2, unit_exponent=3)
+
+
+def test_totalizers_have_decimals_of_their_own_defaulting_to_the_transactions_ones():
+    fmt = NumberFormat(volume_decimals=2, amount_decimals=2)
+    assert (fmt.total_volume_decimals, fmt.total_amount_decimals) == (2, 2)
+    totals = NumberFormat(volume_decimals=2, volume_total_decimals=3, amount_total_decimals=1)
+    assert str(totals.to_wire(1_234_567, Quantity.TOTAL_VOLUME)) == "1234.567"
+    assert totals.to_units(Decimal("1234.567"), Quantity.TOTAL_VOLUME) == 1_234_567
+    with pytest.raises(JsonPtsMalformed):
+        totals.to_units(Decimal("1234.567"), Quantity.VOLUME)
+    with pytest.raises(ForecourtError):
+        NumberFormat(volume_total_decimals=4)
+
+
+def test_a_vendor_error_packet_carries_the_code_and_its_name():
+    # Codes and names: Technotrade Java SDK com/technotrade/pts2/enumeration/Result.java
+    # (stored file 17288538076); clients compare Message to the name (stored file 23248885078).
+    packet = vendor_error(
+        3, "PumpCloseTransaction", PtsErrorCode.JSONPTS_ERROR_TRANSACTION_NUMBER_NOT_MATCH
+    )
+    assert json.loads(encode_envelope([packet]))["Packets"][0] == {
+        "Id": 3,
+        "Type": "PumpCloseTransaction",
+        "Error": True,
+        "Code": 27,
+        "Message": "JSONPTS_ERROR_TRANSACTION_NUMBER_NOT_MATCH",
+    }
+    assert PtsErrorCode.JSONPTS_ERROR_PUMP_STATUS_NOT_END_OF_TRANSACTION == 69
+    assert PtsErrorCode.JSONPTS_ERROR_NOT_FOUND == 1

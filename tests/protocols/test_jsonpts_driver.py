@@ -250,7 +250,8 @@ async def test_an_unreachable_controller_makes_the_driver_unavailable():
     [
         b"<html>busy</html>",
         b'{"Protocol":"jsonPTS","Packets":[]}',  # the reply lacks our packet
-        b'{"Protocol":"jsonPTS","Packets":[{"Id":1,"Type":"PumpIdleStatus","Data":{"NozzleUp":"x"}}]}',
+        b'{"Protocol":"jsonPTS","Packets":[{"Id":77,"Type":"PumpIdleStatus","Data":{}}]}',
+        b'{"Protocol":"jsonPTS","Packets":[{"Type":"PumpIdleStatus"}]}',  # no Id to match
     ],
 )
 async def test_an_unreadable_reply_makes_the_driver_unavailable_not_crash(body):
@@ -274,7 +275,8 @@ async def test_unacknowledged_transactions_are_the_end_of_transaction_pumps():
     assert (found.pump, found.nozzle, found.transaction) == (2, 2, 41)
     assert (found.volume_ml, found.amount_minor, found.unit_price_mmu) == (35_200, 27_773, 789_000)
     assert found.totalizer_end_ml == 12_345_670
-    assert found.totalizer_start_ml == 12_345_670 - 35_200
+    assert found.totalizer_start_ml is None  # never derived from end - volume
+    assert (found.flags, found.raw) == ((), ())
     assert found.grade_code == "95"
     assert found.closed is False
     assert found.ended_at == datetime(2026, 11, 25, 2, 1, 30, tzinfo=UTC)

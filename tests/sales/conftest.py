@@ -74,3 +74,17 @@ def make_sale(**overrides: Any) -> dict[str, Any]:
     }
     sale.update(overrides)
     return sale
+
+
+def make_sale_v2(**overrides: Any) -> dict[str, Any]:
+    """A valid v2 sale: :func:`make_sale` plus the controller's identity and epoch."""
+    sale = make_sale()
+    sale.update(
+        device_id="pts-S001-1",
+        device_epoch=0,
+        device_flags=[],
+        device_raw=None,
+        schema_version=2,
+    )
+    sale.update(overrides)
+    return sale

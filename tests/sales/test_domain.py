@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, date, datetime
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import given
@@ -127,15 +127,84 @@ CHANGED: dict[str, object] = {
     "shift_id": "2026-11-25/2",
     "schema_version": 2,
 }
+CHANGED_V2: dict[str, object] = {
+    "totalizer_start_ml": None,
+    "totalizer_end_ml": None,
+    "device_id": "pts-2",
+    "device_epoch": 4,
+    "device_flags": ("totalizer_gap",),
+    "device_raw": (("volume_ml", "40.0005"),),
+}
+V2 = {"device_id": "pts-1", "device_epoch": 3, "device_flags": (), "device_raw": None}
 
 
 def test_every_field_of_a_sale_takes_part_in_its_payload_hash() -> None:
-    assert set(CHANGED) == {f.name for f in dataclasses.fields(Sale)}
-    sale = _sale()
-    for name, value in CHANGED.items():
+    assert set(CHANGED) | set(CHANGED_V2) == {f.name for f in dataclasses.fields(Sale)}
+    sale = _sale(schema_version=2, **V2)
+    for name, value in {**CHANGED, **CHANGED_V2}.items():
+        if name == "schema_version":
+            value = 3
         changed = dataclasses.replace(sale, **{name: value})
         assert sale.payload_hash() != changed.payload_hash(), name
     assert sale.payload_hash() == dataclasses.replace(sale).payload_hash()
+    v1 = _sale()
+    for name, value in CHANGED.items():
+        changed = dataclasses.replace(v1, **{name: value})
+        assert v1.payload_hash() != changed.payload_hash(), name
+
+
+def test_the_digest_of_a_v1_sale_is_the_one_stored_before_v2_existed() -> None:
+    # Every stored v1 sale keeps this digest: a change here would turn re-uploads into
+    # conflicts. The value was computed by the v1-only code.
+    sale = Sale(
+        sale_id=UUID("0193a5b2-7c4e-7000-8000-000000000001"),
+        station_code="S001",
+        station_seq=17,
+        fuelling_point=3,
+        nozzle=1,
+        grade="92",
+        volume_ml=40120,
+        unit_price_mmu=755000,
+        amount_minor=30291,
+        currency="CNY",
+        price_version="p-92",
+        snapshot_version=4,
+        totalizer_start_ml=1200000,
+        totalizer_end_ml=1240120,
+        device_txn=812,
+        dispense_type=DispenseType.SALE,
+        started_at=datetime(2026, 11, 25, 1, 12, 3, tzinfo=UTC),
+        ended_at=datetime(2026, 11, 25, 1, 13, 20, tzinfo=UTC),
+        business_date=date(2026, 11, 25),
+        shift_id="2026-11-25/2",
+        schema_version=1,
+    )
+    assert sale.payload_hash() == (
+        "48644eee44d56248e9c857e001c8d71d48760a0e1d32f02df9c6260a6bece3c2"
+    )
+    bare = dataclasses.replace(sale, started_at=None, price_version=None, device_txn=None)
+    assert bare.payload_hash() == (
+        "4b6ec2f5be5be099651abc75a4930dc95cb43f90cf7a96eb3beeff2736ff0ee7"
+    )
+
+
+def test_the_natural_key_of_v2_names_the_device_and_epoch_and_survives_a_missing_totalizer() -> (
+    None
+):
+    v1 = _sale(device_txn=812)
+    v2 = _sale(device_txn=812, schema_version=2, **V2)
+    assert v1.natural_key == (None, None, 1, 1, 812, 40000)
+    assert v2.natural_key == ("pts-1", 3, 1, 1, 812, 40000)
+    assert dataclasses.replace(v2, device_epoch=4).natural_key != v2.natural_key
+    assert dataclasses.replace(v2, totalizer_end_ml=None).natural_key == (
+        "pts-1",
+        3,
+        1,
+        1,
+        812,
+        None,
+    )
+    assert dataclasses.replace(v2, device_txn=None).natural_key is None
 
 
 def test_the_same_instant_in_another_offset_hashes_the_same() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from uuid import UUID
 
 import httpx
 import pytest
@@ -38,6 +39,7 @@ async def test_a_new_sale_is_created_and_announced_through_the_outbox(hq: Hq) ->
     body = response.json()
     assert body["results"] == [
         {
+            "index": 0,
             "sale_id": sale["sale_id"],
             "station_seq": sale["station_seq"],
             "status": "created",
@@ -82,6 +84,21 @@ async def test_same_sale_id_with_another_payload_is_a_conflict_kept_aside_with_a
     assert kept["volume_ml"] == changed["volume_ml"]
     assert await count(hq, alert_t, alert_t.c.kind == "conflict") == 1
     assert "com.forecourt.sales.sale.conflict.v1" in await _outbox_types(hq)
+
+
+async def test_a_conflict_sent_again_is_answered_again_but_recorded_once(hq: Hq) -> None:
+    # An edge that crashed before recording HQ's answer sends the same payload again.
+    sale = make_sale()
+    await hq.upload("S001", [sale])
+    changed = dict(sale, volume_ml=sale["volume_ml"] + 10)
+    other = dict(sale, volume_ml=sale["volume_ml"] + 20)
+    for body in ([changed], [changed, changed], [other]):
+        response = await hq.upload("S001", body)
+        assert response.status_code == 200, response.text
+        assert {r["status"] for r in response.json()["results"]} == {"conflict"}
+    assert await count(hq, conflict_t) == 2  # two distinct other payloads
+    assert await count(hq, alert_t, alert_t.c.kind == "conflict") == 2
+    assert (await _outbox_types(hq)).count("com.forecourt.sales.sale.conflict.v1") == 2
 
 
 async def test_a_changed_business_date_under_the_same_sale_id_is_a_conflict_too(hq: Hq) -> None:
@@ -139,19 +156,27 @@ async def test_a_natural_key_collision_is_flagged_and_nothing_is_dropped(hq: Hq)
     assert summary["natural_key_duplicates"] == 1
 
 
-async def test_a_malformed_batch_gets_422_naming_the_fields_and_writes_nothing(hq: Hq) -> None:
+async def test_a_malformed_item_is_refused_on_its_own_naming_its_fields(hq: Hq) -> None:
     good = make_sale()
     bad = make_sale(volume_ml="40000", ended_at="2026-11-25T01:02:00", surprise=1)
     response = await hq.upload("S001", [good, bad])
-    assert response.status_code == 422
-    error = response.json()["error"]
-    assert error["code"] == "sales.schema_invalid"
-    locations = {tuple(e["loc"]) for e in error["details"]["errors"]}
-    assert ("sales", 1, "volume_ml") in locations
-    assert ("sales", 1, "ended_at") in locations  # naive timestamp refused
-    assert ("sales", 1, "surprise") in locations
-    assert await count(hq, sale_t) == 0
-    assert await count(hq, outbox_table, outbox_table.c.type.like("com.forecourt.sales.%")) == 0
+    assert response.status_code == 200
+    first, refused = response.json()["results"]
+    assert (first["index"], first["status"]) == (0, "created")
+    assert {k: refused[k] for k in ("index", "sale_id", "station_seq", "status", "flags")} == {
+        "index": 1,
+        "sale_id": bad["sale_id"],
+        "station_seq": bad["station_seq"],
+        "status": "refused",
+        "flags": [],
+    }
+    locations = {tuple(e["loc"]) for e in refused["errors"]}
+    assert locations == {("volume_ml",), ("ended_at",), ("surprise",)}  # naive time refused
+    assert await count(hq, sale_t) == 1
+    assert await count(hq, sale_t, sale_t.c.sale_id == UUID(bad["sale_id"])) == 0
+    assert await count(hq, alert_t, alert_t.c.kind == "refused") == 1
+    types = await _outbox_types(hq)
+    assert types.count("com.forecourt.sales.sale.completed.v1") == 1
 
 
 async def test_a_body_that_is_not_json_gets_422(hq: Hq) -> None:
@@ -163,11 +188,11 @@ async def test_a_body_that_is_not_json_gets_422(hq: Hq) -> None:
 
 
 async def test_an_unsupported_schema_version_is_refused_with_the_supported_list(hq: Hq) -> None:
-    response = await hq.upload("S001", [make_sale()], schema_version=2)
+    response = await hq.upload("S001", [make_sale()], schema_version=3)
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "sales.unsupported_schema_version"
-    assert error["details"]["supported"] == [1]
+    assert error["details"]["supported"] == [1, 2]
     assert await count(hq, sale_t) == 0
 
 
@@ -253,7 +278,7 @@ async def test_a_batch_that_fails_midway_leaves_no_trace(hq: Hq, monkeypatch) ->
     import pytest
 
     from forecourt.infra.db import UnitOfWork
-    from forecourt.sales.contracts import SalesBatchV1
+    from forecourt.sales.api import parse_batch
     from forecourt.sales.handlers import ingest_batch
 
     emit_records = UnitOfWork.emit_records
@@ -264,8 +289,8 @@ async def test_a_batch_that_fails_midway_leaves_no_trace(hq: Hq, monkeypatch) ->
 
     # Fails after the sales and their events were written in the transaction.
     monkeypatch.setattr(UnitOfWork, "emit_records", emit_then_fail)
-    batch = SalesBatchV1.model_validate_json(
-        _json.dumps({"schema_version": 1, "sales": [make_sale(), make_sale()]})
+    batch = parse_batch(
+        _json.dumps({"schema_version": 1, "sales": [make_sale(), make_sale()]}).encode()
     )
     with pytest.raises(RuntimeError, match="disk full"):
         await ingest_batch(hq.office.db, hq.office.directory, "S001", batch)

@@ -8,121 +8,41 @@ on a fast SimulatedClock, driven by the real driver over TCP.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from forecourt.edge.drivers import DeviceRejected, Preset, PresetType, PumpState
 from forecourt.kernel.clock import SimulatedClock
-from forecourt.kernel.money import Rounding, UnitPrice
-from forecourt.protocols.jsonpts.codec import Packet, decode_envelope, dumps
+from forecourt.kernel.money import Rounding
+from forecourt.protocols.jsonpts.codec import PtsErrorCode, decode_envelope, dumps
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
-from forecourt.sim.customers import Customer, CustomerModel, CustomerSource, SimConfigError
+from forecourt.sim.customers import CustomerModel, CustomerSource, SimConfigError
 from forecourt.sim.pts_controller import (
-    ERR_BAD_DATA,
-    ERR_OFFLINE,
-    ERR_UNKNOWN_DEVICE,
-    ERR_UNKNOWN_TRANSACTION,
-    ERR_UNKNOWN_TYPE,
-    ERR_WRONG_STATE,
     ControllerConfig,
     SimulatorProcess,
     Station,
     create_app,
 )
+from tests.sim.support import (
+    SPEED,
+    T0,
+    Forecourt,
+    ManualClock,
+    amount_for,
+    basic,
+    car,
+    config_dict,
+    real_driver,
+    wait_for,
+)
 
-T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
-CNY = "CNY"
-
-
-def config_dict(**customers: Any) -> dict[str, Any]:
-    """Pump 1 sells 92 (and 0# diesel) to the fen; pump 2 sells 95 to 10 fen, half-even."""
-    return {
-        "currency": CNY,
-        "volume_decimals": 2,
-        "amount_decimals": 2,
-        "price_decimals": 2,
-        "auth": {"username": "admin", "password": "secret"},
-        "timezone": "Asia/Shanghai",
-        "pumps": [
-            {
-                "pump": 1,
-                "amount_resolution_minor": 1,
-                "rounding": "half_up",
-                "nozzles": [
-                    {"nozzle": 1, "grade_id": 92, "price_mmu": 789_000, "totalizer_ml": 1_000_000},
-                    {"nozzle": 2, "grade_id": 0, "price_mmu": 712_000, "totalizer_ml": 2_000_000},
-                ],
-            },
-            {
-                "pump": 2,
-                "amount_resolution_minor": 10,
-                "rounding": "half_even",
-                "first_transaction": 500,
-                "nozzles": [{"nozzle": 1, "grade_id": 95, "price_mmu": 842_000, "totalizer_ml": 0}],
-            },
-        ],
-        "customers": {
-            "arrivals": False,
-            "seed": 7,
-            "grade_mix": [{"grade_id": 92, "weight": 1}],
-            "car_volume_l": [40, 40],
-            "car_flow_l_per_min": [40, 40],
-            "truck_share": 0,
-            "lift_delay_s": [10, 10],
-            "hangup_delay_s": [5, 5],
-            "flow_start_delay_s": 2,
-            "authorise_timeout_s": 120,
-            "max_queue": 1,
-            **customers,
-        },
-    }
-
-
-def car(grade: int = 92, litres: str = "40", l_per_min: float = 40.0, number: int = 1) -> Customer:
-    return Customer(
-        id=number,
-        arrived_at=T0,
-        grade_id=grade,
-        target_ml=int(Decimal(litres) * 1000),
-        flow_ml_per_s=l_per_min * 1000 / 60,
-        truck=False,
-    )
-
-
-class Forecourt:
-    """The station model with a hand-driven clock, spoken to in raw jsonPTS packets."""
-
-    def __init__(self, **customers: Any) -> None:
-        self.station = Station(ControllerConfig.from_json(config_dict(**customers)), T0)
-        self.now = T0
-
-    def at(self, seconds: float) -> Forecourt:
-        self.now = T0 + timedelta(seconds=seconds)
-        self.station.advance(self.now)
-        return self
-
-    def send(self, packet_type: str, **data: Any) -> Packet:
-        (reply,) = self.station.handle_items(
-            [{"Id": 9, "Type": packet_type, "Data": data}], self.now
-        )
-        return reply
-
-    def status(self, pump: int = 1) -> Packet:
-        return self.send("PumpGetStatus", Pump=pump)
-
-
-def amount_for(volume_ml: int, price_mmu: int, resolution: int = 1, rounding=Rounding.HALF_UP):
-    return UnitPrice(price_mmu, CNY).amount_for(
-        volume_ml, resolution_minor=resolution, rounding=rounding
-    )
+E = PtsErrorCode
 
 
 # --------------------------------------------------------------------------- the pump model
@@ -163,7 +83,15 @@ def test_an_authorised_customer_fuels_to_their_target_and_the_pump_holds_the_tra
     forecourt = Forecourt()
     forecourt.station.arrive(car(litres="40"))
     forecourt.at(20)
-    assert forecourt.send("PumpAuthorize", Pump=1, Nozzle=1, Type="FullTank").message == "OK"
+    # The device confirms an authorisation with the transaction number the dispensing gets:
+    # PumpAuthorizeConfirmation {Pump, Transaction} (Technotrade Java SDK
+    # com/technotrade/pts2/network/http/PumpAuthorize.java, stored file 17278643764).
+    confirmed = forecourt.send("PumpAuthorize", Pump=1, Nozzle=1, Type="FullTank")
+    assert (confirmed.type, confirmed.data, confirmed.error) == (
+        "PumpAuthorizeConfirmation",
+        {"Pump": 1, "Transaction": 1},
+        False,
+    )
 
     authorised = forecourt.status()
     assert authorised.type == "PumpFillingStatus"
@@ -282,7 +210,7 @@ def test_a_stop_before_any_product_flowed_leaves_no_transaction():
     forecourt = Forecourt()
     forecourt.station.arrive(car())
     forecourt.at(20).send("PumpAuthorize", Pump=1, Type="FullTank")
-    forecourt.at(21).send("PumpEmergencyStop", Pump=1)
+    forecourt.at(21).send("PumpStop", Pump=1)
     idle = forecourt.at(30).status()
     assert (idle.type, idle.data["LastTransaction"]) == ("PumpIdleStatus", 0)
     forecourt.station.arrive(car(number=2))
@@ -301,15 +229,30 @@ def test_a_prepay_authorisation_waits_for_the_next_customer():
     assert data["Volume"] == Decimal("5.00")
 
 
-def test_closing_a_transaction_is_idempotent_but_an_unknown_number_is_refused():
+def test_only_the_pending_end_of_transaction_can_be_closed_and_only_once():
+    # Codes/names: Technotrade Java SDK com/technotrade/pts2/enumeration/Result.java (stored file
+    # 17288538076); a firmware that already closed answers ..._NOT_END_OF_TRANSACTION (stored
+    # file 55826710776).
     forecourt = Forecourt()
     forecourt.station.arrive(car(litres="10"))
     forecourt.at(10).send("PumpAuthorize", Pump=1, Type="FullTank")
     forecourt.at(200)
+    wrong = forecourt.send("PumpCloseTransaction", Pump=1, Transaction=2)
+    assert (wrong.error, wrong.code, wrong.message) == (
+        True,
+        E.JSONPTS_ERROR_TRANSACTION_NUMBER_NOT_MATCH,
+        "JSONPTS_ERROR_TRANSACTION_NUMBER_NOT_MATCH",
+    )
+    assert forecourt.status().type == "PumpEndOfTransactionStatus"  # still held
     assert forecourt.send("PumpCloseTransaction", Pump=1, Transaction=1).message == "OK"
-    assert forecourt.send("PumpCloseTransaction", Pump=1, Transaction=1).message == "OK"
-    unknown = forecourt.send("PumpCloseTransaction", Pump=1, Transaction=2)
-    assert (unknown.error, unknown.code) == (True, ERR_UNKNOWN_TRANSACTION)
+    again = forecourt.send("PumpCloseTransaction", Pump=1, Transaction=1)
+    assert (again.error, again.code, again.message) == (
+        True,
+        E.JSONPTS_ERROR_PUMP_STATUS_NOT_END_OF_TRANSACTION,
+        "JSONPTS_ERROR_PUMP_STATUS_NOT_END_OF_TRANSACTION",
+    )
+    never = forecourt.send("PumpCloseTransaction", Pump=1, Transaction=7)
+    assert never.code == E.JSONPTS_ERROR_PUMP_STATUS_NOT_END_OF_TRANSACTION
 
 
 def test_an_authorisation_is_refused_while_the_pump_is_busy():
@@ -317,9 +260,11 @@ def test_an_authorisation_is_refused_while_the_pump_is_busy():
     forecourt.station.arrive(car())
     forecourt.at(10).send("PumpAuthorize", Pump=1, Type="FullTank")
     again = forecourt.at(30).send("PumpAuthorize", Pump=1, Type="FullTank")
-    assert (again.error, again.code) == (True, ERR_WRONG_STATE)
+    assert (again.error, again.code) == (True, E.JSONPTS_ERROR_DUPLICATED_AUTHORIZATION_REQUEST)
+    assert forecourt.station.stats["double_authorisations"] == 1
     forecourt.at(200)  # end of transaction, not closed
-    assert forecourt.send("PumpAuthorize", Pump=1, Type="FullTank").code == ERR_WRONG_STATE
+    held = forecourt.send("PumpAuthorize", Pump=1, Type="FullTank")
+    assert held.code == E.JSONPTS_ERROR_PUMP_BUSY_FILLING
 
 
 def test_totals_grow_by_what_each_transaction_dispensed():
@@ -373,25 +318,113 @@ def test_bad_packets_get_error_packets_while_their_siblings_are_answered():
     items[5]["Data"]["Dose"] = Decimal("1.001")  # finer than 0.01 L
     replies = forecourt.station.handle_items(items, T0)
     assert [r.id for r in replies] == [1, 2, 3, 0, 5, 6, 7, 8]
+    # The vendor's codes, and its code name as the Message (Java SDK enumeration/Result.java,
+    # stored file 17288538076).
     assert [r.code for r in replies] == [
         None,
-        ERR_UNKNOWN_DEVICE,
-        ERR_UNKNOWN_TYPE,
-        ERR_BAD_DATA,
-        ERR_BAD_DATA,
-        ERR_BAD_DATA,
-        ERR_BAD_DATA,
+        E.JSONPTS_ERROR_PUMP_NUMBER_OUT_OF_RANGE,
+        E.JSONPTS_ERROR_NOT_FOUND,
+        E.INVALID_JSON_REQUEST,
+        E.JSONPTS_ERROR_TYPE_OUT_OF_RANGE,
+        E.JSONPTS_ERROR_COULD_NOT_GET_DOSE_VALUE,
+        E.JSONPTS_ERROR_COULD_NOT_GET_PUMP_NUMBER,
         None,
+    ]
+    assert [r.message for r in replies if r.error] == [
+        "JSONPTS_ERROR_PUMP_NUMBER_OUT_OF_RANGE",
+        "JSONPTS_ERROR_NOT_FOUND",
+        "INVALID_JSON_REQUEST",
+        "JSONPTS_ERROR_TYPE_OUT_OF_RANGE",
+        "JSONPTS_ERROR_COULD_NOT_GET_DOSE_VALUE",
+        "JSONPTS_ERROR_COULD_NOT_GET_PUMP_NUMBER",
     ]
     assert replies[0].type == replies[7].type == "PumpIdleStatus"
     assert forecourt.status().type == "PumpIdleStatus"  # the refused authorisations did nothing
+
+
+def test_an_emergency_stop_halts_the_flow_at_once_and_blocks_the_pump_until_released():
+    forecourt = Forecourt()
+    forecourt.station.arrive(car(litres="40"))
+    forecourt.at(20).send("PumpAuthorize", Pump=1, Type="FullTank")
+    assert forecourt.at(52).send("PumpEmergencyStop", Pump=1).message == "OK"
+    stopped = forecourt.at(53).status().data
+    assert (stopped["Volume"], stopped["IsStopped"], stopped["EmergencyStop"]) == (
+        Decimal("20.00"),
+        True,
+        True,
+    )
+    # The partial volume is a transaction like any other, closable while the pump is blocked.
+    ended = forecourt.at(60).status()
+    assert (ended.type, ended.data["Volume"]) == ("PumpEndOfTransactionStatus", Decimal("20.00"))
+    assert forecourt.send("PumpCloseTransaction", Pump=1, Transaction=1).message == "OK"
+    blocked = forecourt.status()
+    assert (blocked.type, blocked.data["EmergencyStop"]) == ("PumpIdleStatus", True)
+    forecourt.station.arrive(car(number=2))
+    assert forecourt.at(100).status().data["NozzleUp"] == 0  # no customer takes a blocked pump
+    refused = forecourt.send("PumpAuthorize", Pump=1, Type="FullTank")
+    assert refused.code == E.JSONPTS_ERROR_PUMP_BUSY_OTHER_REQUEST_EXECUTED
+    assert forecourt.station.health()["emergency_stopped_pumps"] == [1]
+
+    assert forecourt.send("PumpResume", Pump=1).message == "OK"  # the release [I]
+    released = forecourt.status().data
+    assert "EmergencyStop" not in released
+    assert forecourt.at(110).status().data["NozzleUp"] == 1  # the queued car drives up
+    assert forecourt.send("PumpAuthorize", Pump=1, Type="FullTank").data["Transaction"] == 2
+    assert forecourt.station.stats["emergency_stops"] == 1
+
+
+def test_an_emergency_stop_cancels_a_prepay_and_its_release_packet_is_configurable():
+    config = config_dict()
+    config["emergency_release"] = "PumpEmergencyStopRelease"
+    forecourt = Forecourt(config)
+    forecourt.send("PumpAuthorize", Pump=1, Type="FullTank")
+    forecourt.send("PumpEmergencyStop", Pump=1)
+    assert forecourt.status().type == "PumpIdleStatus"  # the prepay is gone
+    not_suspended = forecourt.send("PumpResume", Pump=1)
+    assert not_suspended.code == E.JSONPTS_ERROR_PUMP_NOT_IN_FILLING_PROCESS
+    assert forecourt.send("PumpEmergencyStopRelease", Pump=1).message == "OK"
+    assert forecourt.send("PumpAuthorize", Pump=1, Type="FullTank").error is False
+
+
+def test_the_controller_tells_its_decimals_identity_firmware_uptime_and_clock():
+    # Reply types and fields: Technotrade Java SDK com/technotrade/pts2/network/http/
+    # GetSystemDecimalDigits.java (stored file 17487983676), GetUniqueIdentifier.java (17114324032),
+    # GetFirmwareInformation.java (17114670687), GetDateTime.java (17523703720); uptime: web UI
+    # device-information page, SystemOperationInformation.SystemUpTime in ms (56316693476).
+    config = config_dict()
+    config["volume_decimals"] = 3
+    config["volume_total_decimals"] = 3
+    config["amount_total_decimals"] = 2
+    forecourt = Forecourt(config)
+    decimals = forecourt.send("GetSystemDecimalDigits")
+    assert (decimals.type, decimals.data) == (
+        "SystemDecimalDigits",
+        {"Price": 2, "Amount": 2, "Volume": 3, "AmountTotal": 2, "VolumeTotal": 3},
+    )
+    identifier = forecourt.send("GetUniqueIdentifier")
+    assert (identifier.type, identifier.data) == ("UniqueIdentifier", {"Id": 4242})
+    firmware = forecourt.send("GetFirmwareInformation")
+    assert (firmware.type, firmware.data["DateTime"]) == (
+        "FirmwareInformation",
+        "2024-01-01T00:00:00",
+    )
+    assert forecourt.send("GetSystemOperationInformation").data["SystemUpTime"] == 0
+    uptime = forecourt.at(90.5).send("GetSystemOperationInformation")
+    assert (uptime.type, uptime.data["SystemUpTime"]) == ("SystemOperationInformation", 90_500)
+    clock = forecourt.send("GetDateTime")
+    assert (clock.type, clock.data["DateTime"], clock.data["UTCOffset"]) == (
+        "DateTime",
+        "2026-11-25T10:01:30",
+        8,
+    )
 
 
 def test_an_offline_pump_reports_offline_and_refuses_commands():
     forecourt = Forecourt()
     forecourt.station.set_offline({2})
     assert forecourt.status(2).type == "PumpOfflineStatus"
-    assert forecourt.send("PumpAuthorize", Pump=2, Type="FullTank").code == ERR_OFFLINE
+    refused = forecourt.send("PumpAuthorize", Pump=2, Type="FullTank")
+    assert refused.code == E.JSONPTS_ERROR_PUMP_BUSY_OTHER_REQUEST_EXECUTED
 
 
 def test_the_same_seed_and_commands_give_the_same_day():
@@ -453,36 +486,22 @@ def test_a_config_price_the_device_cannot_display_is_refused_at_start():
 # --------------------------------------------------------------------------- HTTP, in-process
 
 
-class ManualClock:
-    def __init__(self) -> None:
-        self.instant = T0
-
-    def now(self) -> datetime:
-        return self.instant
-
-    def advance(self, seconds: float) -> None:
-        self.instant += timedelta(seconds=seconds)
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
-
-
 @pytest.fixture
 def app_and_clock():
     clock = ManualClock()
     return create_app(ControllerConfig.from_json(config_dict()), clock), clock
 
 
-async def test_the_jsonpts_endpoint_wants_basic_auth(app_and_clock):
+async def test_the_jsonpts_endpoint_wants_credentials(app_and_clock):
     app, _ = app_and_clock
     body = b'{"Protocol":"jsonPTS","Packets":[]}'
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://sim") as http:
         assert (await http.post("/jsonPTS", content=body)).status_code == 401
         wrong = await http.post("/jsonPTS", content=body, headers=basic("admin", "guess"))
         assert wrong.status_code == 401
-        assert wrong.headers["www-authenticate"].startswith("Basic")
+        # "any" (the default): both schemes are offered, one challenge each.
+        challenges = wrong.headers.get_list("www-authenticate")
+        assert [c.split()[0] for c in challenges] == ["Digest", "Basic"]
         right = await http.post("/jsonPTS", content=body, headers=basic("admin", "secret"))
         assert right.status_code == 200
 
@@ -537,7 +556,10 @@ async def test_the_driver_walks_a_whole_sale_through_the_simulator(app_and_clock
         assert (calling.state, calling.nozzle) == (PumpState.CALLING, 1)
         before = await driver.totals(1, 1)
 
-        await driver.authorize(1, 1, Preset(PresetType.VOLUME, volume_ml=25_000), 789_000)
+        confirmed = await driver.authorize(
+            1, 1, Preset(PresetType.VOLUME, volume_ml=25_000), 789_000
+        )
+        assert confirmed == 1
         (authorised,) = await driver.pump_status([1])
         assert (authorised.state, authorised.volume_ml, authorised.transaction) == (
             PumpState.AUTHORISED,
@@ -558,13 +580,20 @@ async def test_the_driver_walks_a_whole_sale_through_the_simulator(app_and_clock
         (held,) = await driver.unacknowledged_transactions([1, 2])
         assert (held.pump, held.transaction, held.volume_ml) == (1, 1, 25_000)
         assert held.amount_minor == amount_for(25_000, 789_000).minor == 19_725
-        assert held.totalizer_start_ml == before.volume_ml
+        assert held.totalizer_start_ml is None  # never derived: the edge reads totals itself
         assert held.totalizer_end_ml == before.volume_ml + 25_000
+        assert (held.flags, held.raw) == ((), ())
         assert held.started_at == T0 + timedelta(seconds=10)
         assert held.closed is False
+        assert await driver.finished_transaction(1) == held
+        assert await driver.finished_transaction(2) is None
 
         await driver.close_transaction(1, 1)
-        await driver.close_transaction(1, 1)  # idempotent
+        with pytest.raises(DeviceRejected) as closed_twice:
+            await driver.close_transaction(1, 1)
+        assert closed_twice.value.details["device_code"] == (
+            E.JSONPTS_ERROR_PUMP_STATUS_NOT_END_OF_TRANSACTION
+        )
         assert await driver.unacknowledged_transactions([1, 2]) == []
         (reported,) = await driver.transactions(1, T0, clock.now())
         assert (reported.transaction, reported.volume_ml, reported.closed) == (1, 25_000, True)
@@ -574,12 +603,11 @@ async def test_the_driver_walks_a_whole_sale_through_the_simulator(app_and_clock
 
         with pytest.raises(DeviceRejected) as caught:
             await driver.resume(1)
-        assert caught.value.details["device_code"] == ERR_WRONG_STATE
+        assert caught.value.details["device_code"] == E.JSONPTS_ERROR_PUMP_NOT_IN_FILLING_PROCESS
+        assert caught.value.details["device_message"] == "JSONPTS_ERROR_PUMP_NOT_IN_FILLING_PROCESS"
 
 
 # --------------------------------------------------------------------------- the real process
-
-SPEED = 200.0  # simulated seconds per wall second
 
 
 @pytest.fixture
@@ -598,20 +626,6 @@ def simulator(tmp_path: Path) -> Iterator[tuple[SimulatorProcess, SimulatedClock
         yield process, clock
     finally:
         process.stop()  # always: a leaked simulator would outlive the test run
-
-
-async def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(interval_s)
-    raise AssertionError("condition not met in time")
-
-
-def real_driver(process: SimulatorProcess) -> JsonPtsDriver:
-    return JsonPtsDriver(process.base_url, "admin", "secret", timezone="Asia/Shanghai", timeout=5.0)
 
 
 async def test_the_simulator_process_announces_its_port_and_runs_on_simulated_time(simulator):
@@ -635,7 +649,7 @@ async def test_the_real_driver_sells_fuel_through_the_simulator_process(simulato
         calling = await wait_for(a_calling_pump)
         before = await driver.totals(calling.pump, calling.nozzle)
         preset = Preset(PresetType.VOLUME, volume_ml=5_000)
-        await driver.authorize(calling.pump, calling.nozzle, preset, 789_000)
+        confirmed = await driver.authorize(calling.pump, calling.nozzle, preset, 789_000)
 
         async def finished():
             (status,) = await driver.pump_status([calling.pump])
@@ -646,12 +660,13 @@ async def test_the_real_driver_sells_fuel_through_the_simulator_process(simulato
         assert ended.amount_minor == amount_for(5_000, 789_000).minor
 
         (held,) = await driver.unacknowledged_transactions([calling.pump])
-        assert held.transaction == ended.transaction
-        assert held.totalizer_end_ml - held.totalizer_start_ml == 5_000
+        assert held.transaction == ended.transaction == confirmed
+        assert held.totalizer_end_ml == before.volume_ml + 5_000
         assert held.ended_at.utcoffset() is not None
 
         await driver.close_transaction(calling.pump, held.transaction)
-        await driver.close_transaction(calling.pump, held.transaction)
+        with pytest.raises(DeviceRejected):
+            await driver.close_transaction(calling.pump, held.transaction)
         after = await driver.totals(calling.pump, calling.nozzle)
         assert after.volume_ml == before.volume_ml + 5_000
         report = await driver.transactions(calling.pump, T0, clock.now() + timedelta(seconds=5))
@@ -679,7 +694,7 @@ async def test_the_simulator_process_refuses_bad_requests_and_obeys_its_control(
         mixed = await http.post("/jsonPTS", content=body, headers=basic("admin", "secret"))
         first, second = decode_envelope(mixed.content)
         assert first.error is False
-        assert (second.error, second.code) == (True, ERR_UNKNOWN_DEVICE)
+        assert (second.error, second.code) == (True, E.JSONPTS_ERROR_PUMP_NUMBER_OUT_OF_RANGE)
 
         stopped = (await http.post("/sim/control", content=b'{"arrivals": false}')).json()
         assert stopped["arrivals"] is False

@@ -1,21 +1,45 @@
 """The forecourt controller: one state machine per fuelling point over a device driver.
 
 It polls the driver, authorises calling pumps at the price in force (from the snapshot, so
-it works without HQ), journals each finished dispensing, then settles and closes it at the
-device. After a restart :meth:`ForecourtController.recover` re-reads every transaction the
-device still holds unclosed; the journal de-duplicates them by (fuelling point, device
-transaction) before any ``sale_id`` is assigned, so a crash between journaling and closing
-never makes a second sale.
+it works without HQ), journals each finished dispensing, then closes it at the device.
+
+What it guarantees, whatever the device does:
+
+- **Nothing is closed unless it was journaled.** A transaction is closed only after the
+  journal committed it, and only while the pump still holds a transaction with the *same
+  contents* (read again just before the close): a re-used number never closes a new sale.
+- **A re-used number is a new sale.** Transactions are de-duplicated by (device, fuelling
+  point, number, epoch) and their contents (:func:`forecourt.edge.domain.
+  transaction_fingerprint`). A controller that restarts with its counters reset, is swapped, or
+  wraps its counter begins a new *epoch*: seen from its boot marker (:meth:`ForecourtDriver.
+  identity`) or from a number re-used with other contents. Either raises an alarm.
+- **A lost close is retried**, with backoff, while the pump shows the journaled transaction;
+  when the pump shows anything else, the sale was closed (our close whose answer was lost, or
+  another terminal) and is marked settled.
+- **Sales closed elsewhere are found**: on start, on every reconnect, after a restart of the
+  controller and when a fuelling vanishes between two polls, the controller's transaction
+  report is read for the window since the pump's last journaled sale, and every unseen finished
+  transaction in it is journaled.
+- **One pump never blinds the others**: a pump that is offline or answers oddly is marked so
+  and recovered when it answers; the edge starts and serves whatever answers.
+- **The meter is checked**: the start totalizer is read from the device when the pump is
+  authorised; consecutive sales of a nozzle must continue each other's totalizers, a gap is a
+  flag on the sale and an alarm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 
-from forecourt.edge.domain import FpState, FuellingPointMachine
+from forecourt.edge.alarms import AlarmBoard
+from forecourt.edge.domain import FpState, FuellingPointMachine, Refusal
 from forecourt.edge.drivers import (
+    FLAG_INEXACT,
+    DeviceIdentity,
     DeviceRejected,
     DeviceTransaction,
     DriverUnavailable,
@@ -24,7 +48,7 @@ from forecourt.edge.drivers import (
     PumpState,
     PumpStatus,
 )
-from forecourt.edge.journal import Journal, SaleDraft
+from forecourt.edge.journal import Journal, Journaled, SaleDraft
 from forecourt.infra.background import BackgroundService
 from forecourt.infra.crash import crash_point
 from forecourt.infra.logging import get_logger
@@ -32,6 +56,12 @@ from forecourt.kernel.clock import Clock
 from forecourt.network.contracts import StationSnapshot
 
 log = get_logger("forecourt.edge.controller")
+
+FLAG_TOTALIZER_GAP = "totalizer_gap"  # the nozzle's meter moved between two journaled sales
+FLAG_TOTALIZER_MISMATCH = "totalizer_volume_mismatch"  # end − start ≠ the volume sold
+FLAG_FROM_REPORT = "recovered_from_report"  # closed elsewhere; found in the device's report
+
+_HELD = (PumpState.END_OF_TRANSACTION, PumpState.OFFLINE, PumpState.ERROR)
 
 
 @dataclass
@@ -41,8 +71,29 @@ class ControllerStats:
     journaled: int = 0
     re_read_duplicates: int = 0
     closed: int = 0
+    closed_elsewhere: int = 0
+    close_failures: int = 0
     driver_errors: int = 0
+    pump_errors: int = 0  # status polls a pump answered with an error or an unreadable packet
     no_price: int = 0
+    refused_moves: int = 0
+    epoch_changes: int = 0
+    totalizer_gaps: int = 0
+    inexact_values: int = 0
+    recovered_from_report: int = 0
+    recoveries: int = 0
+
+
+@dataclass
+class _Open:
+    """A journaled sale the pump still holds: to close."""
+
+    sale_id: str
+    pump: int
+    device_txn: int
+    fingerprint: str
+    attempts: int = 0
+    retry_at: float = 0.0
 
 
 class ForecourtController(BackgroundService):
@@ -60,6 +111,12 @@ class ForecourtController(BackgroundService):
         auto_settle: bool = True,
         on_journaled: Callable[[], None] = lambda: None,
         actor: str = "edge",
+        alarms: AlarmBoard | None = None,
+        close_backoff_initial_s: float = 0.2,
+        close_backoff_max_s: float = 10.0,
+        authorise_grace_s: float = 5.0,
+        report_lookback: timedelta = timedelta(days=1),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver: ForecourtDriver = driver  # type: ignore[assignment]  # set before start
         self.journal = journal
@@ -70,9 +127,22 @@ class ForecourtController(BackgroundService):
         self.auto_settle = auto_settle
         self.on_journaled = on_journaled
         self.actor = actor
+        self.alarms = alarms or AlarmBoard(clock)
+        self.close_backoff_initial_s = close_backoff_initial_s
+        self.close_backoff_max_s = close_backoff_max_s
+        self.authorise_grace_s = authorise_grace_s
+        self.report_lookback = report_lookback
+        self.monotonic = monotonic
         self.machines: dict[int, FuellingPointMachine] = {}
+        self.identity: DeviceIdentity | None = None
+        self.epoch = 0
+        self.reachable = False
         self._authorised_price: dict[int, tuple[str, int]] = {}
-        self._journaled: dict[int, int] = {}  # pump → device transaction already journaled
+        self._start_totals: dict[int, tuple[int, int]] = {}  # pump → (nozzle, totalizer ml)
+        self._open: dict[int, _Open] = {}
+        self._needs_recovery: set[int] = set()
+        self._open_loaded = False
+        self._errors: dict[int, str] = {}
         self.stats = ControllerStats()
 
     def pumps(self) -> list[int]:
@@ -81,35 +151,134 @@ class ForecourtController(BackgroundService):
 
     def machine(self, pump: int) -> FuellingPointMachine:
         if pump not in self.machines:
-            self.machines[pump] = FuellingPointMachine(pump)
+            self.machines[pump] = FuellingPointMachine(
+                pump, authorise_grace_s=self.authorise_grace_s
+            )
         return self.machines[pump]
 
+    @property
+    def device_id(self) -> str:
+        return self.identity.device_id if self.identity else ""
+
+    # --- recovery ------------------------------------------------------------------------
+
     async def recover(self) -> int:
-        """Journal and close every finished transaction the device still holds."""
-        pumps = self.pumps()
-        if not pumps:
-            return 0
-        txns = await self.driver.unacknowledged_transactions(pumps)
-        for txn in txns:
-            self.machine(txn.pump).move(FpState.FINISHED_UNPAID)
-            await self._finish(txn)
-        if txns:
-            log.info("edge.recovered_transactions", count=len(txns))
-        return len(txns)
+        """Recover every pump that answers now (the others when they answer); returns the
+        number of sales journaled. Never raises for a pump or a controller that is away."""
+        before = self.stats.journaled
+        self._needs_recovery.update(self.pumps())
+        await self.poll_once()
+        return self.stats.journaled - before
+
+    async def _load_open_sales(self) -> None:
+        """Sales a previous life journaled but did not close: close or settle them now."""
+        latest: dict[int, _Open] = {}
+        for sale in await self.journal.open_sales():
+            entry = _Open(sale.sale_id, sale.fuelling_point, sale.device_txn, sale.fingerprint)
+            older = latest.get(sale.fuelling_point)
+            if older is None or older.sale_id < sale.sale_id:  # UUIDv7: later is greater
+                if older is not None:
+                    await self._settled(older, "superseded")
+                latest[sale.fuelling_point] = entry
+            else:
+                await self._settled(entry, "superseded")
+        self._open.update(latest)
+        self._open_loaded = True
+        if latest:
+            log.info(
+                "edge.recovered_transactions",
+                count=len(latest),
+                pumps=sorted(latest),
+                detail="journaled before the restart, not yet closed: closed or settled now",
+            )
+
+    async def _check_identity(self) -> bool:
+        """Ask the controller who it is; a new boot marker or a new device is a new epoch."""
+        try:
+            identity = await self.driver.identity()
+        except DriverUnavailable as exc:
+            self._unreachable(exc)
+            return False
+        previous = self.identity
+        epoch, restarted = await self.journal.observe_device(
+            identity.device_id, identity.boot_marker
+        )
+        self.identity, self.epoch = identity, epoch
+        if previous is not None and previous.device_id != identity.device_id:
+            self.stats.epoch_changes += 1
+            self.alarms.raise_(
+                "controller_replaced",
+                "the forecourt controller answering is another device",
+                previous=previous.device_id,
+                now=identity.device_id,
+            )
+        if restarted:
+            self.stats.epoch_changes += 1
+            self.alarms.raise_(
+                "controller_restarted",
+                "the forecourt controller restarted: its transactions are read again",
+                device_id=identity.device_id,
+                epoch=epoch,
+                boot_marker=identity.boot_marker,
+            )
+        self._needs_recovery.update(self.pumps())
+        return True
+
+    def _unreachable(self, exc: Exception) -> None:
+        self.stats.driver_errors += 1
+        for pump in self.pumps():
+            self.machine(pump).observe(PumpState.OFFLINE)
+        self.reachable = False
+        self.identity = None  # ask again who answers when it is back
+        self.alarms.raise_(
+            "controller_unreachable", "the forecourt controller does not answer", error=str(exc)
+        )
+
+    async def _recover(self, pump: int) -> None:
+        """Journal what the device's report holds for this pump since its last journaled sale
+        (sales closed elsewhere while we were away or blind)."""
+        since = await self.journal.last_sale_end(pump)
+        now = self.clock.now()
+        start = since - timedelta(minutes=10) if since else now - self.report_lookback
+        found = await self.driver.transactions(pump, start, now + timedelta(minutes=5))
+        for txn in sorted(found, key=lambda t: (t.ended_at, t.transaction)):
+            if not txn.closed:
+                continue  # the one the pump holds: the status path journals and closes it
+            journaled = await self._journal(txn, from_report=True)
+            if journaled is None:
+                return  # no snapshot yet: try again later
+            if journaled.new:
+                self.stats.recovered_from_report += 1
+                log.warning(
+                    "edge.sale_recovered_from_report",
+                    pump=pump,
+                    device_txn=txn.transaction,
+                    sale_id=journaled.sale_id,
+                )
+            if not journaled.settled:
+                await self.journal.mark_settled(journaled.sale_id)
+        self.stats.recoveries += 1
+
+    # --- polling -------------------------------------------------------------------------
 
     async def poll_once(self) -> None:
         pumps = self.pumps()
         if not pumps:
             return
         self.stats.polls += 1
+        if not self._open_loaded:
+            await self._load_open_sales()
+        if self.identity is None and not await self._check_identity():
+            return
         try:
             statuses = await self.driver.pump_status(pumps)
         except DriverUnavailable as exc:
-            self.stats.driver_errors += 1
-            for pump in pumps:
-                self.machine(pump).observe(PumpState.OFFLINE)
-            log.warning("edge.controller_unreachable", error=str(exc))
+            self._unreachable(exc)
             return
+        if not self.reachable:
+            self.reachable = True
+            self.alarms.clear("controller_unreachable")
+            log.info("edge.controller_reachable", device_id=self.device_id, epoch=self.epoch)
         for status in statuses:
             try:
                 await self._on_status(status)
@@ -118,24 +287,147 @@ class ForecourtController(BackgroundService):
                 log.warning("edge.pump_command_failed", pump=status.pump, error=str(exc))
 
     async def _on_status(self, status: PumpStatus) -> None:
-        machine = self.machine(status.pump)
+        pump = status.pump
+        machine = self.machine(pump)
+        if status.state in (PumpState.OFFLINE, PumpState.ERROR):
+            machine.observe(status.state)
+            if status.state is PumpState.ERROR:
+                self.stats.pump_errors += 1
+            if self._errors.get(pump) != (status.error or status.state.value):
+                self._errors[pump] = status.error or status.state.value
+                log.warning(
+                    "edge.pump_unavailable", pump=pump, state=status.state, error=status.error
+                )
+            self._needs_recovery.add(pump)
+            return
+        if pump in self._errors:
+            log.info("edge.pump_available", pump=pump, state=status.state)
+            del self._errors[pump]
+        if pump in self._needs_recovery:
+            await self._recover(pump)
+            self._needs_recovery.discard(pump)
         before = machine.state
-        machine.observe(status.state)
-        if (
+        outcome = machine.observe(status.state, self.monotonic())
+        if isinstance(outcome, Refusal):
+            self.stats.refused_moves += 1
+            log.warning(
+                "edge.fp_move_refused",
+                pump=pump,
+                state=outcome.current,
+                reported=outcome.target,
+                reason=outcome.reason,
+            )
+        held = self._open.get(pump)
+        if held is not None and status.state not in _HELD:
+            # The pump no longer holds the sale we journaled: our close was applied though its
+            # answer was lost, or another terminal closed it.
+            await self._settled(held, "device")
+        if status.state is PumpState.END_OF_TRANSACTION:
+            await self._on_finished(status)
+        elif (
             status.state is PumpState.CALLING
             and self.auto_authorise
-            and before is not FpState.AUTHORISED
+            and machine.state is FpState.CALLING
         ):
-            await self._authorise(status.pump, status.nozzle)
-        elif (
-            status.state is PumpState.END_OF_TRANSACTION
-            and machine.state is FpState.FINISHED_UNPAID
-            and (
-                status.transaction is None or self._journaled.get(status.pump) != status.transaction
+            await self._authorise(pump, status.nozzle)
+        elif status.state is PumpState.IDLE and before in (
+            FpState.FUELLING,
+            FpState.SUSPENDED,
+            FpState.STOPPED,
+        ):
+            # A sale that was flowing vanished between two polls: it was closed elsewhere.
+            self._needs_recovery.add(pump)
+
+    async def _on_finished(self, status: PumpStatus) -> None:
+        pump = status.pump
+        held = self._open.get(pump)
+        if (
+            held is not None
+            and status.transaction == held.device_txn
+            and self.monotonic() < held.retry_at
+        ):
+            return  # a close failed a moment ago: wait for its retry time
+        txn = await self.driver.finished_transaction(pump)
+        if txn is None:
+            if held is not None:
+                await self._settled(held, "device")
+            return
+        draft = self._draft(txn)
+        if draft is None:
+            return  # no snapshot: cannot journal, so nothing is closed
+        fingerprint = draft.fingerprint()
+        if held is not None and held.fingerprint != fingerprint:
+            await self._settled(held, "device")  # the pump holds another sale now
+            held = None
+        if held is None:
+            journaled = await self._journal(txn, draft=draft)
+            if journaled is None:
+                return
+            held = _Open(journaled.sale_id, pump, txn.transaction, fingerprint)
+            self._open[pump] = held
+        if self.auto_settle:
+            await self._close(held)
+
+    async def _close(self, held: _Open) -> None:
+        try:
+            await self.driver.close_transaction(held.pump, held.device_txn)
+        except (DriverUnavailable, DeviceRejected) as exc:
+            held.attempts += 1
+            delay = min(
+                self.close_backoff_max_s,
+                self.close_backoff_initial_s * 2 ** min(held.attempts - 1, 16),
             )
-        ):
-            for txn in await self.driver.unacknowledged_transactions([status.pump]):
-                await self._finish(txn)
+            held.retry_at = self.monotonic() + delay
+            self.stats.close_failures += 1
+            log.warning(
+                "edge.close_failed",
+                pump=held.pump,
+                device_txn=held.device_txn,
+                sale_id=held.sale_id,
+                attempt=held.attempts,
+                retry_in_s=round(delay, 2),
+                error=str(exc),
+            )
+            if held.attempts >= 5:
+                self.alarms.raise_(
+                    f"close_failing_fp{held.pump}",
+                    "a finished sale cannot be closed at the pump: the pump stays blocked",
+                    pump=held.pump,
+                    device_txn=held.device_txn,
+                    attempts=held.attempts,
+                )
+            return
+        crash_point("edge.after_close")
+        await self.journal.mark_settled(held.sale_id)
+        self._open.pop(held.pump, None)
+        self._authorised_price.pop(held.pump, None)
+        self._start_totals.pop(held.pump, None)
+        self.machine(held.pump).move(FpState.CLOSED)
+        self.alarms.clear(f"close_failing_fp{held.pump}")
+        self.stats.closed += 1
+        await self.journal.record_audit(
+            actor=self.actor,
+            action="pump.close_transaction",
+            target=f"fp:{held.pump}",
+            details={"device_txn": held.device_txn, "sale_id": held.sale_id},
+        )
+
+    async def _settled(self, held: _Open, by: str) -> None:
+        """The sale left the pump without our (answered) close."""
+        await self.journal.mark_settled(held.sale_id)
+        if self._open.get(held.pump) is held:
+            del self._open[held.pump]
+        self.alarms.clear(f"close_failing_fp{held.pump}")
+        self.stats.closed_elsewhere += 1
+        log.info(
+            "edge.sale_settled_at_device",
+            pump=held.pump,
+            device_txn=held.device_txn,
+            sale_id=held.sale_id,
+            by=by,
+        )
+
+    # --- authorising ---------------------------------------------------------------------
 
     async def _authorise(self, pump: int, nozzle: int | None) -> None:
         snap = self.snapshot()
@@ -148,10 +440,19 @@ class ForecourtController(BackgroundService):
             self.stats.no_price += 1
             log.error("edge.no_price", pump=pump, nozzle=nozzle, grade=grade)
             return
-        await self.driver.authorize(pump, nozzle, Preset(), price.milli_minor_per_litre)
+        # The start totalizer, read from the meter itself before any product flows.
+        try:
+            totals = await self.driver.totals(pump, nozzle)
+            self._start_totals[pump] = (nozzle, totals.volume_ml)
+        except (DriverUnavailable, DeviceRejected) as exc:
+            self._start_totals.pop(pump, None)
+            log.warning("edge.totals_unavailable", pump=pump, nozzle=nozzle, error=str(exc))
+        transaction = await self.driver.authorize(
+            pump, nozzle, Preset(), price.milli_minor_per_litre
+        )
         self._authorised_price[pump] = (price.price_id, price.milli_minor_per_litre)
         self.stats.authorisations += 1
-        self.machine(pump).move(FpState.AUTHORISED)
+        self.machine(pump).authorised(self.monotonic())
         await self.journal.record_audit(
             actor=self.actor,
             action="pump.authorize",
@@ -161,10 +462,16 @@ class ForecourtController(BackgroundService):
                 "grade": grade,
                 "unit_price_mmu": price.milli_minor_per_litre,
                 "price_version": price.price_id,
+                "device_txn": transaction,
             },
         )
 
-    def _draft(self, txn: DeviceTransaction, snap: StationSnapshot) -> SaleDraft:
+    # --- journaling ----------------------------------------------------------------------
+
+    def _draft(self, txn: DeviceTransaction) -> SaleDraft | None:
+        snap = self.snapshot()
+        if snap is None:
+            return None
         fp = snap.fuelling_point(txn.pump)
         nozzle = next((n for n in fp.nozzles if n.number == txn.nozzle), None) if fp else None
         grade = nozzle.grade if nozzle else (txn.grade_code or "unknown")
@@ -176,6 +483,11 @@ class ForecourtController(BackgroundService):
             in_force = snap.prices_at(txn.started_at or txn.ended_at).get(grade)
             if in_force and in_force.milli_minor_per_litre == txn.unit_price_mmu:
                 price_version = in_force.price_id
+        start = txn.totalizer_start_ml
+        if start is None:
+            read = self._start_totals.get(txn.pump)
+            if read is not None and read[0] == txn.nozzle:
+                start = read[1]
         return SaleDraft(
             fuelling_point=txn.pump,
             nozzle=txn.nozzle,
@@ -186,7 +498,7 @@ class ForecourtController(BackgroundService):
             currency=snap.currency,
             price_version=price_version,
             snapshot_version=snap.version,
-            totalizer_start_ml=txn.totalizer_start_ml,
+            totalizer_start_ml=start,
             totalizer_end_ml=txn.totalizer_end_ml,
             device_txn=txn.transaction,
             dispense_type="sale",
@@ -194,35 +506,91 @@ class ForecourtController(BackgroundService):
             ended_at=txn.ended_at,
             business_date=snap.business_date(txn.ended_at),
             shift_id=snap.shift_id(txn.ended_at),
+            device_id=self.device_id,
+            device_flags=tuple(txn.flags),
+            device_raw=tuple(txn.raw),
         )
 
-    async def _finish(self, txn: DeviceTransaction) -> None:
-        snap = self.snapshot()
-        if snap is None:
-            return
-        journaled = await self.journal.record_sale(self._draft(txn, snap))
-        crash_point("edge.after_journal_commit")
-        self._journaled[txn.pump] = txn.transaction
-        if journaled.new:
-            self.stats.journaled += 1
-            self.on_journaled()
-        else:
+    async def _meter_flags(self, draft: SaleDraft) -> set[str]:
+        """Check the nozzle's meter: this sale must continue the last journaled one."""
+        flags: set[str] = set()
+        end, start = draft.totalizer_end_ml, draft.totalizer_start_ml
+        if start is not None and end is not None and end - start != draft.volume_ml:
+            flags.add(FLAG_TOTALIZER_MISMATCH)
+        if end is None:
+            return flags
+        expected_start = start if start is not None else end - draft.volume_ml
+        previous = await self.journal.last_reading(draft.fuelling_point, draft.nozzle)
+        if previous is not None and previous.totalizer_end_ml != expected_start:
+            flags.add(FLAG_TOTALIZER_GAP)
+            self.stats.totalizer_gaps += 1
+            self.alarms.raise_(
+                "totalizer_gap",
+                "a nozzle's meter moved between two journaled sales (meter drift or an unseen "
+                "sale)",
+                pump=draft.fuelling_point,
+                nozzle=draft.nozzle,
+                previous_end_ml=previous.totalizer_end_ml,
+                start_ml=expected_start,
+                previous_sale=previous.sale_id,
+                device_txn=draft.device_txn,
+            )
+        return flags
+
+    async def _journal(
+        self,
+        txn: DeviceTransaction,
+        *,
+        draft: SaleDraft | None = None,
+        from_report: bool = False,
+    ) -> Journaled | None:
+        draft = draft or self._draft(txn)
+        if draft is None:
+            return None
+        known = await self.journal.known(draft)
+        if known is not None:
             self.stats.re_read_duplicates += 1
-        if not self.auto_settle:
-            return
-        await self.driver.close_transaction(txn.pump, txn.transaction)
-        await self.journal.mark_settled(journaled.sale_id, txn.pump, txn.transaction)
-        self._authorised_price.pop(txn.pump, None)
-        self.machine(txn.pump).move(FpState.CLOSED)
-        self.stats.closed += 1
-        await self.journal.record_audit(
-            actor=self.actor,
-            action="pump.close_transaction",
-            target=f"fp:{txn.pump}",
-            details={"device_txn": txn.transaction, "sale_id": journaled.sale_id},
-        )
+            return known
+        flags = await self._meter_flags(draft)
+        if from_report:
+            flags.add(FLAG_FROM_REPORT)
+        if flags:
+            draft = replace(draft, device_flags=tuple(sorted(set(draft.device_flags) | flags)))
+        journaled = await self.journal.record_sale(draft)
+        crash_point("edge.after_journal_commit")
+        if not journaled.new:
+            self.stats.re_read_duplicates += 1
+            return journaled
+        self.stats.journaled += 1
+        self.on_journaled()
+        if journaled.epoch_changed:
+            self.stats.epoch_changes += 1
+            self.epoch = journaled.epoch
+            self.alarms.raise_(
+                "device_epoch_change",
+                "the controller re-used a transaction number for another sale (restart with "
+                "counters reset, swap or wrap): a new epoch began",
+                pump=txn.pump,
+                device_txn=txn.transaction,
+                epoch=journaled.epoch,
+            )
+            self._needs_recovery.update(self.pumps())
+        if FLAG_INEXACT in draft.device_flags:
+            self.stats.inexact_values += 1
+            self.alarms.raise_(
+                "inexact_device_value",
+                "a finished sale carries a value our units cannot hold exactly: journaled as "
+                "received, flagged for review",
+                pump=txn.pump,
+                device_txn=txn.transaction,
+                raw=dict(txn.raw),
+            )
+        return journaled
+
+    # --- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._needs_recovery.update(self.pumps())
         while True:
             try:
                 await self.poll_once()

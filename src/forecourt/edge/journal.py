@@ -12,8 +12,8 @@ import asyncio
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from datetime import date, datetime
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,12 +21,15 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from forecourt.edge.domain import transaction_fingerprint
 from forecourt.infra.db import UTCDateTime
 from forecourt.infra.migrate import upgrade_sync
 from forecourt.kernel.clock import Clock
 from forecourt.kernel.ids import new_id
 
 T = TypeVar("T")
+
+FLAG_EPOCH_CHANGE = "device_epoch_change"  # the first sale of a new device epoch
 
 md = sa.MetaData()
 snapshot_t = sa.Table(
@@ -54,14 +57,35 @@ journal_t = sa.Table(
     sa.Column("hq_status", sa.String(20)),
     sa.Column("hq_flags", sa.String(400)),
     sa.Column("hq_acked_at", UTCDateTime()),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("device_epoch", sa.Integer, nullable=False),
+    sa.Column("nozzle", sa.Integer),
+    sa.Column("totalizer_end_ml", sa.BigInteger),
+    sa.Column("ended_at", UTCDateTime()),
+    sa.Column("flags", sa.String(400), nullable=False),
 )
+# (device, fuelling point, device transaction, epoch) → sale, with the transaction's content
+# fingerprint: de-duplicates re-read device transactions before a sale_id is ever assigned,
+# and tells a re-used number (a restarted or wrapped counter) from a re-read.
 device_txn_t = sa.Table(
-    "device_txn",
+    "device_sale",
     md,
+    sa.Column("device_id", sa.String(64), primary_key=True),
     sa.Column("fuelling_point", sa.Integer, primary_key=True),
     sa.Column("device_txn", sa.Integer, primary_key=True),
+    sa.Column("epoch", sa.Integer, primary_key=True),
+    sa.Column("fingerprint", sa.String(200), nullable=False),
     sa.Column("sale_id", sa.String(36), nullable=False),
     sa.Column("closed_at", UTCDateTime()),
+)
+device_epoch_t = sa.Table(
+    "device_epoch",
+    md,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("boot_marker", sa.String(200)),
+    sa.Column("changed_at", UTCDateTime(), nullable=False),
+    sa.Column("reason", sa.String(200), nullable=False),
 )
 outbox_t = sa.Table(
     "upload_outbox",
@@ -100,14 +124,27 @@ class SaleDraft:
     currency: str
     price_version: str | None
     snapshot_version: int
-    totalizer_start_ml: int
-    totalizer_end_ml: int
+    totalizer_start_ml: int | None
+    totalizer_end_ml: int | None
     device_txn: int | None
     dispense_type: str
     started_at: datetime | None
     ended_at: datetime
     business_date: date
     shift_id: str
+    device_id: str = ""
+    device_flags: tuple[str, ...] = ()  # see edge.controller / edge.drivers FLAG_*
+    device_raw: tuple[tuple[str, str], ...] = ()  # wire text of values not exact in our units
+
+    def fingerprint(self) -> str:
+        return transaction_fingerprint(
+            nozzle=self.nozzle,
+            volume_ml=self.volume_ml,
+            amount_minor=self.amount_minor,
+            unit_price_mmu=self.unit_price_mmu,
+            ended_at=self.ended_at,
+            totalizer_end_ml=self.totalizer_end_ml,
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +152,27 @@ class Journaled:
     sale_id: str
     seq: int
     new: bool  # False when the device transaction had been journaled before
+    epoch: int = 0
+    epoch_changed: bool = False  # this sale re-used a number of the epoch: a new epoch began
+    settled: bool = False  # (re-reads) already closed at the device
+
+
+@dataclass(frozen=True)
+class OpenSale:
+    """A journaled sale not yet closed at the device."""
+
+    sale_id: str
+    fuelling_point: int
+    device_txn: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class NozzleReading:
+    """The newest journaled end totalizer of a nozzle (continuity of the meter)."""
+
+    sale_id: str
+    totalizer_end_ml: int
 
 
 @dataclass(frozen=True)
@@ -124,12 +182,23 @@ class PendingUpload:
     payload: dict[str, Any]
 
 
-def _payload(draft: SaleDraft, sale_id: str, seq: int) -> dict[str, Any]:
+UPLOAD_SCHEMA_VERSION = 2
+
+
+def _payload(draft: SaleDraft, sale_id: str, seq: int, epoch: int) -> dict[str, Any]:
+    """The sale as uploaded (schema v2, docs/api.md)."""
     body = asdict(draft)
     body["started_at"] = draft.started_at.isoformat() if draft.started_at else None
     body["ended_at"] = draft.ended_at.isoformat()
     body["business_date"] = draft.business_date.isoformat()
-    body.update(sale_id=sale_id, station_seq=seq, schema_version=1)
+    body["device_flags"] = sorted(set(draft.device_flags))
+    body["device_raw"] = dict(draft.device_raw) or None
+    body.update(
+        sale_id=sale_id,
+        station_seq=seq,
+        device_epoch=epoch,
+        schema_version=UPLOAD_SCHEMA_VERSION,
+    )
     return body
 
 
@@ -212,26 +281,57 @@ class Journal:
 
     def _record_sale(self, draft: SaleDraft) -> Journaled:
         now = self.clock.now()
+        fingerprint = draft.fingerprint()
         with self.engine.begin() as conn:
+            epoch = self._epoch(conn, draft.device_id)
+            epoch_changed = False
+            flags = set(draft.device_flags)
             if draft.device_txn is not None:
-                known = conn.execute(
-                    sa.select(device_txn_t.c.sale_id).where(
+                same_number = conn.execute(
+                    sa.select(
+                        device_txn_t.c.sale_id,
+                        device_txn_t.c.epoch,
+                        device_txn_t.c.fingerprint,
+                        device_txn_t.c.closed_at,
+                    ).where(
+                        device_txn_t.c.device_id == draft.device_id,
                         device_txn_t.c.fuelling_point == draft.fuelling_point,
                         device_txn_t.c.device_txn == draft.device_txn,
                     )
-                ).first()
-                if known is not None:
-                    seq = conn.scalar(
-                        sa.select(journal_t.c.seq).where(journal_t.c.sale_id == known.sale_id)
+                ).all()
+                for known in same_number:
+                    if known.fingerprint == fingerprint:  # a re-read of a journaled sale
+                        seq = conn.scalar(
+                            sa.select(journal_t.c.seq).where(journal_t.c.sale_id == known.sale_id)
+                        )
+                        return Journaled(
+                            sale_id=known.sale_id,
+                            seq=int(seq or 0),
+                            new=False,
+                            epoch=known.epoch,
+                            settled=known.closed_at is not None,
+                        )
+                if any(known.epoch == epoch for known in same_number):
+                    # Same number, other contents, same epoch: the device's numbering started
+                    # again (a restart with counters reset, a swap, a wrap). A new epoch begins.
+                    epoch = self._bump_epoch(
+                        conn,
+                        draft.device_id,
+                        epoch,
+                        None,
+                        f"fp {draft.fuelling_point} re-used transaction {draft.device_txn}",
+                        now,
                     )
-                    return Journaled(sale_id=known.sale_id, seq=int(seq or 0), new=False)
+                    epoch_changed = True
+                    flags.add(FLAG_EPOCH_CHANGE)
             # Gap-free: the one writer takes max+1 inside the same transaction.
             seq = (
                 int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(journal_t.c.seq), 0))) or 0)
                 + 1
             )
             sale_id = str(new_id())
-            payload = _payload(draft, sale_id, seq)
+            final = replace(draft, device_flags=tuple(sorted(flags)))
+            payload = _payload(final, sale_id, seq, epoch)
             text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
             conn.execute(
                 journal_t.insert().values(
@@ -246,13 +346,22 @@ class Journal:
                     business_date=draft.business_date.isoformat(),
                     payload=text,
                     journaled_at=now,
+                    device_id=draft.device_id,
+                    device_epoch=epoch,
+                    nozzle=draft.nozzle,
+                    totalizer_end_ml=draft.totalizer_end_ml,
+                    ended_at=draft.ended_at,
+                    flags=",".join(sorted(flags))[:400],
                 )
             )
             if draft.device_txn is not None:
                 conn.execute(
                     device_txn_t.insert().values(
+                        device_id=draft.device_id,
                         fuelling_point=draft.fuelling_point,
                         device_txn=draft.device_txn,
+                        epoch=epoch,
+                        fingerprint=fingerprint,
                         sale_id=sale_id,
                     )
                 )
@@ -267,12 +376,94 @@ class Journal:
                     created_at=now,
                 )
             )
-        return Journaled(sale_id=sale_id, seq=seq, new=True)
+        return Journaled(
+            sale_id=sale_id, seq=seq, new=True, epoch=epoch, epoch_changed=epoch_changed
+        )
 
-    async def mark_settled(self, sale_id: str, fuelling_point: int, device_txn: int | None) -> None:
-        await self._run(self._mark_settled, sale_id, fuelling_point, device_txn)
+    @staticmethod
+    def _epoch(conn: sa.Connection, device_id: str) -> int:
+        epoch = conn.scalar(
+            sa.select(device_epoch_t.c.epoch).where(device_epoch_t.c.device_id == device_id)
+        )
+        return int(epoch or 0)
 
-    def _mark_settled(self, sale_id: str, fuelling_point: int, device_txn: int | None) -> None:
+    @staticmethod
+    def _bump_epoch(
+        conn: sa.Connection,
+        device_id: str,
+        current: int,
+        boot_marker: str | None,
+        reason: str,
+        now: datetime,
+    ) -> int:
+        new = current + 1
+        updated = conn.execute(
+            device_epoch_t.update()
+            .where(device_epoch_t.c.device_id == device_id)
+            .values(epoch=new, changed_at=now, reason=reason[:200], boot_marker=boot_marker)
+        ).rowcount
+        if not updated:
+            conn.execute(
+                device_epoch_t.insert().values(
+                    device_id=device_id,
+                    epoch=new,
+                    boot_marker=boot_marker,
+                    changed_at=now,
+                    reason=reason[:200],
+                )
+            )
+        return new
+
+    async def observe_device(self, device_id: str, boot_marker: str | None) -> tuple[int, bool]:
+        """Record the controller's boot marker; a changed one begins a new epoch.
+        Returns (epoch, changed)."""
+        return await self._run(self._observe_device, device_id, boot_marker)
+
+    def _observe_device(self, device_id: str, boot_marker: str | None) -> tuple[int, bool]:
+        now = self.clock.now()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(device_epoch_t.c.epoch, device_epoch_t.c.boot_marker).where(
+                    device_epoch_t.c.device_id == device_id
+                )
+            ).first()
+            if row is None:
+                conn.execute(
+                    device_epoch_t.insert().values(
+                        device_id=device_id,
+                        epoch=0,
+                        boot_marker=boot_marker,
+                        changed_at=now,
+                        reason="first seen",
+                    )
+                )
+                return 0, False
+            if boot_marker is None or row.boot_marker == boot_marker:
+                return int(row.epoch), False
+            if row.boot_marker is None:  # the first marker this device ever showed us
+                conn.execute(
+                    device_epoch_t.update()
+                    .where(device_epoch_t.c.device_id == device_id)
+                    .values(boot_marker=boot_marker)
+                )
+                return int(row.epoch), False
+            epoch = self._bump_epoch(
+                conn, device_id, int(row.epoch), boot_marker, "controller restarted", now
+            )
+            return epoch, True
+
+    async def device_epoch(self, device_id: str) -> int:
+        return await self._run(self._device_epoch, device_id)
+
+    def _device_epoch(self, device_id: str) -> int:
+        with self.engine.connect() as conn:
+            return self._epoch(conn, device_id)
+
+    async def mark_settled(self, sale_id: str) -> None:
+        """The sale is closed at the device (by us, or seen closed)."""
+        await self._run(self._mark_settled, sale_id)
+
+    def _mark_settled(self, sale_id: str) -> None:
         now = self.clock.now()
         with self.engine.begin() as conn:
             conn.execute(
@@ -280,15 +471,100 @@ class Journal:
                 .where(journal_t.c.sale_id == sale_id, journal_t.c.settled_at.is_(None))
                 .values(settled_at=now)
             )
-            if device_txn is not None:
-                conn.execute(
-                    device_txn_t.update()
-                    .where(
-                        device_txn_t.c.fuelling_point == fuelling_point,
-                        device_txn_t.c.device_txn == device_txn,
-                    )
-                    .values(closed_at=now)
+            conn.execute(
+                device_txn_t.update()
+                .where(device_txn_t.c.sale_id == sale_id, device_txn_t.c.closed_at.is_(None))
+                .values(closed_at=now)
+            )
+
+    async def open_sales(self) -> list[OpenSale]:
+        """Journaled sales not yet closed at the device (to close after a restart)."""
+        return await self._run(self._open_sales)
+
+    def _open_sales(self) -> list[OpenSale]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    device_txn_t.c.sale_id,
+                    device_txn_t.c.fuelling_point,
+                    device_txn_t.c.device_txn,
+                    device_txn_t.c.fingerprint,
                 )
+                .where(device_txn_t.c.closed_at.is_(None))
+                .order_by(device_txn_t.c.fuelling_point, device_txn_t.c.device_txn)
+            )
+            return [
+                OpenSale(r.sale_id, r.fuelling_point, r.device_txn, r.fingerprint) for r in rows
+            ]
+
+    async def last_sale_end(self, fuelling_point: int) -> datetime | None:
+        """When the newest journaled sale of a fuelling point ended (device time)."""
+        return await self._run(self._last_sale_end, fuelling_point)
+
+    def _last_sale_end(self, fuelling_point: int) -> datetime | None:
+        with self.engine.connect() as conn:
+            value = conn.scalar(
+                sa.select(sa.func.max(journal_t.c.ended_at)).where(
+                    journal_t.c.fuelling_point == fuelling_point
+                )
+            )
+            if value is None:
+                return None
+            if isinstance(value, str):  # an aggregate comes back untyped on SQLite
+                value = datetime.fromisoformat(value)
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    async def last_reading(self, fuelling_point: int, nozzle: int) -> NozzleReading | None:
+        """The newest journaled end totalizer of a nozzle (any epoch: the meter is the
+        dispenser's, it survives a controller restart)."""
+        return await self._run(self._last_reading, fuelling_point, nozzle)
+
+    def _last_reading(self, fuelling_point: int, nozzle: int) -> NozzleReading | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(journal_t.c.sale_id, journal_t.c.totalizer_end_ml)
+                .where(
+                    journal_t.c.fuelling_point == fuelling_point,
+                    journal_t.c.nozzle == nozzle,
+                    journal_t.c.totalizer_end_ml.is_not(None),
+                )
+                .order_by(journal_t.c.seq.desc())
+                .limit(1)
+            ).first()
+            return NozzleReading(row.sale_id, int(row.totalizer_end_ml)) if row else None
+
+    async def known(self, draft: SaleDraft) -> Journaled | None:
+        """The journaled sale this draft re-reads, if any (same device, number and contents)."""
+        return await self._run(self._known, draft)
+
+    def _known(self, draft: SaleDraft) -> Journaled | None:
+        if draft.device_txn is None:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(
+                    device_txn_t.c.sale_id,
+                    device_txn_t.c.epoch,
+                    device_txn_t.c.closed_at,
+                    journal_t.c.seq,
+                )
+                .join(journal_t, journal_t.c.sale_id == device_txn_t.c.sale_id)
+                .where(
+                    device_txn_t.c.device_id == draft.device_id,
+                    device_txn_t.c.fuelling_point == draft.fuelling_point,
+                    device_txn_t.c.device_txn == draft.device_txn,
+                    device_txn_t.c.fingerprint == draft.fingerprint(),
+                )
+            ).first()
+            if row is None:
+                return None
+            return Journaled(
+                sale_id=row.sale_id,
+                seq=int(row.seq),
+                new=False,
+                epoch=int(row.epoch),
+                settled=row.closed_at is not None,
+            )
 
     # --- the upload outbox -----------------------------------------------------------------
 
@@ -414,3 +690,125 @@ class Journal:
                     details=json.dumps(details, sort_keys=True, default=str),
                 )
             )
+
+    # --- retention and disk usage -----------------------------------------------------------
+    # Settled sales HQ has answered with a final status leave the journal for the archive
+    # (forecourt.edge.retention writes and fsyncs it before anything is deleted here). The
+    # newest row always stays: record_sale numbers the next sale max(seq) + 1, so deleting it
+    # would hand its number out again. Audit rows are never deleted: there is no audit
+    # upload yet, so HQ has acknowledged none of them.
+
+    archivable_statuses = ("created", "duplicate", "quarantined", "conflict")
+
+    def _archivable(self, journaled_before: datetime) -> sa.ColumnElement[bool]:
+        newest = sa.select(sa.func.max(journal_t.c.seq)).scalar_subquery()
+        in_outbox = sa.exists().where(outbox_t.c.seq == journal_t.c.seq).correlate(journal_t)
+        return sa.and_(
+            journal_t.c.settled_at.is_not(None),
+            journal_t.c.hq_acked_at.is_not(None),
+            journal_t.c.hq_status.in_(self.archivable_statuses),
+            journal_t.c.journaled_at < journaled_before,
+            journal_t.c.seq < newest,
+            ~in_outbox,
+        )
+
+    async def retention_candidates(
+        self, journaled_before: datetime, limit: int
+    ) -> list[dict[str, Any]]:
+        """Full rows, lowest seq first, that may move to the archive: settled, answered by HQ
+        (created, duplicate, quarantined or conflict; never refused or pending), journaled
+        before the cutoff, not in the upload outbox, and not the newest row."""
+        return await self._run(self._retention_candidates, journaled_before, limit)
+
+    def _retention_candidates(self, journaled_before: datetime, limit: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(journal_t)
+                .where(self._archivable(journaled_before))
+                .order_by(journal_t.c.seq)
+                .limit(limit)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    async def delete_archived(self, seqs: list[int], journaled_before: datetime) -> int:
+        """Delete archived rows in one transaction (each re-checked: only what may go goes),
+        with the device-transaction memory of sales no longer in the journal whose device
+        transaction was closed before the cutoff (no pump still shows it). Returns how many
+        journal rows were deleted."""
+        return await self._run(self._delete_archived, seqs, journaled_before)
+
+    def _delete_archived(self, seqs: list[int], journaled_before: datetime) -> int:
+        deleted = 0
+        with self.engine.begin() as conn:
+            for start in range(0, len(seqs), 500):  # stay well inside SQLite's variable limit
+                chunk = seqs[start : start + 500]
+                result = conn.execute(
+                    journal_t.delete().where(
+                        journal_t.c.seq.in_(chunk), self._archivable(journaled_before)
+                    )
+                )
+                deleted += result.rowcount
+            in_journal = (
+                sa.exists()
+                .where(journal_t.c.sale_id == device_txn_t.c.sale_id)
+                .correlate(device_txn_t)
+            )
+            conn.execute(
+                device_txn_t.delete().where(
+                    device_txn_t.c.closed_at.is_not(None),
+                    device_txn_t.c.closed_at < journaled_before,
+                    ~in_journal,
+                )
+            )
+        return deleted
+
+    async def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file and truncate it (after retention
+        deleted many rows, so the WAL does not stay large on disk)."""
+        await self._run(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        raw = self.engine.raw_connection()  # a PRAGMA outside any transaction
+        try:
+            cursor = raw.cursor()
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cursor.close()
+        finally:
+            raw.close()
+
+    def disk_bytes(self) -> tuple[int, int]:
+        """(database file, write-ahead log) in bytes as they are on disk now; deleted rows'
+        pages are reused by new sales, so the file stops growing rather than shrinks."""
+        sizes = []
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        return sizes[0], sizes[1]
+
+    async def sequence_check_with_archive(
+        self, archive_dir: Path | None = None
+    ) -> tuple[int, int, int]:
+        """(rows in the journal, rows only in the archive, max seq): the sequence is gap-free
+        when the first two add up to the third. The archived seqs come from the archive's
+        manifest (default ``<journal>.archive/``); a row archived but not yet deleted (a
+        crash between the two steps) counts once, as a journal row."""
+        return await self._run(self._sequence_check_with_archive, archive_dir)
+
+    def _sequence_check_with_archive(self, archive_dir: Path | None) -> tuple[int, int, int]:
+        # Imported here: the retention module builds on the journal, not the other way round.
+        from forecourt.edge.retention import Archive, default_archive_dir
+
+        ranges = Archive(archive_dir or default_archive_dir(self.path)).archived_ranges()
+        with self.engine.connect() as conn:
+            present, top = conn.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(journal_t.c.seq), 0))
+            ).one()
+            archived = 0
+            for low, high in ranges:  # merged ranges: few, each an index range count
+                still_here = conn.scalar(
+                    sa.select(sa.func.count()).where(journal_t.c.seq.between(low, high))
+                )
+                archived += high - low + 1 - int(still_here or 0)
+        return int(present), archived, max(int(top), ranges[-1][1] if ranges else 0)

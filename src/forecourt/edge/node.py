@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,7 +16,9 @@ from forecourt import __version__
 from forecourt.edge.controller import ForecourtController
 from forecourt.edge.drivers import ForecourtDriver
 from forecourt.edge.journal import Journal
+from forecourt.edge.retention import JournalRetention
 from forecourt.edge.sync import HqClient, SnapshotKeeper, SyncAgent
+from forecourt.infra.background import BackgroundService, SupervisedTask
 from forecourt.infra.http import install_common
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
@@ -42,6 +45,16 @@ class EdgeNode:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     driver: ForecourtDriver | None = None
     started: bool = False
+    retention: JournalRetention | None = None
+    snapshot_refresh: SupervisedTask = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshot_refresh = SupervisedTask("edge-snapshots", self._refresh_snapshots)
+
+    def services(self) -> list[BackgroundService]:
+        """Every supervised background task of the node."""
+        tasks: list[BackgroundService] = [self.controller, self.sync, self.snapshot_refresh]
+        return tasks if self.retention is None else [*tasks, self.retention]
 
     async def start(self) -> None:
         """Open the journal, take the snapshot (from HQ, else the newest persisted one),
@@ -56,16 +69,20 @@ class EdgeNode:
         self.driver = self.driver_factory(snapshot)
         await self.driver.open()
         self.controller.driver = self.driver
-        await self.controller.recover()
+        # No waiting for the forecourt: pumps that do not answer yet are recovered (their
+        # unclosed and closed-elsewhere sales journaled) by the controller loop when they do.
         self.controller.start()
         self.sync.start()
-        self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="edge-snapshots"))
+        self.snapshot_refresh.start()
+        if self.retention is not None:
+            self.retention.start()
         self.started = True
 
     async def _refresh_snapshots(self) -> None:
         while True:
             await asyncio.sleep(self.settings.snapshot_refresh_s)
-            await self.snapshots.refresh()
+            if not await self.snapshots.refresh():
+                log.warning("edge.snapshot_refresh_failed", error=self.snapshots.last_error)
 
     async def stop_selling(self) -> None:
         """Stop polling the forecourt (used at shutdown after pumps are idle)."""
@@ -89,6 +106,9 @@ class EdgeNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self.snapshot_refresh.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         await self.controller.stop()
         await self.sync.stop()
         if self.driver is not None:
@@ -113,7 +133,39 @@ class EdgeNode:
                 "alarm_level": self.sync.alarm_level,
             },
             "controller": self.controller.stats.__dict__,
+            "device": {
+                "device_id": self.controller.device_id or None,
+                "epoch": self.controller.epoch,
+                "reachable": self.controller.reachable,
+                "boot_marker": (
+                    self.controller.identity.boot_marker if self.controller.identity else None
+                ),
+            },
+            "alarms": self.controller.alarms.as_json(),
             "uploads": dict(self.sync.stats.__dict__),
+            "storage": self._storage_status(),
+            "tasks": {s.task_name: s.health() for s in self.services()},
+        }
+
+    def _storage_status(self) -> dict[str, Any]:
+        usage = self.sync.storage  # measured with the outbox budget, a few times a minute
+        return {
+            "journal_bytes": usage.journal_bytes if usage else None,
+            "wal_bytes": usage.wal_bytes if usage else None,
+            "free_bytes": usage.free_bytes if usage else None,
+            "journal_budget_bytes": self.sync.journal_budget_bytes,
+            "journal_alarm_level": self.sync.journal_alarm_level,
+            "min_free_bytes": self.sync.min_free_bytes,
+            "disk_low": self.sync.disk_low,
+            "retention": (
+                {
+                    "archive_dir": str(self.retention.archive.directory),
+                    "retention_days": self.retention.retention.days,
+                    **self.retention.stats.__dict__,
+                }
+                if self.retention is not None
+                else None
+            ),
         }
 
 
@@ -123,6 +175,14 @@ def build_edge_node(
     journal = Journal(settings.journal_path, clock)
     hq = HqClient(settings.hq_url, settings.station, settings.credential.get_secret_value())
     snapshots = SnapshotKeeper(journal, hq)
+    retention = JournalRetention(
+        journal,
+        clock,
+        archive_dir=settings.archive_dir,
+        retention_days=settings.retention_days,
+        interval_s=settings.retention_interval_s,
+        batch_rows=settings.retention_batch_rows,
+    )
     sync = SyncAgent(
         journal,
         hq,
@@ -131,6 +191,13 @@ def build_edge_node(
         backoff_max_s=settings.sync_backoff_max_s,
         budget_bytes=settings.outbox_budget_bytes,
         alarm_ratios=tuple(settings.outbox_alarm_ratios),
+        journal_budget_bytes=(
+            settings.outbox_budget_bytes
+            if settings.journal_budget_bytes is None
+            else settings.journal_budget_bytes
+        ),
+        min_free_bytes=settings.min_free_disk_bytes,
+        on_disk_low=retention.request,
     )
     controller = ForecourtController(
         None,
@@ -144,7 +211,16 @@ def build_edge_node(
     )
     registry = CollectorRegistry()
     node = EdgeNode(
-        settings, clock, driver_factory, journal, hq, snapshots, controller, sync, registry
+        settings,
+        clock,
+        driver_factory,
+        journal,
+        hq,
+        snapshots,
+        controller,
+        sync,
+        registry,
+        retention=retention,
     )
 
     Gauge(
@@ -161,6 +237,50 @@ def build_edge_node(
         "Outbox disk-budget thresholds crossed",
         registry=registry,
     ).set_function(lambda: sync.alarm_level)
+    Gauge(
+        "forecourt_edge_journal_alarm_level",
+        "Journal-on-disk budget thresholds crossed",
+        registry=registry,
+    ).set_function(lambda: sync.journal_alarm_level)
+    Gauge(
+        "forecourt_edge_journal_disk_bytes",
+        "Journal database file plus WAL on disk",
+        registry=registry,
+    ).set_function(
+        lambda: sync.storage.journal_bytes + sync.storage.wal_bytes if sync.storage else 0
+    )
+    Gauge(
+        "forecourt_edge_disk_free_bytes",
+        "Free space on the journal's filesystem",
+        registry=registry,
+    ).set_function(lambda: sync.storage.free_bytes if sync.storage else 0)
+    Gauge(
+        "forecourt_edge_disk_low", "1 while free space is below the minimum", registry=registry
+    ).set_function(lambda: int(sync.disk_low))
+    Gauge(
+        "forecourt_edge_archived", "Sales moved to the archive since start", registry=registry
+    ).set_function(lambda: retention.stats.deleted)
+    restarts = Gauge(
+        "forecourt_edge_task_restarts",
+        "Restarts of a background task after a crash",
+        ["task"],
+        registry=registry,
+    )
+    for service in node.services():
+        restarts.labels(task=service.task_name).set_function(partial(getattr, service, "restarts"))
+    Gauge(
+        "forecourt_edge_alarms_active", "Edge alarms raised and not cleared", registry=registry
+    ).set_function(lambda: len(controller.alarms.active))
+    for stat, text in (
+        ("epoch_changes", "Controller epochs begun (restart, swap, wrap) since start"),
+        ("refused_moves", "Fuelling-point moves refused as impossible since start"),
+        ("close_failures", "Failed closes of finished transactions since start"),
+        ("recovered_from_report", "Sales found in the controller's report since start"),
+        ("totalizer_gaps", "Nozzle totalizer gaps between journaled sales since start"),
+    ):
+        Gauge(f"forecourt_edge_{stat}", text, registry=registry).set_function(
+            lambda stat=stat: getattr(controller.stats, stat)  # type: ignore[misc]
+        )
     outbox_pending = Gauge(
         "forecourt_edge_outbox_pending", "Sales waiting for upload", registry=registry
     )
@@ -205,6 +325,7 @@ def jsonpts_factory(settings: EdgeSettings) -> DriverFactory:
             volume_decimals=settings.controller_volume_decimals,
             amount_decimals=settings.controller_amount_decimals,
             price_decimals=settings.controller_price_decimals,
+            auth_scheme=settings.controller_auth,
         )
 
     return make

@@ -3,23 +3,30 @@
 The station never stops recording while HQ is away: the controller journals locally and this
 agent uploads outbox batches whenever HQ answers, with exponential backoff and full jitter.
 HQ's per-sale answer is recorded and the item leaves the outbox, so nothing answered is ever
-sent again. A batch HQ refuses as schema-invalid (422) is split in halves until the single
-offending sale is found; that one is kept, marked rejected and alarmed, and never blocks the
-others.
+sent again. Only HQ's verdict on an item marks it refused (kept in the journal, out of the
+pending set, counted and alarmed); an error about the whole batch (an HTTP error status, an
+unreadable answer, no connection) changes no item: the agent backs off, raises an alarm and
+tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import httpx
 
 from forecourt.edge.journal import Journal, PendingUpload
+from forecourt.edge.retention import StorageUsage
 from forecourt.infra.background import BackgroundService
 from forecourt.infra.crash import crash_point
 from forecourt.infra.logging import get_logger
@@ -58,10 +65,14 @@ class HqClient:
         response.raise_for_status()
         return StationSnapshot.model_validate_json(response.content), response.text
 
+    # The batch envelope's version; each item keeps the version it was journaled with (a v2
+    # batch may hold v1 items from before an upgrade).
+    UPLOAD_SCHEMA_VERSION = 2
+
     async def upload(self, sales: list[dict[str, object]]) -> httpx.Response:
         return await self._client.post(
             f"/v1/stations/{self.station}/sales:batch",
-            json={"schema_version": 1, "sales": sales},
+            json={"schema_version": self.UPLOAD_SCHEMA_VERSION, "sales": sales},
         )
 
 
@@ -106,12 +117,13 @@ class SnapshotKeeper:
 
 @dataclass
 class UploadStats:
-    uploaded: int = 0
-    batches: int = 0
-    failures: int = 0
-    rejected: int = 0
+    uploaded: int = 0  # items HQ answered other than refused: they left the outbox
+    batches: int = 0  # batches HQ answered item by item
+    failures: int = 0  # batch-level failures (no item changed)
+    refused: int = 0  # items HQ refused: kept, out of the pending set
     conflicts: int = 0
     last_error: str | None = None
+    alarm: str | None = None  # the batch-level problem in force; None once uploads go through
     statuses: dict[str, int] = field(default_factory=dict)
 
 
@@ -129,6 +141,10 @@ class SyncAgent(BackgroundService):
         idle_s: float = 0.2,
         budget_bytes: int = 512 * 1024 * 1024,
         alarm_ratios: tuple[float, ...] = (0.5, 0.8),
+        journal_budget_bytes: int = 0,
+        min_free_bytes: int = 0,
+        free_bytes: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
+        on_disk_low: Callable[[], None] = lambda: None,
     ) -> None:
         self.journal = journal
         self.hq = hq
@@ -139,15 +155,28 @@ class SyncAgent(BackgroundService):
         self.budget_bytes = budget_bytes
         self.alarm_ratios = tuple(sorted(alarm_ratios))
         self.alarm_level = 0  # how many thresholds the outbox has crossed
+        # The journal on disk (main file + WAL) against its own budget, 0 = not watched; and
+        # the filesystem's free space, 0 = not watched. Both alarm; neither stops selling.
+        self.journal_budget_bytes = journal_budget_bytes
+        self.journal_alarm_level = 0
+        self.min_free_bytes = min_free_bytes
+        self.free_bytes = free_bytes
+        self.on_disk_low = on_disk_low
+        self.disk_low = False
+        self.storage: StorageUsage | None = None
         self.stats = UploadStats()
         self.wake = asyncio.Event()
         self._attempt = 0
-        self._limit = batch_size
+        self._limit = batch_size  # halved on 413, grown back after a run of successes
+        self._batches_at_limit = 0
         self.budget_check_s = 5.0
         self._next_budget_check = 0.0
 
     async def check_budget(self) -> tuple[int, int, int]:
+        """Alarm on the outbox (bytes waiting for HQ), the journal on disk and free space.
+        Only alarms: the dispenser is the legal meter, selling never waits on the budget."""
         pending, size, rejected = await self.journal.outbox_usage()
+        await self._check_storage()
         ratio = size / self.budget_bytes if self.budget_bytes else 0.0
         level = sum(1 for r in self.alarm_ratios if ratio >= r)
         if level != self.alarm_level:
@@ -165,60 +194,161 @@ class SyncAgent(BackgroundService):
             self.alarm_level = level
         return pending, size, rejected
 
+    async def _check_storage(self) -> None:
+        db_bytes, wal_bytes = self.journal.disk_bytes()
+        free = await asyncio.to_thread(self.free_bytes, self.journal.path.parent)
+        self.storage = StorageUsage(db_bytes, wal_bytes, free)
+        used = db_bytes + wal_bytes
+        ratio = used / self.journal_budget_bytes if self.journal_budget_bytes else 0.0
+        level = sum(1 for r in self.alarm_ratios if ratio >= r)
+        if level > self.journal_alarm_level:
+            log.error(
+                "edge.journal_budget_alarm",
+                level=level,
+                journal_bytes=db_bytes,
+                wal_bytes=wal_bytes,
+                budget_bytes=self.journal_budget_bytes,
+                ratio=round(ratio, 3),
+            )
+        elif level < self.journal_alarm_level:
+            log.info("edge.journal_budget_cleared", level=level, ratio=round(ratio, 3))
+        self.journal_alarm_level = level
+        low = self.min_free_bytes > 0 and free < self.min_free_bytes
+        if low and not self.disk_low:
+            log.error("edge.disk_space_low", free_bytes=free, min_free_bytes=self.min_free_bytes)
+            self.on_disk_low()  # retention at once rather than at its next interval
+        elif self.disk_low and not low:
+            log.info("edge.disk_space_recovered", free_bytes=free)
+        self.disk_low = low
+
+    @property
+    def upload_alarm(self) -> str | None:
+        """The batch-level upload problem in force (credential refused, batch refused, HQ
+        unreachable …); None once a batch goes through. In the status as ``uploads.alarm``.
+        (``alarm`` is the supervisor's: the task crashed.)"""
+        return self.stats.alarm
+
     async def upload_once(self) -> int:
-        """Upload one batch; returns how many outbox items moved on (answered, rejected, or a
-        bisection step taken), 0 when idle or when the upload failed."""
+        """Upload one batch; returns how many outbox items HQ gave its verdict on (they left
+        the pending set), 0 when idle or when the batch failed as a whole."""
         items = await self.journal.pending_uploads(self._limit)
         if not items:
             return 0
         try:
             response = await self.hq.upload([i.payload for i in items])
         except httpx.HTTPError as exc:
-            await self._failed(items, f"transport: {type(exc).__name__}: {exc}")
+            self._failed(items, "HQ unreachable", f"{type(exc).__name__}: {exc}")
             return 0
         crash_point("edge.mid_upload")
-        if response.status_code == 200:
-            body = response.json()
-            answers = [(r["sale_id"], r["status"], r.get("flags", [])) for r in body["results"]]
-            await self.journal.record_answers(answers)
-            for _, status, _ in answers:
-                self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
+        if response.status_code != 200:
+            self._batch_refused(items, response)
+            return 0
+        verdicts = _verdicts(items, response)
+        if isinstance(verdicts, str):
+            self._failed(items, "HQ answer unreadable", verdicts)
+            return 0
+        answered: list[tuple[str, str, list[str]]] = []
+        unknown: list[str] = []
+        for item, result in verdicts:
+            status = result["status"]
+            self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
+            if status == "refused":
+                await self._refused(item, result.get("errors"))
+            elif status in ANSWERED:
+                answered.append((item.sale_id, status, list(result.get("flags") or [])))
                 if status == "conflict":
                     self.stats.conflicts += 1
-                    log.error("edge.upload_conflict", station=self.hq.station)
-            self.stats.uploaded += len(answers)
-            self.stats.batches += 1
+                    log.error(
+                        "edge.upload_conflict",
+                        station=self.hq.station,
+                        sale_id=item.sale_id,
+                        seq=item.seq,
+                    )
+            else:  # a verdict this edge does not know: keep the item pending, ask a person
+                unknown.append(status)
+        if answered:
+            await self.journal.record_answers(answered)
+        self.stats.uploaded += len(answered)
+        self.stats.batches += 1
+        self._grow_limit()
+        if unknown:
+            self._failed([], "HQ answer unreadable", f"unknown statuses {sorted(set(unknown))}")
+        else:
             self._attempt = 0
-            self._limit = self.batch_size
-            return len(answers)
-        if response.status_code == 422:
-            if len(items) > 1:
-                self._limit = max(1, len(items) // 2)  # bisect toward the offending sale
-                return 1
-            await self.journal.record_failure([items[0].seq], response.text, reject=True)
-            self.stats.rejected += 1
-            self._limit = self.batch_size
-            log.error(
-                "edge.sale_rejected",
-                sale_id=items[0].sale_id,
-                seq=items[0].seq,
-                answer=response.text[:500],
-            )
-            return 1
-        await self._failed(items, f"HTTP {response.status_code}: {response.text[:300]}")
-        return 0
+            self._set_alarm(None)
+        return len(verdicts) - len(unknown)
 
-    async def _failed(self, items: list[PendingUpload], error: str) -> None:
+    async def _refused(self, item: PendingUpload, errors: object) -> None:
+        """HQ's verdict that this item is not a valid sale: kept, out of the pending set."""
+        detail = json.dumps(errors, default=str)
+        await self.journal.record_failure([item.seq], f"refused by HQ: {detail}", reject=True)
+        self.stats.refused += 1
+        log.error(
+            "edge.sale_refused",
+            station=self.hq.station,
+            sale_id=item.sale_id,
+            seq=item.seq,
+            errors=errors,
+        )
+
+    def _batch_refused(self, items: list[PendingUpload], response: httpx.Response) -> None:
+        """An HTTP error about the whole batch: no item is judged, so none changes."""
+        status = response.status_code
+        code = _error_code(response)
+        if status in (401, 403):
+            alarm = f"credential rejected by HQ: {code}"
+        elif status == 429:
+            alarm = f"HQ is throttling uploads: {code}"
+        elif status >= 500:
+            alarm = f"HQ failing: {code}"
+        else:
+            alarm = f"upload refused by HQ: {code}"
+        if status == 413:  # too large for HQ (or a proxy before it): smaller batches
+            self._limit = max(1, len(items) // 2)
+            self._batches_at_limit = 0
+        self._failed(items, alarm, f"HTTP {status}: {response.text[:300]}")
+
+    def _failed(self, items: list[PendingUpload], alarm: str, detail: str) -> None:
+        """A batch-level failure: count it, back off, raise the alarm. Never touches items."""
         self.stats.failures += 1
-        self.stats.last_error = error
+        self.stats.last_error = f"{alarm} ({detail})"
         self._attempt += 1
-        await self.journal.record_failure([i.seq for i in items], error)
-        log.warning("edge.upload_failed", error=error, attempt=self._attempt, pending=len(items))
+        self._set_alarm(alarm)
+        log.warning(
+            "edge.upload_failed",
+            alarm=alarm,
+            error=detail,
+            attempt=self._attempt,
+            pending=len(items),
+        )
+
+    def _set_alarm(self, alarm: str | None) -> None:
+        """Logged when it changes, not on every retry."""
+        if alarm == self.stats.alarm:
+            return
+        if alarm is not None:
+            log.error("edge.upload_alarm", station=self.hq.station, alarm=alarm)
+        else:
+            log.info("edge.upload_alarm_cleared", station=self.hq.station, was=self.stats.alarm)
+        self.stats.alarm = alarm
+
+    def _grow_limit(self) -> None:
+        """After a 413, try bigger batches again only after a run of successes: a size
+        limit is usually static, and every 413 costs a back-off."""
+        if self._limit >= self.batch_size:
+            return
+        self._batches_at_limit += 1
+        if self._batches_at_limit >= REGROW_AFTER_BATCHES:
+            self._limit = min(self.batch_size, self._limit * 2)
+            self._batches_at_limit = 0
+
+    def backoff_cap(self) -> float:
+        """The longest wait before the next try: min(max, initial × 2^failed attempts)."""
+        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._attempt, 20))
 
     def backoff(self) -> float:
-        """Full jitter: uniform in [0, min(max, initial × 2^attempt)]."""
-        cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._attempt, 20))
-        return random.uniform(0, cap)
+        """Full jitter: uniform in [0, :meth:`backoff_cap`]."""
+        return random.uniform(0, self.backoff_cap())
 
     async def run(self) -> None:
         while True:
@@ -232,7 +362,7 @@ class SyncAgent(BackgroundService):
                 raise
             except Exception as exc:  # noqa: BLE001 - the agent must outlive any one failure
                 log.exception("edge.sync_error", error=str(exc))
-                self._attempt += 1
+                self._failed([], "sync agent error", f"{type(exc).__name__}: {exc}")
                 n = 0
             if n:
                 continue
@@ -242,3 +372,43 @@ class SyncAgent(BackgroundService):
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=self.idle_s)
+
+
+# HQ's verdicts after which an item leaves the outbox (``refused`` keeps it, marked).
+ANSWERED = frozenset({"created", "duplicate", "quarantined", "conflict"})
+REGROW_AFTER_BATCHES = 50
+
+
+def _verdicts(
+    items: list[PendingUpload], response: httpx.Response
+) -> list[tuple[PendingUpload, dict[str, Any]]] | str:
+    """Pair each item with HQ's result for it (by ``index``; by position from an HQ that
+    sends none), or say why the answer cannot be trusted item by item."""
+    try:
+        results = response.json()["results"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"no results: {type(exc).__name__}: {exc}"
+    if not isinstance(results, list) or len(results) != len(items):
+        return f"{len(results) if isinstance(results, list) else 'no'} results for {len(items)}"
+    paired: dict[int, tuple[PendingUpload, dict[str, Any]]] = {}
+    for position, result in enumerate(results):
+        if not isinstance(result, dict) or not isinstance(result.get("status"), str):
+            return f"result {position} has no status"
+        index = result.get("index", position)
+        if type(index) is not int or not 0 <= index < len(items) or index in paired:
+            return f"result {position} has index {index!r}"
+        item = items[index]
+        sale_id = result.get("sale_id")
+        if sale_id is not None and str(sale_id).lower() != item.sale_id.lower():
+            return f"result {position} is for {sale_id}, item {index} is {item.sale_id}"
+        paired[index] = (item, result)
+    return [paired[i] for i in range(len(items))]
+
+
+def _error_code(response: httpx.Response) -> str:
+    """The stable code of an HQ error envelope, or the bare HTTP status (a proxy's page)."""
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        code = response.json()["error"]["code"]
+        if isinstance(code, str):
+            return code
+    return f"http_{response.status_code}"

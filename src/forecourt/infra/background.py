@@ -1,22 +1,74 @@
-"""A component whose ``run()`` loop is started and stopped as one asyncio task."""
+"""Components whose ``run()`` loop runs as one supervised asyncio task: a crash is logged,
+counted and followed by a restart after a bounded, doubling backoff."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from forecourt.infra.logging import get_logger
+
+log = get_logger("forecourt.background")
 
 
 class BackgroundService:
-    """Subclasses implement ``run()`` (a loop that runs until cancelled)."""
+    """Subclasses implement ``run()`` (a loop that runs until cancelled).
+
+    ``start()`` runs it under a supervisor. When ``run()`` raises (anything but
+    ``CancelledError``, which is how ``stop()`` ends it) the supervisor logs
+    ``background.task_crashed``, counts the restart, waits ``restart_delay()`` and runs it
+    again: a station must not lose its upload agent or its pump polling to one unforeseen
+    error, and a silently dead task is worse than a loud one. A ``run()`` that returns is
+    finished and not restarted.
+
+    The backoff starts at ``restart_initial_s`` and doubles up to ``restart_max_s``; a run
+    that stayed up ``healthy_after_s`` starts the doubling afresh and clears ``alarm``.
+    Subclasses keep their own ``__init__``: the supervision state has class-level defaults.
+    """
 
     task_name = "background"
+    restart_initial_s = 0.1
+    restart_max_s = 30.0
+    healthy_after_s = 60.0
+    restarts = 0  # crashes of run() since start, each followed by a restart
+    last_error: str | None = None
     _task: asyncio.Task[None] | None = None
+    _running = False
+    _run_started = 0.0
+    _crashed = False
 
     async def run(self) -> None:
         raise NotImplementedError
 
+    @property
+    def running(self) -> bool:
+        """``run()`` is executing now (not stopped, finished or waiting to restart)."""
+        return self._running
+
+    @property
+    def alarm(self) -> bool:
+        """The task crashed and has not yet stayed up ``healthy_after_s`` since."""
+        if not self._crashed:
+            return False
+        return not self._running or time.monotonic() - self._run_started < self.healthy_after_s
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "running": self.running,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "alarm": self.alarm,
+        }
+
+    def restart_delay(self, crashes_in_a_row: int) -> float:
+        """Seconds to wait before restarting after the n-th crash in a row (n ≥ 1)."""
+        return min(self.restart_max_s, self.restart_initial_s * 2 ** min(crashes_in_a_row - 1, 30))
+
     def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name=self.task_name)
+        self._task = asyncio.create_task(self._supervise(), name=self.task_name)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -24,3 +76,45 @@ class BackgroundService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def _supervise(self) -> None:
+        in_a_row = 0
+        while True:
+            self._running = True
+            self._run_started = time.monotonic()
+            try:
+                await self.run()
+            except Exception as exc:  # noqa: BLE001 - the supervisor's job: log, count, restart
+                self._running = False
+                if time.monotonic() - self._run_started >= self.healthy_after_s:
+                    in_a_row = 0
+                in_a_row += 1
+                self.restarts += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._crashed = True
+                delay = self.restart_delay(in_a_row)
+                log.exception(
+                    "background.task_crashed",
+                    task=self.task_name,
+                    error=self.last_error,
+                    restarts=self.restarts,
+                    restart_in_s=delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                self._running = False
+            log.warning("background.task_finished", task=self.task_name)
+            return
+
+
+class SupervisedTask(BackgroundService):
+    """A coroutine function run as a supervised background task (for loops that are not
+    services of their own, such as the edge's snapshot refresh)."""
+
+    def __init__(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        self.task_name = name
+        self._loop = loop
+
+    async def run(self) -> None:
+        await self._loop()

@@ -43,11 +43,21 @@ class SimulatedClock:
         of wall time, reaches the instant it was made: it is never ahead of real time within
         that budget, so nothing it stamps lies in the future."""
         wall_now = time.time()
-        start = datetime.fromtimestamp(wall_now, UTC) - timedelta(seconds=wall_seconds * speed)
-        return cls(sim_epoch=start, wall_epoch=wall_now, speed=speed)
+        ahead = timedelta(microseconds=_scaled_micros(*wall_seconds.as_integer_ratio(), speed))
+        return cls(
+            sim_epoch=datetime.fromtimestamp(wall_now, UTC) - ahead,
+            wall_epoch=wall_now,
+            speed=speed,
+        )
 
     def now(self) -> datetime:
-        return self.sim_epoch + timedelta(seconds=(time.time() - self.wall_epoch) * self.speed)
+        """``sim_epoch + (wall now − wall_epoch) × speed``, exact on the floats' values."""
+        wall_n, wall_d = time.time().as_integer_ratio()
+        epoch_n, epoch_d = self.wall_epoch.as_integer_ratio()
+        elapsed_n, elapsed_d = wall_n * epoch_d - epoch_n * wall_d, wall_d * epoch_d
+        return self.sim_epoch + timedelta(
+            microseconds=_scaled_micros(elapsed_n, elapsed_d, self.speed)
+        )
 
     def wall_seconds(self, sim_seconds: float) -> float:
         return sim_seconds / self.speed
@@ -68,6 +78,19 @@ class SimulatedClock:
             wall_epoch=float(env["FORECOURT_SIM_WALL_EPOCH"]),
             speed=float(env["FORECOURT_SIM_SPEED"]),
         )
+
+
+def _scaled_micros(numerator: int, denominator: int, speed: float) -> int:
+    """``numerator / denominator`` seconds × ``speed`` in microseconds, rounded once (half to
+    even) on exact integers. Float arithmetic would round the product, then ``timedelta``
+    again, and could land a microsecond off; rounding once also keeps the result monotonic
+    in the seconds, which ``ending_before_now``'s promise relies on."""
+    speed_n, speed_d = speed.as_integer_ratio()
+    scaled_n, scaled_d = numerator * speed_n * 1_000_000, denominator * speed_d
+    micros, rest = divmod(scaled_n, scaled_d)
+    if 2 * rest > scaled_d or (2 * rest == scaled_d and micros % 2):
+        micros += 1
+    return micros
 
 
 def ensure_aware(value: datetime) -> datetime:

@@ -10,37 +10,113 @@ from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import to_json
 
 from forecourt.infra.db import Database
 from forecourt.infra.http import bearer_token
 from forecourt.kernel.errors import Unauthorized
 from forecourt.network.contracts import StationDirectory
-from forecourt.sales.contracts import SUPPORTED_SCHEMA_VERSIONS, BatchResult, SalesBatchV1
+from forecourt.sales.contracts import (
+    BIG,
+    SUPPORTED_SCHEMA_VERSIONS,
+    AnySale,
+    BatchEnvelope,
+    BatchResult,
+    SalesBatch,
+    SaleV1,
+)
 from forecourt.sales.domain import SchemaInvalid, StationMismatch, UnsupportedSchemaVersion
-from forecourt.sales.handlers import IngestCounters, ingest_batch
+from forecourt.sales.handlers import IngestCounters, RefusedItem, UploadBatch, ingest_batch
 from forecourt.sales.store import SalesStore
 
+_BATCH: TypeAdapter[Any] = TypeAdapter(SalesBatch)
+# Items as each envelope version allows them: v1 batches hold v1 sales only.
+_ITEMS: dict[int, TypeAdapter[Any]] = {
+    1: TypeAdapter(list[SaleV1]),
+    2: TypeAdapter(list[AnySale]),
+}
+_UNION_TAGS = frozenset({"1", "2"})  # AnySale's tags, which pydantic puts in error locations
+MAX_ITEM_ERRORS = 50
 
-def parse_batch(body: bytes) -> SalesBatchV1:
-    """Validate an upload body, or raise a 422 error naming every offending field."""
+
+def parse_batch(body: bytes) -> UploadBatch:
+    """Validate an upload body: envelope errors are the batch's (422, naming the fields);
+    an invalid item is refused on its own, at its index, and the valid ones go on."""
     try:
-        return SalesBatchV1.model_validate_json(body)
+        batch = _BATCH.validate_json(body)
+    except ValidationError:
+        return _parse_item_by_item(body)
+    # The fast path: one validation for the whole batch, as before per-item verdicts.
+    return UploadBatch(schema_version=batch.schema_version, sales=batch.sales)
+
+
+def _parse_item_by_item(body: bytes) -> UploadBatch:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise SchemaInvalid("body is not valid JSON", errors=[]) from None
+    version = document.get("schema_version") if isinstance(document, dict) else None
+    if type(version) is int and version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise UnsupportedSchemaVersion(
+            f"upload schema v{version} is not supported",
+            supported=list(SUPPORTED_SCHEMA_VERSIONS),
+        )
+    try:
+        envelope = BatchEnvelope.model_validate(document)
     except ValidationError as exc:
-        try:
-            document = json.loads(body)
-        except ValueError:
-            raise SchemaInvalid("body is not valid JSON", errors=[]) from None
-        version = document.get("schema_version") if isinstance(document, dict) else None
-        if isinstance(version, int) and version not in SUPPORTED_SCHEMA_VERSIONS:
-            raise UnsupportedSchemaVersion(
-                f"upload schema v{version} is not supported",
-                supported=list(SUPPORTED_SCHEMA_VERSIONS),
-            ) from None
-        errors = [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:100]
-        ]
-        raise SchemaInvalid("batch does not match the upload schema", errors=errors) from None
+        raise SchemaInvalid(
+            "batch does not match the upload schema", errors=_errors(exc, 100)
+        ) from None
+    items = envelope.sales
+    adapter = _ITEMS[envelope.schema_version]
+    problems: dict[int, list[dict[str, Any]]] = {}
+    try:
+        adapter.validate_json(to_json(items))
+    except ValidationError as exc:
+        for e in exc.errors():
+            index, *loc = e["loc"]
+            if loc and loc[0] in _UNION_TAGS:
+                loc = loc[1:]
+            problems.setdefault(int(index), []).append(
+                {"loc": loc, "msg": e["msg"], "type": e["type"]}
+            )
+    indices = [i for i in range(len(items)) if i not in problems]
+    # The valid items, validated again on their own: each item's validity is its own.
+    sales = adapter.validate_json(to_json([items[i] for i in indices])) if indices else []
+    refused = [
+        RefusedItem(
+            index=i,
+            sale_id=_readable_uuid(items[i]),
+            station_seq=_readable_seq(items[i]),
+            errors=errors[:MAX_ITEM_ERRORS],
+        )
+        for i, errors in sorted(problems.items())
+    ]
+    return UploadBatch(
+        schema_version=envelope.schema_version, sales=sales, indices=indices, refused=refused
+    )
+
+
+def _errors(exc: ValidationError, limit: int) -> list[dict[str, Any]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()][
+        :limit
+    ]
+
+
+def _readable_uuid(item: Any) -> UUID | None:
+    value = item.get("sale_id") if isinstance(item, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return UUID(value)
+    except ValueError:
+        return None
+
+
+def _readable_seq(item: Any) -> int | None:
+    value = item.get("station_seq") if isinstance(item, dict) else None
+    return value if type(value) is int and -BIG < value < BIG else None
 
 
 def build_router(
@@ -188,6 +264,11 @@ def _sale_json(r: Any) -> dict[str, Any]:
         "totalizer_start_ml": r.totalizer_start_ml,
         "totalizer_end_ml": r.totalizer_end_ml,
         "device_txn": r.device_txn,
+        "device_id": r.device_id,
+        "device_epoch": r.device_epoch,
+        "device_flags": [f for f in r.device_flags.split(",") if f],
+        "device_raw": json.loads(r.device_raw) if r.device_raw is not None else None,
+        "schema_version": r.schema_version,
         "dispense_type": r.dispense_type,
         "started_at": r.started_at.isoformat() if r.started_at else None,
         "ended_at": r.ended_at.isoformat(),

@@ -1,20 +1,21 @@
 """Public messages of ``sales``: the upload schema edges speak and the events HQ publishes.
 
-Upload schema versions: v1 now. When v2 arrives HQ accepts N and N−1
-(``SUPPORTED_SCHEMA_VERSIONS``); edges send the newest they know.
+Upload schema versions: HQ accepts N and N−1 (``SUPPORTED_SCHEMA_VERSIONS``); edges send the
+newest they know. A v2 batch may hold v1 items too: an edge upgraded with a full outbox
+still holds payloads it journaled as v1, and sends them as they are.
 """
 
 from __future__ import annotations
 
 from datetime import date
-from typing import Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from forecourt.kernel.events import event_type
 
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 MAX_BATCH = 5000
 
 SALE_COMPLETED = event_type("sales", "sale.completed")
@@ -53,6 +54,73 @@ class SaleV1(BaseModel):
     schema_version: Literal[1] = 1
 
 
+# v2 device fields: flag names as in edge.drivers (e.g. ``inexact_device_value``).
+DeviceFlag = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,40}$")]
+RawKey = Annotated[str, Field(min_length=1, max_length=40)]
+RawText = Annotated[str, Field(max_length=64)]
+
+
+class SaleV2(BaseModel):
+    """One journaled dispensing, as uploaded (schema v2): v1 plus the device's identity and
+    what the edge knows about the quality of the device's values. Unknown fields are refused.
+
+    v1 is frozen on the wire, so v2 spells out every field rather than inheriting them.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    sale_id: UUID
+    station_seq: int = Field(ge=1, lt=BIG)
+    fuelling_point: int = Field(ge=1, le=999)
+    nozzle: int = Field(ge=1, le=99)
+    grade: str = Field(min_length=1, max_length=40)
+    volume_ml: int = Field(ge=0, lt=BIG)
+    unit_price_mmu: int = Field(ge=0, lt=BIG)
+    amount_minor: int = Field(gt=-BIG, lt=BIG)
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    price_version: str | None = Field(default=None, max_length=64)
+    snapshot_version: int = Field(ge=0, lt=BIG)
+    # None: the device did not report it (never a guess; see edge.drivers).
+    totalizer_start_ml: int | None = Field(default=None, ge=0, lt=BIG)
+    totalizer_end_ml: int | None = Field(default=None, ge=0, lt=BIG)
+    device_txn: int | None = Field(default=None, ge=0, lt=BIG)
+    dispense_type: Literal["sale", "pump_test", "own_use", "drive_off"]
+    started_at: AwareDatetime | None = None
+    ended_at: AwareDatetime
+    business_date: date
+    shift_id: str = Field(min_length=1, max_length=40)
+    device_id: str = Field(min_length=1, max_length=64)  # the controller's identity
+    # Bumped by the edge when the controller's transaction numbering starts again.
+    device_epoch: int = Field(ge=0, lt=BIG)
+    device_flags: list[DeviceFlag] = Field(default_factory=list, max_length=16)
+    # Wire text of device values the edge could not represent exactly.
+    device_raw: dict[RawKey, RawText] | None = Field(default=None, max_length=16)
+    schema_version: Literal[2]
+
+
+UploadedSale = SaleV1 | SaleV2
+
+
+def item_version(item: Any) -> str | None:
+    """The upload schema an item declares (v1 items may leave it out: v1's default)."""
+    if isinstance(item, dict):
+        version = item.get("schema_version", 1)
+    else:  # an item already validated (serialising a batch)
+        version = getattr(item, "schema_version", None)
+    return str(version) if type(version) is int else None
+
+
+# Either version, told apart by the item's own ``schema_version``.
+AnySale = Annotated[
+    Annotated[SaleV1, Tag("1")] | Annotated[SaleV2, Tag("2")],
+    Discriminator(
+        item_version,
+        custom_error_type="unsupported_schema_version",
+        custom_error_message="an item is an object with schema_version 1 or 2 (1 if left out)",
+    ),
+]
+
+
 class SalesBatchV1(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -60,11 +128,40 @@ class SalesBatchV1(BaseModel):
     sales: list[SaleV1] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class SalesBatchV2(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    schema_version: Literal[2]
+    sales: list[AnySale] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+SalesBatch = Annotated[SalesBatchV1 | SalesBatchV2, Field(discriminator="schema_version")]
+
+
+class BatchEnvelope(BaseModel):
+    """The batch without its items: what must hold before any item is judged on its own."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    schema_version: Literal[1, 2]
+    sales: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class ItemError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
 class SaleResult(BaseModel):
-    sale_id: UUID
-    station_seq: int
-    status: Literal["created", "duplicate", "quarantined", "conflict"]
+    """HQ's verdict on one item, at its position in the request (``index``)."""
+
+    index: int
+    sale_id: UUID | None  # None only for a refused item whose sale_id is unreadable
+    station_seq: int | None
+    status: Literal["created", "duplicate", "quarantined", "conflict", "refused"]
     flags: list[str] = []
+    errors: list[ItemError] | None = None  # refused items only: why
 
 
 class BatchResult(BaseModel):

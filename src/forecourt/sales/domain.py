@@ -1,13 +1,16 @@
 """Sales domain: what an uploaded sale is, how HQ judges it, and the station sequence book.
 
 Pure Python: no frameworks. HQ stores every schema-valid sale (the dispenser is the legal
-meter); unknown references quarantine a sale, they never drop it.
+meter); unknown references quarantine a sale, they never drop it. What the edge says about
+the device's values (``device_flags``) is stored and shown; only a legal-meter value the edge
+could not represent exactly quarantines the sale, so that a person looks at it.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -58,11 +61,24 @@ class Flag(enum.StrEnum):
     UNKNOWN_NOZZLE = "unknown_nozzle"
     GRADE_MISMATCH = "grade_mismatch"
     CURRENCY_MISMATCH = "currency_mismatch"
+    # The edge's device flag of the same name: a meter value not representable in our units.
+    INEXACT_DEVICE_VALUE = "inexact_device_value"
 
 
 QUARANTINE_FLAGS = frozenset(
-    {Flag.UNKNOWN_FUELLING_POINT, Flag.UNKNOWN_NOZZLE, Flag.GRADE_MISMATCH, Flag.CURRENCY_MISMATCH}
+    {
+        Flag.UNKNOWN_FUELLING_POINT,
+        Flag.UNKNOWN_NOZZLE,
+        Flag.GRADE_MISMATCH,
+        Flag.CURRENCY_MISMATCH,
+        Flag.INEXACT_DEVICE_VALUE,
+    }
 )
+
+# The meter's own identity of a sale: (device, epoch, fuelling point, nozzle, device
+# transaction, end totalizer). v1 sales know no device (None, None, …); a v2 sale whose
+# device reported no totalizer has None last. None is a value here: keys match exactly.
+NaturalKey = tuple[str | None, int | None, int, int, int, int | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +97,8 @@ class Sale:
     currency: str
     price_version: str | None
     snapshot_version: int
-    totalizer_start_ml: int
-    totalizer_end_ml: int
+    totalizer_start_ml: int | None  # None (v2 only): the device did not report it
+    totalizer_end_ml: int | None
     device_txn: int | None
     dispense_type: DispenseType
     started_at: datetime | None
@@ -90,6 +106,11 @@ class Sale:
     business_date: date
     shift_id: str
     schema_version: int
+    # v2: the controller, its numbering epoch, and the edge's notes on the device's values
+    device_id: str | None = None
+    device_epoch: int | None = None
+    device_flags: tuple[str, ...] = ()  # sorted, no repeats
+    device_raw: tuple[tuple[str, str], ...] | None = None  # sorted by name
 
     def payload_hash(self) -> str:
         """A canonical digest of everything the edge said: same id + other digest = conflict.
@@ -97,10 +118,10 @@ class Sale:
         The fields in declaration order as text (ISO for dates and times, normalised to UTC
         so an offset change alone is no conflict), joined by a unit separator. Stable across
         processes and versions as long as the field list is; a new schema version extends it
-        at the end.
+        at the end, so a v1 sale's digest (stored for every v1 sale) never changes.
         """
         started = self.started_at.astimezone(UTC).isoformat() if self.started_at else "None"
-        parts = (  # every field, in declaration order (a test checks none is missing)
+        parts: tuple[str, ...] = (  # every field, in order (a test checks none is missing)
             str(self.sale_id),
             self.station_code,
             str(self.station_seq),
@@ -123,19 +144,36 @@ class Sale:
             self.shift_id,
             str(self.schema_version),
         )
+        if self.schema_version >= 2:
+            parts += (
+                repr(self.device_id),
+                repr(self.device_epoch),
+                json.dumps(self.device_flags),
+                json.dumps(self.device_raw),
+            )
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
-    def event_id(self, event_type: str) -> str:
+    def event_id(self, event_type: str, variant: str = "") -> str:
         """The id of an event about this sale: derived, so a re-processed sale can never
-        announce the same fact under two ids."""
-        return uuid5_str(_EVENT_NAMESPACE_BYTES, f"{event_type}|{self.station_code}|{self.sale_id}")
+        announce the same fact under two ids. ``variant`` tells apart several facts of one
+        type about one sale (each conflicting payload is its own conflict)."""
+        key = f"{event_type}|{self.station_code}|{self.sale_id}"
+        return uuid5_str(_EVENT_NAMESPACE_BYTES, f"{key}|{variant}" if variant else key)
 
     @property
-    def natural_key(self) -> tuple[int, int, int, int] | None:
-        """(fuelling point, nozzle, device transaction, end totalizer): the meter's own identity."""
+    def natural_key(self) -> NaturalKey | None:
+        """The meter's own identity (see :data:`NaturalKey`); None without a device
+        transaction number."""
         if self.device_txn is None:
             return None
-        return (self.fuelling_point, self.nozzle, self.device_txn, self.totalizer_end_ml)
+        return (
+            self.device_id,
+            self.device_epoch,
+            self.fuelling_point,
+            self.nozzle,
+            self.device_txn,
+            self.totalizer_end_ml,
+        )
 
 
 _EVENT_NAMESPACE = UUID("5b0a3c1e-8f0e-4c55-9a41-0f6a7c1d2e90")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
@@ -23,8 +24,8 @@ from forecourt.sales.contracts import (
     SALE_CONFLICT,
     SALE_NATURAL_KEY_COLLISION,
     SALE_QUARANTINED,
-    SalesBatchV1,
-    SaleV1,
+    SaleV2,
+    UploadedSale,
 )
 from forecourt.sales.domain import (
     QUARANTINE_FLAGS,
@@ -37,10 +38,60 @@ from forecourt.sales.domain import (
 from forecourt.sales.store import SalesStore
 
 log = get_logger("forecourt.sales")
+INEXACT_DEVICE_VALUE = Flag.INEXACT_DEVICE_VALUE.value
 SOURCE = "/forecourt/sales"
 
 
-def to_domain(s: SaleV1, station_code: str) -> Sale:
+@dataclass(frozen=True)
+class RefusedItem:
+    """An item of a batch that is not a valid sale of its schema version: HQ stores nothing
+    of it and answers ``refused`` with the reasons; the rest of the batch goes on."""
+
+    index: int
+    sale_id: UUID | None  # as far as readable
+    station_seq: int | None
+    errors: list[dict[str, Any]]  # {loc, msg, type}, loc relative to the item
+
+
+@dataclass(frozen=True)
+class UploadBatch:
+    """A batch whose envelope is valid: the valid sales, and the items refused one by one."""
+
+    schema_version: int
+    sales: Sequence[UploadedSale]
+    indices: Sequence[int] | None = None  # each sale's position in the request; None: 0, 1, …
+    refused: Sequence[RefusedItem] = field(default_factory=tuple)
+
+
+def to_domain(s: UploadedSale, station_code: str) -> Sale:
+    if isinstance(s, SaleV2):
+        return Sale(
+            sale_id=s.sale_id,
+            station_code=station_code,
+            station_seq=s.station_seq,
+            fuelling_point=s.fuelling_point,
+            nozzle=s.nozzle,
+            grade=s.grade,
+            volume_ml=s.volume_ml,
+            unit_price_mmu=s.unit_price_mmu,
+            amount_minor=s.amount_minor,
+            currency=s.currency,
+            price_version=s.price_version,
+            snapshot_version=s.snapshot_version,
+            totalizer_start_ml=s.totalizer_start_ml,
+            totalizer_end_ml=s.totalizer_end_ml,
+            device_txn=s.device_txn,
+            dispense_type=DispenseType(s.dispense_type),
+            started_at=s.started_at,
+            ended_at=s.ended_at,
+            business_date=s.business_date,
+            shift_id=s.shift_id,
+            schema_version=s.schema_version,
+            device_id=s.device_id,
+            device_epoch=s.device_epoch,
+            device_flags=tuple(sorted(set(s.device_flags))),
+            device_raw=None if s.device_raw is None else tuple(sorted(s.device_raw.items())),
+        )
     return Sale(
         sale_id=s.sale_id,
         station_code=station_code,
@@ -69,6 +120,8 @@ def to_domain(s: SaleV1, station_code: str) -> Sale:
 def judge(sale: Sale, refs: StationReferences) -> list[Flag]:
     """Flags a sale earns against master data (pure; before any database work)."""
     flags: list[Flag] = []
+    if sale.device_flags and INEXACT_DEVICE_VALUE in sale.device_flags:
+        flags.append(Flag.INEXACT_DEVICE_VALUE)  # the edge's note on the legal meter's value
     ref = refs.nozzles.get((sale.fuelling_point, sale.nozzle))
     if sale.fuelling_point not in refs.fuelling_points:
         flags.append(Flag.UNKNOWN_FUELLING_POINT)
@@ -86,7 +139,7 @@ def judge(sale: Sale, refs: StationReferences) -> list[Flag]:
 
 
 def sale_data(sale: Sale) -> dict[str, Any]:
-    return {
+    data = {
         "sale_id": str(sale.sale_id),
         "station": sale.station_code,
         "station_seq": sale.station_seq,
@@ -107,6 +160,14 @@ def sale_data(sale: Sale) -> dict[str, Any]:
         "business_date": sale.business_date.isoformat(),
         "shift_id": sale.shift_id,
     }
+    if sale.schema_version >= 2:
+        data.update(
+            device_id=sale.device_id,
+            device_epoch=sale.device_epoch,
+            device_flags=list(sale.device_flags),
+            device_raw=dict(sale.device_raw) if sale.device_raw is not None else None,
+        )
+    return data
 
 
 @dataclass
@@ -124,7 +185,7 @@ class IngestOutcome:
 
     schema_version: int
     station: str
-    results: list[dict[str, Any]]  # sale_id, station_seq, status, flags
+    results: list[dict[str, Any]]  # index, sale_id, station_seq, status, flags (errors)
     high_water_mark: int
     gaps: list[tuple[int, int]]
 
@@ -144,7 +205,7 @@ async def ingest_batch(
     db: Database,
     directory: StationDirectory,
     station_code: str,
-    batch: SalesBatchV1,
+    batch: UploadBatch,
     *,
     traceparent: str | None = None,
     counters: IngestCounters | None = None,
@@ -153,7 +214,8 @@ async def ingest_batch(
 
     Order does not matter and repeats are answered from what is stored: same ``sale_id`` and
     same payload → ``duplicate``; same ``sale_id`` and another payload → ``conflict`` (kept
-    aside with an alert, the first version stays authoritative).
+    aside with an alert, the first version stays authoritative). Items refused by the schema
+    are answered ``refused`` at their place and alerted; they never hold the others back.
     """
     counters = counters or IngestCounters()
     refs = await directory.references(station_code)
@@ -169,12 +231,12 @@ async def ingest_batch(
     alerts: list[dict[str, Any]] = []
     events: list[EventRecord] = []
 
-    def event(kind: str, sale: Sale, data: dict[str, Any], **extra: Any) -> None:
+    def event(kind: str, sale: Sale, data: dict[str, Any], variant: str = "", **extra: Any) -> None:
         # Built straight as outbox records: one JSON encoding per event, no envelope object
         # (uow.emit_records still checks the envelope's rules once per distinct value).
         events.append(
             EventRecord(
-                sale.event_id(kind),
+                sale.event_id(kind, variant),
                 kind,
                 SOURCE,
                 f"{station_code}/{data['sale_id']}",
@@ -184,12 +246,12 @@ async def ingest_batch(
             )
         )
 
-    def alert(kind: str, sale: Sale, **details: Any) -> None:
+    def alert(kind: str, sale_id: UUID | None, **details: Any) -> None:
         alerts.append(
             {
-                "station_code": sale.station_code,
+                "station_code": station_code,
                 "kind": kind,
-                "sale_id": sale.sale_id,
+                "sale_id": sale_id,
                 "details": json.dumps(details, sort_keys=True, default=str),
                 "raised_at": now,
             }
@@ -197,9 +259,18 @@ async def ingest_batch(
         log.warning(
             "sales.alert",
             kind=kind,
-            station=sale.station_code,
-            sale_id=str(sale.sale_id),
+            station=station_code,
+            sale_id=str(sale_id) if sale_id else None,
             **details,
+        )
+
+    for item in batch.refused:
+        alert(
+            "refused",
+            item.sale_id,
+            index=item.index,
+            station_seq=item.station_seq,
+            errors=item.errors,
         )
 
     async with db.begin() as uow:
@@ -208,14 +279,27 @@ async def ingest_batch(
         stored_hashes = await store.existing(station_code, [s.sale_id for s in sales])
         keys = [s.natural_key for s in sales if s.natural_key is not None]
         key_hits = await store.natural_key_hits(station_code, keys)
+        changed = [
+            (s.sale_id, digest)
+            for s, _, digest in judged
+            if stored_hashes.get(s.sale_id) not in (None, digest)
+        ]
+        # A conflict already recorded (the edge sent the same other payload again) is
+        # answered again, not recorded, alerted and announced twice.
+        known_conflicts = await store.known_conflicts(station_code, changed) if changed else set()
         batch_hashes: dict[UUID, str] = {}
         seqs: list[int] = []
-        for sale, flags, digest in judged:
+        positions = batch.indices if batch.indices is not None else range(len(sales))
+        for index, (sale, flags, digest) in zip(positions, judged, strict=True):
             previous = stored_hashes.get(sale.sale_id) or batch_hashes.get(sale.sale_id)
             if previous is not None:
                 if previous == digest:
-                    results.append(_result(sale, IngestStatus.DUPLICATE, []))
+                    results.append(_result(index, sale, IngestStatus.DUPLICATE, []))
                     continue
+                if (sale.sale_id, digest) in known_conflicts:
+                    results.append(_result(index, sale, IngestStatus.CONFLICT, []))
+                    continue
+                known_conflicts.add((sale.sale_id, digest))
                 data = sale_data(sale)
                 conflicts.append(
                     {
@@ -226,9 +310,9 @@ async def ingest_batch(
                         "received_at": now,
                     }
                 )
-                alert("conflict", sale, stored_hash=previous, received_hash=digest)
-                event(SALE_CONFLICT, sale, data, stored_hash=previous, received_hash=digest)
-                results.append(_result(sale, IngestStatus.CONFLICT, []))
+                alert("conflict", sale.sale_id, stored_hash=previous, received_hash=digest)
+                event(SALE_CONFLICT, sale, data, digest, stored_hash=previous, received_hash=digest)
+                results.append(_result(index, sale, IngestStatus.CONFLICT, []))
                 continue
             batch_hashes[sale.sale_id] = digest
             key = sale.natural_key
@@ -242,18 +326,18 @@ async def ingest_batch(
             seqs.append(sale.station_seq)
             data = sale_data(sale)
             if quarantined:
-                alert("quarantined", sale, flags=flag_names)
+                alert("quarantined", sale.sale_id, flags=flag_names)
                 event(SALE_QUARANTINED, sale, data, flags=flag_names)
             else:
                 event(SALE_COMPLETED, sale, data, flags=flag_names)
             if Flag.AMOUNT_MISMATCH in flags:
-                alert("amount_mismatch", sale)
+                alert("amount_mismatch", sale.sale_id)
                 event(SALE_AMOUNT_MISMATCH, sale, data)
             if Flag.NATURAL_KEY_COLLISION in flags:
-                alert("natural_key_collision", sale)
+                alert("natural_key_collision", sale.sale_id)
                 event(SALE_NATURAL_KEY_COLLISION, sale, data)
             status = IngestStatus.QUARANTINED if quarantined else IngestStatus.CREATED
-            results.append(_result(sale, status, flag_names))
+            results.append(_result(index, sale, status, flag_names))
         await store.insert_sales(rows)
         crash_point("hq.mid_batch")
         await store.insert_conflicts(conflicts)
@@ -263,6 +347,9 @@ async def ingest_batch(
         if new_book != book:
             await store.save_sequence_book(station_code, new_book, now)
         await uow.emit_records(events)
+    if batch.refused:
+        results.extend(_refused_result(item) for item in batch.refused)
+        results.sort(key=itemgetter("index"))  # the request's order
     tally: dict[str, int] = {}
     flag_tally: dict[str, int] = {}
     for r in results:
@@ -282,8 +369,9 @@ async def ingest_batch(
     )
 
 
-def _result(sale: Sale, status: IngestStatus, flags: list[str]) -> dict[str, Any]:
+def _result(index: int, sale: Sale, status: IngestStatus, flags: list[str]) -> dict[str, Any]:
     return {
+        "index": index,
         "sale_id": sale.sale_id,
         "station_seq": sale.station_seq,
         "status": status.value,
@@ -291,8 +379,20 @@ def _result(sale: Sale, status: IngestStatus, flags: list[str]) -> dict[str, Any
     }
 
 
+def _refused_result(item: RefusedItem) -> dict[str, Any]:
+    return {
+        "index": item.index,
+        "sale_id": item.sale_id,
+        "station_seq": item.station_seq,
+        "status": "refused",
+        "errors": item.errors,
+        "flags": [],
+    }
+
+
 def _row(sale: Sale, digest: str, quarantined: bool, flags: list[str], now: Any) -> tuple[Any, ...]:
-    """The ``sales.sale`` row, in ``SALE_COLUMNS`` order."""
+    """The ``sales.sale`` row, in ``SALE_COLUMNS`` order (a tuple: built once per sale on the
+    hot path; a test checks the order against the table)."""
     return (
         sale.station_code,
         sale.business_date,
@@ -319,4 +419,8 @@ def _row(sale: Sale, digest: str, quarantined: bool, flags: list[str], now: Any)
         quarantined,
         ",".join(flags),
         now,
+        sale.device_id,
+        sale.device_epoch,
+        ",".join(sale.device_flags),
+        None if sale.device_raw is None else json.dumps(dict(sale.device_raw), sort_keys=True),
     )

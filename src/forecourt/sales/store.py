@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from forecourt.infra.db import UTCDateTime, asyncpg_connection
-from forecourt.sales.domain import Gap, SequenceBook
+from forecourt.sales.domain import Gap, NaturalKey, SequenceBook
 
 md = sa.MetaData(schema="sales")
 
@@ -38,8 +38,8 @@ sale_t = sa.Table(
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("price_version", sa.String(64)),
     sa.Column("snapshot_version", sa.BigInteger, nullable=False),
-    sa.Column("totalizer_start_ml", sa.BigInteger, nullable=False),
-    sa.Column("totalizer_end_ml", sa.BigInteger, nullable=False),
+    sa.Column("totalizer_start_ml", sa.BigInteger),  # NULL: not reported by the device (v2)
+    sa.Column("totalizer_end_ml", sa.BigInteger),
     sa.Column("device_txn", sa.BigInteger),
     sa.Column("dispense_type", sa.String(20), nullable=False),
     sa.Column("started_at", UTCDateTime()),
@@ -50,6 +50,11 @@ sale_t = sa.Table(
     sa.Column("quarantined", sa.Boolean, nullable=False),
     sa.Column("flags", sa.String(400), nullable=False),
     sa.Column("received_at", UTCDateTime(), nullable=False),
+    # v2 (sales_0003); NULL / "" for v1 sales
+    sa.Column("device_id", sa.String(64)),
+    sa.Column("device_epoch", sa.BigInteger),
+    sa.Column("device_flags", sa.Text, nullable=False),  # comma-separated, like ``flags``
+    sa.Column("device_raw", sa.Text),  # JSON object: name → wire text
     # The key (station, business date, sale_id), indexed with sale_id second so it also
     # finds a sale_id re-uploaded under another business date (a conflict).
     sa.PrimaryKeyConstraint("station_code", "sale_id", "business_date", name="sale_pkey"),
@@ -86,6 +91,7 @@ alert_t = sa.Table(
 
 SALE_COLUMNS = tuple(c.name for c in sale_t.columns)
 
+
 # Point lookups for a batch, written so PostgreSQL probes the index once per item whatever
 # its statistics say: a scalar subquery per item is never turned into a join. With a join
 # or ``= ANY``, stale statistics on a fast-growing table (every busy day) can make the
@@ -96,12 +102,26 @@ EXISTING_SQL = (
     "  WHERE s.station_code = $1 AND s.sale_id = k.id LIMIT 1) AS hash"
     " FROM unnest($2::uuid[]) AS k(id)) AS found WHERE hash IS NOT NULL"
 )
+# Natural keys (see domain.NaturalKey): v1 keys match v1 rows only (no device), v2 keys
+# match their device and epoch, and a missing totalizer matches a missing one. The natural-key
+# index (station, fp, nozzle, txn, totalizer) narrows each probe to a handful of rows.
 NATURAL_KEY_SQL = (
     "SELECT fp, nozzle, txn, tot FROM ("
     " SELECT k.fp, k.nozzle, k.txn, k.tot, (SELECT true FROM sales.sale s"
     "  WHERE s.station_code = $1 AND s.fuelling_point = k.fp AND s.nozzle = k.nozzle"
-    "  AND s.device_txn = k.txn AND s.totalizer_end_ml = k.tot LIMIT 1) AS hit"
+    "  AND s.device_txn = k.txn AND s.totalizer_end_ml = k.tot AND s.device_id IS NULL"
+    "  LIMIT 1) AS hit"
     " FROM unnest($2::int[], $3::int[], $4::bigint[], $5::bigint[]) AS k(fp, nozzle, txn, tot)"
+    ") AS found WHERE hit"
+)
+NATURAL_KEY_V2_SQL = (
+    "SELECT dev, epoch, fp, nozzle, txn, tot FROM ("
+    " SELECT k.dev, k.epoch, k.fp, k.nozzle, k.txn, k.tot, (SELECT true FROM sales.sale s"
+    "  WHERE s.station_code = $1 AND s.fuelling_point = k.fp AND s.nozzle = k.nozzle"
+    "  AND s.device_txn = k.txn AND s.totalizer_end_ml IS NOT DISTINCT FROM k.tot"
+    "  AND s.device_id = k.dev AND s.device_epoch = k.epoch LIMIT 1) AS hit"
+    " FROM unnest($2::text[], $3::bigint[], $4::int[], $5::int[], $6::bigint[], $7::bigint[])"
+    " AS k(dev, epoch, fp, nozzle, txn, tot)"
     ") AS found WHERE hit"
 )
 
@@ -148,27 +168,44 @@ class SalesStore:
         return {r.sale_id: r.payload_hash for r in rows}
 
     async def natural_key_hits(
-        self, station_code: str, keys: Sequence[tuple[int, int, int, int]]
-    ) -> set[tuple[int, int, int, int]]:
+        self, station_code: str, keys: Sequence[NaturalKey]
+    ) -> set[NaturalKey]:
+        """The given natural keys some stored sale of this station already has."""
         if not keys:
             return set()
         if self.pg:
             apg = await self._asyncpg()
-            fp, nozzle, txn, end = (list(column) for column in zip(*keys, strict=True))
-            records = await apg.fetch(NATURAL_KEY_SQL, station_code, fp, nozzle, txn, end)
-            return {(r[0], r[1], r[2], r[3]) for r in records}
+            hits: set[NaturalKey] = set()
+            v1 = [k[2:] for k in keys if k[0] is None]
+            if v1:
+                fp, nozzle, txn, end = (list(column) for column in zip(*v1, strict=True))
+                records = await apg.fetch(NATURAL_KEY_SQL, station_code, fp, nozzle, txn, end)
+                hits.update((None, None, r[0], r[1], r[2], r[3]) for r in records)
+            v2 = [k for k in keys if k[0] is not None]
+            if v2:
+                columns = [list(column) for column in zip(*v2, strict=True)]
+                records = await apg.fetch(NATURAL_KEY_V2_SQL, station_code, *columns)
+                hits.update((r[0], r[1], r[2], r[3], r[4], r[5]) for r in records)
+            return hits
+        # Candidates by (fp, nozzle, txn), never NULL for a keyed sale; exact match here,
+        # where None compares as a value (an IN list of tuples would never match a NULL).
+        wanted = set(keys)
         cols = (
+            sale_t.c.device_id,
+            sale_t.c.device_epoch,
             sale_t.c.fuelling_point,
             sale_t.c.nozzle,
             sale_t.c.device_txn,
             sale_t.c.totalizer_end_ml,
         )
+        prefixes = list({k[2:5] for k in wanted})
         rows = await self.conn.execute(
             sa.select(*cols).where(
-                sale_t.c.station_code == station_code, sa.tuple_(*cols).in_(keys)
+                sale_t.c.station_code == station_code, sa.tuple_(*cols[2:5]).in_(prefixes)
             )
         )
-        return {tuple(r) for r in rows}  # type: ignore[misc]
+        found = {(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows}
+        return found & wanted
 
     async def insert_sales(self, rows: list[tuple[Any, ...]]) -> None:
         """Insert sale rows given as tuples in ``SALE_COLUMNS`` order."""
@@ -183,6 +220,18 @@ class SalesStore:
         await self.conn.execute(
             sale_t.insert(), [dict(zip(SALE_COLUMNS, r, strict=True)) for r in rows]
         )
+
+    async def known_conflicts(
+        self, station_code: str, received: Sequence[tuple[UUID, str]]
+    ) -> set[tuple[UUID, str]]:
+        """The (sale_id, payload hash) pairs already recorded as conflicts."""
+        rows = await self.conn.execute(
+            sa.select(conflict_t.c.sale_id, conflict_t.c.payload_hash).where(
+                conflict_t.c.station_code == station_code,
+                conflict_t.c.sale_id.in_({sale_id for sale_id, _ in received}),
+            )
+        )
+        return {(r.sale_id, r.payload_hash) for r in rows} & set(received)
 
     async def insert_conflicts(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -291,9 +340,12 @@ class SalesStore:
         return list(rows)
 
     async def natural_key_duplicates(self, station: str | None) -> int:
-        """HQ rows that share a natural key with another row (each extra row counts once)."""
+        """HQ rows that share a natural key with another row (each extra row counts once;
+        GROUP BY puts NULLs together, as the natural key compares None as a value)."""
         cols = (
             sale_t.c.station_code,
+            sale_t.c.device_id,
+            sale_t.c.device_epoch,
             sale_t.c.fuelling_point,
             sale_t.c.nozzle,
             sale_t.c.device_txn,

@@ -18,13 +18,26 @@ per litre, each with a configured number of decimals (:class:`NumberFormat`). Co
 integers (ml, minor units, milli-minor per litre) are exact or fail: a value finer than the
 configured decimals, or finer than our integer unit, is an error rather than a silent rounding.
 
+A finished transaction must never be lost for an odd value, so :meth:`NumberFormat.read` reads a
+wire number leniently: it says whether the value had more decimals than configured and whether
+it is a whole number of our units, and gives the nearest integer (half-even) when it is not.
+
+Totalizers have decimals of their own on a PTS-2 (``VolumeTotal``/``AmountTotal`` in
+``SystemDecimalDigits``); they default to the volume and amount decimals.
+
 Every failure to read the wire raises :class:`JsonPtsMalformed` (code ``jsonpts.malformed``);
 an integer we cannot express in the device's decimals raises :class:`JsonPtsPrecision`
 (code ``jsonpts.precision``).
+
+Vendor error codes (:class:`PtsErrorCode`): the numbers and names of the Technotrade PTS-2 SDK's
+result list (Java SDK ``com.technotrade.pts2.enumeration.Result``, stored file 17288538076); a
+refused packet carries the number in ``Code`` and the name in ``Message`` (third-party clients
+compare ``Message`` with ``"JSONPTS_ERROR_NOT_FOUND"``, e.g. stored file 23248885078).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +71,49 @@ class JsonPtsPrecision(InvalidValue):
     """An integer quantity that the device's configured decimals cannot express exactly."""
 
     code = "jsonpts.precision"
+
+
+class PtsErrorCode(enum.IntEnum):
+    """Error codes a PTS-2 puts in a refused packet's ``Code`` (its ``Message`` is the name).
+
+    Numbers and names as listed by the vendor's SDK (see the module docstring); only the codes
+    that concern pumps, transactions and the requests we use are listed.
+    """
+
+    JSONPTS_ERROR_NOT_FOUND = 1  # request not found: the firmware does not know the Type
+    INVALID_JSON_REQUEST = 2
+    NO_DATA_ERROR = 3
+    NO_DATA_FOR_RESPONSE = 4
+    JSON_REQUEST_IS_TOO_LONG = 5
+    JSONPTS_ERROR_NO_PERMISSIONS = 6
+    JSONPTS_ERROR_COULD_NOT_GET_DATETIME = 17
+    JSONPTS_ERROR_COULD_NOT_GET_PUMP_NUMBER = 18
+    JSONPTS_ERROR_COULD_NOT_GET_PUMP_TRANSACTION_NUMBER = 19
+    JSONPTS_ERROR_PUMP_NUMBER_OUT_OF_RANGE = 20
+    JSONPTS_ERROR_PUMP_TRANSACTION_NUMBER_OUT_OF_RANGE = 21
+    JSONPTS_ERROR_PUMP_TRANSACTION_NOT_FOUND = 22
+    JSONPTS_ERROR_COULD_NOT_GET_TRANSACTION_NUMBER = 25
+    JSONPTS_ERROR_TRANSACTION_NUMBER_OUT_OF_RANGE = 26
+    JSONPTS_ERROR_TRANSACTION_NUMBER_NOT_MATCH = 27
+    JSONPTS_ERROR_TRANSACTION_NUMBER_ALREADY_EXIST = 28
+    JSONPTS_ERROR_COULD_NOT_GET_NOZZLE_NUMBER = 29
+    JSONPTS_ERROR_COULD_NOT_GET_FUEL_GRADE_ID = 30
+    JSONPTS_ERROR_NOZZLE_NUMBER_OUT_OF_RANGE = 33
+    JSONPTS_ERROR_COULD_NOT_GET_TYPE = 34
+    JSONPTS_ERROR_TYPE_OUT_OF_RANGE = 36
+    JSONPTS_ERROR_COULD_NOT_GET_DOSE_VALUE = 37
+    JSONPTS_ERROR_COULD_NOT_GET_PRICE_VALUE = 38
+    JSONPTS_ERROR_DUPLICATED_AUTHORIZATION_REQUEST = 39
+    JSONPTS_ERROR_PUMP_BUSY_OTHER_USER = 40
+    JSONPTS_ERROR_PUMP_BUSY_OTHER_REQUEST_EXECUTED = 41
+    JSONPTS_ERROR_PUMP_BUSY_FILLING = 42
+    JSONPTS_ERROR_PUMP_NOT_IN_FILLING_PROCESS = 43
+    JSONPTS_ERROR_DATE_OUT_OF_RANGE = 47
+    JSONPTS_ERROR_TIME_OUT_OF_RANGE = 48
+    JSONPTS_ERROR_PUMP_IS_NOT_CONFIGURED = 52
+    JSONPTS_ERROR_PUMP_STATUS_NOT_END_OF_TRANSACTION = 69
+    JSONPTS_ERROR_DATETIME_INCORRECT_FORMAT = 71
+    JSONPTS_ERROR_REPEATED_AUTHORIZE_PUMP_PRICE_DIFFERENT = 78
 
 
 # --------------------------------------------------------------------------- JSON text
@@ -167,7 +223,12 @@ class Packet:
 
 
 def error_packet(packet_id: int, packet_type: str, code: int, message: str) -> Packet:
-    return Packet(id=packet_id, type=packet_type, error=True, code=code, message=message)
+    return Packet(id=packet_id, type=packet_type, error=True, code=int(code), message=message)
+
+
+def vendor_error(packet_id: int, packet_type: str, code: PtsErrorCode) -> Packet:
+    """A refused packet as a PTS-2 writes it: the code's number and its name as the message."""
+    return error_packet(packet_id, packet_type, code, code.name)
 
 
 def confirmation(packet_id: int, packet_type: str) -> Packet:
@@ -323,27 +384,11 @@ def decimal_to_scaled(value: Decimal | int, *, decimals: int, unit_exponent: int
     must be a whole number of units. Example: ``Decimal("7.89")``, 2 decimals, exponent 5
     (milli-fen per litre) -> 789000.
     """
-    if isinstance(value, bool) or not isinstance(value, int | Decimal):
-        raise JsonPtsMalformed(f"expected a number, got {type(value).__name__}")
-    if isinstance(value, int):
-        value = Decimal(value)
-    if not value.is_finite():
-        raise JsonPtsMalformed(f"{value} is not a finite number")
-    sign, digit_tuple, exponent = value.as_tuple()
-    assert isinstance(exponent, int)  # finite, checked above
-    digits = list(digit_tuple)
-    # Strip trailing zeros so "5.230" counts as two decimals, like the number it is.
-    while digits and digits[-1] == 0:
-        digits.pop()
-        exponent += 1
-    while digits and digits[0] == 0:
-        digits.pop(0)
-    if not digits:
+    # Trailing zeros are stripped so "5.230" counts as two decimals, like the number it is;
+    # the digits are bounded before any int() so hostile input stays cheap.
+    sign, coefficient, exponent = _significant(value)
+    if coefficient == 0:
         return 0
-    # Checked on the digits before any int() so hostile input stays cheap.
-    if len(digits) > _MAX_DIGITS or abs(exponent) > _MAX_EXPONENT:
-        raise JsonPtsMalformed(f"{value} is out of range for a device quantity")
-    coefficient = int("".join(map(str, digits)))
     if -exponent > decimals:
         raise JsonPtsMalformed(f"{value} has more than the configured {decimals} decimals")
     shift = exponent + unit_exponent
@@ -374,6 +419,73 @@ def scaled_to_decimal(units: int, *, decimals: int, unit_exponent: int) -> Decim
     return Decimal((sign, tuple(int(d) for d in str(coefficient)), -decimals))
 
 
+def _significant(value: Decimal | int) -> tuple[int, int, int]:
+    """(sign, coefficient, exponent) of a finite number with trailing zeros stripped."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise JsonPtsMalformed(f"expected a number, got {type(value).__name__}")
+    if isinstance(value, int):
+        value = Decimal(value)
+    if not value.is_finite():
+        raise JsonPtsMalformed(f"{value} is not a finite number")
+    sign, digit_tuple, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite, checked above
+    digits = list(digit_tuple)
+    while digits and digits[-1] == 0:
+        digits.pop()
+        exponent += 1
+    while digits and digits[0] == 0:
+        digits.pop(0)
+    if not digits:
+        return 0, 0, 0
+    if len(digits) > _MAX_DIGITS or abs(exponent) > _MAX_EXPONENT:
+        raise JsonPtsMalformed(f"{value} is out of range for a device quantity")
+    return sign, int("".join(map(str, digits))), exponent
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceValue:
+    """A wire number read leniently (see :meth:`NumberFormat.read`)."""
+
+    units: int  # the value in our units; the nearest integer (half-even) when not ``exact``
+    exact: bool  # a whole number of our units
+    extra_decimals: bool  # more fractional digits than the configured decimals
+    wire: str  # the number as the device wrote it (fixed-point text)
+
+
+def decimal_to_nearest(value: Decimal | int, *, decimals: int, unit_exponent: int) -> DeviceValue:
+    """Wire decimal -> :class:`DeviceValue`: never fails for a finite, sane number.
+
+    Unlike :func:`decimal_to_scaled` a value with more decimals than configured, or finer than
+    our unit, is not an error: it is flagged, and rounded half-even to our unit when needed.
+    """
+    sign, coefficient, exponent = _significant(value)
+    wire = format(Decimal(value), "f")
+    if coefficient == 0:
+        return DeviceValue(0, exact=True, extra_decimals=False, wire=wire)
+    extra = -exponent > decimals
+    shift = exponent + unit_exponent
+    if shift >= 0:
+        units, exact = coefficient * 10**shift, True
+    else:
+        # Integer arithmetic, so no decimal context can change the result.
+        quotient, remainder = divmod(coefficient, 10**-shift)
+        twice = 2 * remainder
+        if twice > 10**-shift or (twice == 10**-shift and quotient % 2 == 1):
+            quotient += 1
+        units, exact = quotient, remainder == 0
+    return DeviceValue(-units if sign else units, exact=exact, extra_decimals=extra, wire=wire)
+
+
+class Quantity(enum.Enum):
+    """What a wire number measures, which picks its decimals and our unit."""
+
+    VOLUME = "volume"
+    AMOUNT = "amount"
+    PRICE = "price"
+    TOTAL_VOLUME = "total_volume"
+    TOTAL_AMOUNT = "total_amount"
+
+
 @dataclass(frozen=True, slots=True)
 class NumberFormat:
     """How one controller writes numbers: decimals of volume (L), amount and price (per L).
@@ -386,13 +498,72 @@ class NumberFormat:
     amount_decimals: int = 2
     price_decimals: int = 2
     currency: str = "CNY"
+    volume_total_decimals: int | None = None  # None: as volume_decimals
+    amount_total_decimals: int | None = None  # None: as amount_decimals
 
     def __post_init__(self) -> None:
         # Volume finer than 0.001 L cannot be whole millilitres.
         _check_decimals("volume_decimals", self.volume_decimals, 3)
         _check_decimals("amount_decimals", self.amount_decimals, 8)
         _check_decimals("price_decimals", self.price_decimals, 8)
+        if self.volume_total_decimals is not None:
+            _check_decimals("volume_total_decimals", self.volume_total_decimals, 3)
+        if self.amount_total_decimals is not None:
+            _check_decimals("amount_total_decimals", self.amount_total_decimals, 8)
         currency_exponent(self.currency)
+
+    @property
+    def total_volume_decimals(self) -> int:
+        if self.volume_total_decimals is None:
+            return self.volume_decimals
+        return self.volume_total_decimals
+
+    @property
+    def total_amount_decimals(self) -> int:
+        if self.amount_total_decimals is None:
+            return self.amount_decimals
+        return self.amount_total_decimals
+
+    def _scale(self, quantity: Quantity) -> tuple[int, int]:
+        """(decimals, unit exponent) of a quantity."""
+        if quantity is Quantity.VOLUME:
+            return self.volume_decimals, 3
+        if quantity is Quantity.TOTAL_VOLUME:
+            return self.total_volume_decimals, 3
+        if quantity is Quantity.AMOUNT:
+            return self.amount_decimals, self._amount_exponent
+        if quantity is Quantity.TOTAL_AMOUNT:
+            return self.total_amount_decimals, self._amount_exponent
+        return self.price_decimals, self._price_exponent
+
+    def to_units(self, value: Decimal | int, quantity: Quantity) -> int:
+        """Strict: exact at the configured decimals, or :class:`JsonPtsMalformed`."""
+        decimals, exponent = self._scale(quantity)
+        return decimal_to_scaled(value, decimals=decimals, unit_exponent=exponent)
+
+    def to_wire(self, units: int, quantity: Quantity) -> Decimal:
+        decimals, exponent = self._scale(quantity)
+        return scaled_to_decimal(units, decimals=decimals, unit_exponent=exponent)
+
+    def read(self, value: Decimal | int, quantity: Quantity) -> DeviceValue:
+        """Lenient: the nearest value in our units, flagged when not exact or over-precise."""
+        decimals, exponent = self._scale(quantity)
+        return decimal_to_nearest(value, decimals=decimals, unit_exponent=exponent)
+
+    def get(self, data: Mapping[str, Any], name: str, quantity: Quantity) -> int:
+        """A required field, strictly (see :meth:`to_units`); errors name the field."""
+        number = get_number(data, name)
+        try:
+            return self.to_units(number, quantity)
+        except JsonPtsMalformed as exc:
+            raise JsonPtsMalformed(f"field {name!r}: {exc.message}", field=name) from None
+
+    def get_lenient(self, data: Mapping[str, Any], name: str, quantity: Quantity) -> DeviceValue:
+        number = get_number(data, name)
+        try:
+            return self.read(number, quantity)
+        except JsonPtsMalformed as exc:
+            raise JsonPtsMalformed(f"field {name!r}: {exc.message}", field=name) from None
 
     @property
     def volume_step_ml(self) -> int:
@@ -435,21 +606,13 @@ class NumberFormat:
 
     # Field readers: the value must be present, a number, and exact at these decimals.
     def get_volume_ml(self, data: Mapping[str, Any], name: str) -> int:
-        return self._scaled_field(data, name, self.volume_to_ml)
+        return self.get(data, name, Quantity.VOLUME)
 
     def get_amount_minor(self, data: Mapping[str, Any], name: str) -> int:
-        return self._scaled_field(data, name, self.amount_to_minor)
+        return self.get(data, name, Quantity.AMOUNT)
 
     def get_price_mmu(self, data: Mapping[str, Any], name: str) -> int:
-        return self._scaled_field(data, name, self.price_to_mmu)
-
-    @staticmethod
-    def _scaled_field(data: Mapping[str, Any], name: str, convert: Any) -> int:
-        number = get_number(data, name)
-        try:
-            return int(convert(number))
-        except JsonPtsMalformed as exc:
-            raise JsonPtsMalformed(f"field {name!r}: {exc.message}", field=name) from None
+        return self.get(data, name, Quantity.PRICE)
 
 
 # --------------------------------------------------------------------------- date-times

@@ -1,22 +1,67 @@
 """The jsonPTS driver: a Technotrade PTS-2 controller behind :class:`ForecourtDriver`.
 
-One ``httpx.AsyncClient`` talks to ``POST {base_url}/jsonPTS`` with HTTP Basic auth. Several
-packets travel in one POST where that saves round trips (status of many pumps; a report plus the
-pump's status). Replies are matched to requests by ``Id``, not by position.
+One ``httpx.AsyncClient`` talks to ``POST {base_url}/jsonPTS``. Several packets travel in one
+POST where that saves round trips (status of many pumps; a report plus the pump's status; the
+identity requests). Replies are matched to requests by ``Id``, not by position.
+
+Authentication (``auth_scheme``): ``"basic"`` sends HTTP Basic only; ``"digest"`` uses
+``httpx.DigestAuth`` (RFC 7616); ``"auto"`` (default) sends Basic and, on a 401 whose
+``WWW-Authenticate`` offers Digest, switches to Digest for good and retries once. A PTS-2 offers
+either (the vendor's SDK has a Basic and a Digest authenticator, Java SDK
+``HttpClientManager``, stored file 17985143705). A 401/403 after that raises
+:class:`DriverUnavailable` with code ``jsonpts.auth_failed``.
 
 Mapping to the standard model (edge.drivers):
 
 - ``PumpIdleStatus``: ``NozzleUp`` > 0 -> CALLING (that nozzle), else IDLE.
-- ``PumpFillingStatus``: ``IsStopped`` -> STOPPED [inferred field, see the simulator];
-  ``IsSuspended`` -> SUSPENDED; ``Volume`` 0 -> AUTHORISED; else FUELLING.
+- ``PumpFillingStatus``: ``IsStopped`` -> STOPPED [I, see the simulator]; ``IsSuspended`` ->
+  SUSPENDED; ``Volume`` 0 -> AUTHORISED; else FUELLING.
+- ``EmergencyStop: true`` on an idle or filling status -> STOPPED: the pump is blocked by
+  ``PumpEmergencyStop`` until released [I, the simulator's marker; no vendor text found].
 - ``PumpEndOfTransactionStatus`` -> END_OF_TRANSACTION; ``PumpOfflineStatus`` -> OFFLINE.
-- an error packet in a status poll -> ERROR for that pump (the others are still reported).
-- ``DeviceTransaction.totalizer_start_ml`` = ``TotalVolume`` - ``Volume`` (the device reports
-  the nozzle's totalizer after the transaction).
+- one pump's refused, malformed or unreadable reply -> ERROR for that pump with the reason in
+  ``PumpStatus.error``; the other pumps of the same POST are still reported. Only a POST that
+  fails as a whole (transport, HTTP status, not a jsonPTS envelope, no usable packet) raises.
+- Filling statuses are read strictly: a value with more decimals than configured makes that
+  pump ERROR. A finished transaction (end-of-transaction status, report item) is never refused
+  for an odd value: a value exact in our units but with more decimals than configured is taken
+  with ``FLAG_EXTRA_DECIMALS``; one that is not a whole unit becomes the nearest integer
+  (half-even) with ``FLAG_INEXACT`` and its wire text in ``DeviceTransaction.raw``.
+- ``DeviceTransaction.totalizer_end_ml`` = ``TotalVolume`` (the nozzle's totalizer after the
+  transaction); the vendor SDK treats it as optional, and when it is missing the driver returns
+  ``None`` with ``FLAG_NO_TOTALIZER``. ``totalizer_start_ml`` is always ``None``: the edge reads
+  the start totals itself with :meth:`JsonPtsDriver.totals`.
+- ``PumpAuthorize`` is answered by ``PumpAuthorizeConfirmation {Pump, Transaction}`` (Java SDK
+  ``network/http/PumpAuthorize.java``, stored file 17278643764); :meth:`authorize` returns that
+  transaction number, or ``None`` for a plain ``"Message": "OK"`` confirmation.
+
+Identity (:meth:`JsonPtsDriver.identity`), one POST of the vendor's requests (names and reply
+fields from the Java SDK ``network/http`` classes and the web UI's device-information page,
+stored files 17114324032, 17114670687, 17487983676, 17523703720, 56316693476):
+
+- ``GetUniqueIdentifier`` -> ``UniqueIdentifier {Id}``: ``device_id`` (else the base URL);
+- ``GetFirmwareInformation`` -> ``FirmwareInformation {DateTime, ...}``: ``firmware`` (the
+  firmware's release date-time, which the web UI shows as its version);
+- ``GetSystemOperationInformation`` -> ``SystemOperationInformation {SystemUpTime (ms)}`` and
+  ``GetDateTime`` -> ``DateTime {DateTime}``: the boot instant = controller time - uptime, both
+  read in the same POST from the controller's own clock. ``boot_marker`` is that instant floored
+  to ``boot_marker_resolution_s`` [I]. Within one driver the marker is kept while the uptime
+  keeps growing and renewed when it falls, so a restart is seen even within one resolution
+  step; a new driver (an edge restart) may, rarely, see the floored instant step over a
+  boundary (the estimate jitters by the controller clock's one-second resolution).
+- ``GetSystemDecimalDigits`` -> ``SystemDecimalDigits {Price, Amount, Volume, AmountTotal,
+  VolumeTotal}``: the controller's number format replaces the configured one (logged when they
+  differ).
+
+A request the firmware does not know is refused (``JSONPTS_ERROR_NOT_FOUND``); the driver then
+falls back on its configuration for that part.
 
 Errors: transport faults, timeouts, HTTP 5xx, 401/403 and unreadable replies raise
 :class:`DriverUnavailable`; an error packet raises :class:`DeviceRejected` whose ``details``
-carry ``device_code`` (the device's own ``Code``) and ``packet_type``.
+carry ``device_code`` (the device's ``Code``), ``device_message`` (its ``Message``, the vendor
+error name) and ``packet_type``. A refused close carries
+``JSONPTS_ERROR_PUMP_STATUS_NOT_END_OF_TRANSACTION`` (69) or
+``JSONPTS_ERROR_TRANSACTION_NUMBER_NOT_MATCH`` (27, [I]) (see codec.PtsErrorCode).
 
 Device date-times are local wall-clock time without offset in the controller's ``timezone``;
 the driver returns aware datetimes in that zone and sends local text with whole seconds.
@@ -30,13 +75,18 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
 from forecourt.edge.drivers import (
+    FLAG_EXTRA_DECIMALS,
+    FLAG_INEXACT,
+    FLAG_NO_TOTALIZER,
+    DeviceIdentity,
     DeviceRejected,
     DeviceTransaction,
     DriverUnavailable,
@@ -46,12 +96,13 @@ from forecourt.edge.drivers import (
     PumpState,
     PumpStatus,
 )
-from forecourt.kernel.errors import InvalidValue
+from forecourt.kernel.errors import ForecourtError, InvalidValue
 from forecourt.protocols.jsonpts.codec import (
     JsonPtsMalformed,
     NumberFormat,
     Packet,
-    decode_envelope,
+    PtsErrorCode,
+    Quantity,
     encode_envelope,
     format_local,
     get_bool,
@@ -59,6 +110,10 @@ from forecourt.protocols.jsonpts.codec import (
     get_local_datetime,
     get_optional_int,
     get_optional_local_datetime,
+    get_optional_number,
+    parse_envelope,
+    parse_packet,
+    raw_packet_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,6 +130,30 @@ _PRESET_WIRE_TYPE = {
     PresetType.VOLUME: "Volume",
     PresetType.AMOUNT: "Amount",
 }
+
+_AUTH_SCHEMES = frozenset({"basic", "digest", "auto"})
+
+# The identity requests, asked together; each may be unknown to an older firmware.
+_IDENTITY_REQUESTS = (
+    "GetUniqueIdentifier",
+    "GetFirmwareInformation",
+    "GetSystemOperationInformation",
+    "GetDateTime",
+    "GetSystemDecimalDigits",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _BadReply:
+    """A request the controller's reply did not answer usably (the reason, for the log)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _BootReading:
+    uptime_ms: int
+    marker: str
 
 
 class JsonPtsDriver:
@@ -94,6 +173,8 @@ class JsonPtsDriver:
         timeout: float = 5.0,
         max_packets_per_post: int = 32,
         totals_timeout: float = 5.0,
+        auth_scheme: str = "auto",
+        boot_marker_resolution_s: int = 60,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         try:
@@ -102,12 +183,29 @@ class JsonPtsDriver:
             raise InvalidValue(f"unknown IANA time zone {timezone!r}") from None
         if max_packets_per_post < 1:
             raise InvalidValue("max_packets_per_post must be positive")
+        if auth_scheme not in _AUTH_SCHEMES:
+            raise InvalidValue(f"auth_scheme must be one of {sorted(_AUTH_SCHEMES)}")
+        if boot_marker_resolution_s < 1:
+            raise InvalidValue("boot_marker_resolution_s must be positive")
         self.base_url = base_url.rstrip("/")
-        self.fmt = NumberFormat(volume_decimals, amount_decimals, price_decimals, currency)
-        self._auth = httpx.BasicAuth(username, password)
+        self.configured_format = NumberFormat(
+            volume_decimals, amount_decimals, price_decimals, currency
+        )
+        self.fmt = self.configured_format
+        self._username = username
+        self._password = password
+        self._auth_scheme = auth_scheme
+        self._auth: httpx.Auth = (
+            httpx.DigestAuth(username, password)
+            if auth_scheme == "digest"
+            else httpx.BasicAuth(username, password)
+        )
+        self._switched_to_digest = auth_scheme == "digest"
         self._timeout = timeout
         self._max_packets = max_packets_per_post
         self._totals_timeout = totals_timeout
+        self._boot_resolution_s = boot_marker_resolution_s
+        self._last_boot: _BootReading | None = None
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._ids = itertools.count(1)
@@ -118,7 +216,6 @@ class JsonPtsDriver:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,
-                auth=self._auth,
                 timeout=self._timeout,
                 transport=self._transport,
                 headers={"Content-Type": "application/json; charset=utf-8"},
@@ -142,20 +239,44 @@ class JsonPtsDriver:
         # Ids stay in the positive 31-bit range that the device's JSON parser surely handles.
         return (next(self._ids) - 1) % 2_147_483_647 + 1
 
-    async def _exchange(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Packet]:
-        """Send packets (chunked), return the replies in request order, matched by Id."""
-        replies: list[Packet] = []
+    async def _exchange(
+        self, requests: Sequence[tuple[str, dict[str, Any] | None]]
+    ) -> list[Packet]:
+        """Send packets; every one must be answered (else :class:`DriverUnavailable`)."""
+        replies = []
+        for reply in await self._exchange_each(requests):
+            if isinstance(reply, _BadReply):
+                raise DriverUnavailable(
+                    f"unreadable jsonPTS reply: {reply.reason}", code="jsonpts.malformed_reply"
+                )
+            replies.append(reply)
+        return replies
+
+    async def _exchange_each(
+        self, requests: Sequence[tuple[str, dict[str, Any] | None]]
+    ) -> list[Packet | _BadReply]:
+        """Send packets (chunked); each reply, or why that one request got no usable reply."""
+        replies: list[Packet | _BadReply] = []
         for start in range(0, len(requests), self._max_packets):
             replies.extend(await self._post(requests[start : start + self._max_packets]))
         return replies
 
-    async def _post(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Packet]:
+    async def _send(self, body: bytes) -> httpx.Response:
         client = self._client
         if client is None:
             raise DriverUnavailable("jsonPTS driver is not open", code="jsonpts.not_open")
-        packets = [Packet(self._next_id(), kind, data) for kind, data in requests]
         try:
-            response = await client.post("/jsonPTS", content=encode_envelope(packets))
+            response = await client.post("/jsonPTS", content=body, auth=self._auth)
+            if (
+                response.status_code == 401
+                and self._auth_scheme == "auto"
+                and not self._switched_to_digest
+                and _offers_digest(response)
+            ):
+                logger.info("jsonPTS controller at %s wants Digest auth; switching", self.base_url)
+                self._auth = httpx.DigestAuth(self._username, self._password)
+                self._switched_to_digest = True
+                response = await client.post("/jsonPTS", content=body, auth=self._auth)
         except httpx.TimeoutException as exc:
             raise DriverUnavailable(
                 f"jsonPTS controller at {self.base_url} timed out: {exc!r}", code="jsonpts.timeout"
@@ -164,6 +285,13 @@ class JsonPtsDriver:
             raise DriverUnavailable(
                 f"jsonPTS controller at {self.base_url} unreachable: {exc!r}"
             ) from exc
+        return response
+
+    async def _post(
+        self, requests: Sequence[tuple[str, dict[str, Any] | None]]
+    ) -> list[Packet | _BadReply]:
+        packets = [Packet(self._next_id(), kind, data) for kind, data in requests]
+        response = await self._send(encode_envelope(packets))
         status = response.status_code
         if status in (401, 403):
             raise DriverUnavailable(
@@ -181,68 +309,229 @@ class JsonPtsDriver:
                 http_status=status,
             )
         try:
-            received = decode_envelope(response.content)
+            items = parse_envelope(response.content)
         except JsonPtsMalformed as exc:
             raise DriverUnavailable(
                 f"unreadable jsonPTS reply: {exc.message}", code="jsonpts.malformed_reply"
             ) from exc
-        by_id = {packet.id: packet for packet in received}
-        missing = [packet.id for packet in packets if packet.id not in by_id]
-        if missing:
+        # Each packet on its own: one broken reply must not hide its siblings.
+        by_id: dict[int, Packet | _BadReply] = {}
+        for item in items:
+            try:
+                packet = parse_packet(item)
+            except JsonPtsMalformed as exc:
+                by_id.setdefault(raw_packet_id(item), _BadReply(exc.message))
+                continue
+            by_id[packet.id] = packet
+        answered = [by_id.get(p.id, _BadReply(f"no reply to packet {p.id}")) for p in packets]
+        if packets and all(isinstance(a, _BadReply) for a in answered):
+            reasons = "; ".join(sorted({a.reason for a in answered if isinstance(a, _BadReply)}))
             raise DriverUnavailable(
-                f"jsonPTS reply lacks packets {missing}", code="jsonpts.malformed_reply"
+                f"jsonPTS reply answers none of our packets: {reasons}",
+                code="jsonpts.malformed_reply",
             )
-        return [by_id[packet.id] for packet in packets]
+        return answered
 
     async def _command(self, kind: str, data: dict[str, Any]) -> Packet:
         (reply,) = await self._exchange([(kind, data)])
         _raise_if_error(reply)
         return reply
 
+    # ----------------------------------------------------------------- identity
+
+    async def identity(self) -> DeviceIdentity:
+        try:
+            replies = await self._exchange_each([(kind, None) for kind in _IDENTITY_REQUESTS])
+        except DeviceRejected as exc:
+            # A controller that refuses the whole POST (HTTP 4xx) does not know these requests.
+            logger.warning("controller refused the identity requests: %s", exc.message)
+            return DeviceIdentity(device_id=self.base_url)
+        by_type = dict(zip(_IDENTITY_REQUESTS, replies, strict=True))
+        device_id = self._unique_identifier(by_type["GetUniqueIdentifier"]) or self.base_url
+        firmware = self._firmware(by_type["GetFirmwareInformation"])
+        boot = self._boot_marker(by_type["GetSystemOperationInformation"], by_type["GetDateTime"])
+        self._adopt_decimals(by_type["GetSystemDecimalDigits"])
+        return DeviceIdentity(device_id=device_id, boot_marker=boot, firmware=firmware)
+
+    def _identity_data(self, reply: Packet | _BadReply, expected: str) -> dict[str, Any] | None:
+        """The Data of an identity reply, or None (logged) when the controller can't give it."""
+        if isinstance(reply, _BadReply):
+            logger.warning("controller's %s reply is unreadable: %s", expected, reply.reason)
+            return None
+        if reply.error:
+            unknown = reply.code == PtsErrorCode.JSONPTS_ERROR_NOT_FOUND
+            logger.log(
+                logging.INFO if unknown else logging.WARNING,
+                "controller refused the request for %s: code %s %s",
+                expected,
+                reply.code,
+                reply.message,
+            )
+            return None
+        if reply.type != expected or not isinstance(reply.data, dict):
+            logger.warning("controller answered %s instead of %s", reply.type, expected)
+            return None
+        return reply.data
+
+    def _unique_identifier(self, reply: Packet | _BadReply) -> str | None:
+        data = self._identity_data(reply, "UniqueIdentifier")
+        if data is None:
+            return None
+        value = data.get("Id")
+        # The SDK reads an integer; accept text too, as some firmwares may write it so.
+        if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+            logger.warning("controller's UniqueIdentifier has no usable Id: %r", value)
+            return None
+        return str(value)
+
+    def _firmware(self, reply: Packet | _BadReply) -> str | None:
+        data = self._identity_data(reply, "FirmwareInformation")
+        if data is None:
+            return None
+        released = data.get("DateTime")
+        version = data.get("Version")
+        parts = [str(v) for v in (version, released) if isinstance(v, str) and v]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else f"{parts[0]} ({parts[1]})"
+
+    def _boot_marker(self, info: Packet | _BadReply, clock: Packet | _BadReply) -> str | None:
+        operation = self._identity_data(info, "SystemOperationInformation")
+        device_time = self._identity_data(clock, "DateTime")
+        if operation is None or device_time is None:
+            return None
+        try:
+            uptime_ms = get_int(operation, "SystemUpTime")
+            now = get_local_datetime(device_time, "DateTime", self.tz)
+        except JsonPtsMalformed as exc:
+            logger.warning("controller's uptime or clock is unreadable: %s", exc.message)
+            return None
+        if uptime_ms < 0:
+            logger.warning("controller reports a negative uptime %d ms", uptime_ms)
+            return None
+        last = self._last_boot
+        if last is not None and uptime_ms >= last.uptime_ms:
+            # Same life of the controller (its clock may have been set meanwhile).
+            self._last_boot = _BootReading(uptime_ms, last.marker)
+            return last.marker
+        booted = (now - timedelta(milliseconds=uptime_ms)).astimezone(UTC)
+        step = self._boot_resolution_s
+        floored = datetime.fromtimestamp(booted.timestamp() // step * step, UTC)
+        marker = floored.isoformat()
+        if last is not None and marker == last.marker:
+            # The uptime fell: a restart within one resolution step still gets a new marker.
+            marker = booted.replace(microsecond=0).isoformat()
+            if marker == last.marker:
+                marker = f"{marker}+{uptime_ms}ms"
+            logger.info("controller restarted (uptime fell to %d ms)", uptime_ms)
+        self._last_boot = _BootReading(uptime_ms, marker)
+        return marker
+
+    def _adopt_decimals(self, reply: Packet | _BadReply) -> None:
+        data = self._identity_data(reply, "SystemDecimalDigits")
+        if data is None:
+            return
+        configured = self.configured_format
+        try:
+            reported = NumberFormat(
+                volume_decimals=get_int(data, "Volume"),
+                amount_decimals=get_int(data, "Amount"),
+                price_decimals=get_int(data, "Price"),
+                currency=configured.currency,
+                volume_total_decimals=get_optional_int(data, "VolumeTotal"),
+                amount_total_decimals=get_optional_int(data, "AmountTotal"),
+            )
+        except ForecourtError as exc:
+            logger.error(
+                "controller reports decimals we cannot use (%s); keeping the configured ones",
+                exc.message,
+            )
+            return
+        if _decimals(reported) != _decimals(self.fmt):
+            log = logger.warning if _decimals(reported) != _decimals(configured) else logger.info
+            log(
+                "controller decimals volume=%d amount=%d price=%d (totals %d/%d) differ from "
+                "configured volume=%d amount=%d price=%d; using the controller's",
+                reported.volume_decimals,
+                reported.amount_decimals,
+                reported.price_decimals,
+                reported.total_volume_decimals,
+                reported.total_amount_decimals,
+                configured.volume_decimals,
+                configured.amount_decimals,
+                configured.price_decimals,
+            )
+        self.fmt = reported
+
     # ----------------------------------------------------------------- status
 
     async def pump_status(self, pumps: Sequence[int]) -> list[PumpStatus]:
-        with _reading():
-            replies = await self._status_replies(pumps)
-            return [self._status(pump, reply) for pump, reply in zip(pumps, replies, strict=True)]
+        replies = await self._status_replies(pumps)
+        return [
+            self._status_or_error(pump, reply) for pump, reply in zip(pumps, replies, strict=True)
+        ]
 
-    async def _status_replies(self, pumps: Sequence[int]) -> list[Packet]:
+    async def _status_replies(self, pumps: Sequence[int]) -> list[Packet | _BadReply]:
         """PumpGetStatus for every pump, in as few POSTs as allowed."""
-        replies = await self._exchange([("PumpGetStatus", {"Pump": p}) for p in pumps])
-        again = [i for i, reply in enumerate(replies) if reply.type in _ONE_SHOT_TYPES]
+        replies = await self._exchange_each([("PumpGetStatus", {"Pump": p}) for p in pumps])
+        again = [
+            i
+            for i, reply in enumerate(replies)
+            if isinstance(reply, Packet) and not reply.error and reply.type in _ONE_SHOT_TYPES
+        ]
         if again:
-            retried = await self._exchange([("PumpGetStatus", {"Pump": pumps[i]}) for i in again])
+            retried = await self._exchange_each(
+                [("PumpGetStatus", {"Pump": pumps[i]}) for i in again]
+            )
             for index, reply in zip(again, retried, strict=True):
                 replies[index] = reply
         return replies
 
+    def _status_or_error(self, pump: int, reply: Packet | _BadReply) -> PumpStatus:
+        if isinstance(reply, _BadReply):
+            reason = f"unreadable status reply: {reply.reason}"
+        elif reply.error:
+            reason = f"controller refused the status: code {reply.code} {reply.message or ''}"
+        else:
+            try:
+                return self._status(pump, reply)
+            except JsonPtsMalformed as exc:
+                reason = f"malformed {reply.type}: {exc.message}"
+        logger.warning("pump %d: %s", pump, reason)
+        return PumpStatus(pump=pump, state=PumpState.ERROR, error=reason.strip())
+
     def _status(self, pump: int, reply: Packet) -> PumpStatus:
-        if reply.error:
-            logger.warning(
-                "pump %d status refused by the controller: code %s %s",
-                pump,
-                reply.code,
-                reply.message,
-            )
-            return PumpStatus(pump=pump, state=PumpState.ERROR)
         if reply.type not in _STATUS_TYPES:
-            logger.warning("pump %d: unexpected status reply %s", pump, reply.type)
-            return PumpStatus(pump=pump, state=PumpState.ERROR)
+            raise JsonPtsMalformed(f"unexpected status reply type {reply.type!r}")
         data = reply.data_object()
         reported = get_optional_int(data, "Pump")
         if reported is not None and reported != pump:
             raise JsonPtsMalformed(f"asked for pump {pump}, the reply is about pump {reported}")
         if reply.type == "PumpOfflineStatus":
             return PumpStatus(pump=pump, state=PumpState.OFFLINE)
+        blocked = get_bool(data, "EmergencyStop", default=False)
         if reply.type == "PumpIdleStatus":
             nozzle_up = get_optional_int(data, "NozzleUp", 0) or 0
+            if blocked:
+                return PumpStatus(pump=pump, state=PumpState.STOPPED, nozzle=nozzle_up or None)
             if nozzle_up > 0:
                 return PumpStatus(pump=pump, state=PumpState.CALLING, nozzle=nozzle_up)
             return PumpStatus(pump=pump, state=PumpState.IDLE)
-        volume = self.fmt.get_volume_ml(data, "Volume")
+        nozzle = get_optional_int(data, "Nozzle", 0) or None
+        transaction = get_optional_int(data, "Transaction", 0) or None
         if reply.type == "PumpEndOfTransactionStatus":
-            state = PumpState.END_OF_TRANSACTION
-        elif get_bool(data, "IsStopped", default=False):
+            # Finished: read leniently, like the transaction it describes (never refused).
+            return PumpStatus(
+                pump=pump,
+                state=PumpState.END_OF_TRANSACTION,
+                nozzle=nozzle,
+                volume_ml=self.fmt.get_lenient(data, "Volume", Quantity.VOLUME).units,
+                amount_minor=self.fmt.get_lenient(data, "Amount", Quantity.AMOUNT).units,
+                unit_price_mmu=self.fmt.get_lenient(data, "Price", Quantity.PRICE).units,
+                transaction=transaction,
+            )
+        volume = self.fmt.get(data, "Volume", Quantity.VOLUME)
+        if blocked or get_bool(data, "IsStopped", default=False):
             state = PumpState.STOPPED
         elif get_bool(data, "IsSuspended", default=False):
             state = PumpState.SUSPENDED
@@ -253,18 +542,18 @@ class JsonPtsDriver:
         return PumpStatus(
             pump=pump,
             state=state,
-            nozzle=get_optional_int(data, "Nozzle", 0) or None,
+            nozzle=nozzle,
             volume_ml=volume,
-            amount_minor=self.fmt.get_amount_minor(data, "Amount"),
-            unit_price_mmu=self.fmt.get_price_mmu(data, "Price"),
-            transaction=get_optional_int(data, "Transaction", 0) or None,
+            amount_minor=self.fmt.get(data, "Amount", Quantity.AMOUNT),
+            unit_price_mmu=self.fmt.get(data, "Price", Quantity.PRICE),
+            transaction=transaction,
         )
 
     # ----------------------------------------------------------------- commands
 
     async def authorize(
         self, pump: int, nozzle: int | None, preset: Preset, unit_price_mmu: int
-    ) -> None:
+    ) -> int | None:
         data: dict[str, Any] = {"Pump": pump}
         if nozzle is not None:
             data["Nozzle"] = nozzle
@@ -278,7 +567,16 @@ class JsonPtsDriver:
                 raise InvalidValue("an amount preset needs a positive amount_minor")
             data["Dose"] = self.fmt.minor_to_amount(preset.amount_minor)
         data["Price"] = self.fmt.mmu_to_price(unit_price_mmu)
-        await self._command("PumpAuthorize", data)
+        reply = await self._command("PumpAuthorize", data)
+        if reply.type != "PumpAuthorizeConfirmation" or not isinstance(reply.data, dict):
+            return None
+        try:
+            confirmed = get_optional_int(reply.data, "Transaction")
+        except JsonPtsMalformed as exc:
+            # The authorisation stands; only its number is unreadable: the status will show it.
+            logger.warning("pump %d: unreadable authorisation confirmation: %s", pump, exc.message)
+            return None
+        return confirmed if confirmed else None
 
     async def stop(self, pump: int) -> None:
         await self._command("PumpStop", {"Pump": pump})
@@ -321,8 +619,8 @@ class JsonPtsDriver:
             return NozzleTotals(
                 pump=pump,
                 nozzle=nozzle,
-                volume_ml=self.fmt.get_volume_ml(data, "Volume"),
-                amount_minor=self.fmt.get_amount_minor(data, "Amount"),
+                volume_ml=self.fmt.get(data, "Volume", Quantity.TOTAL_VOLUME),
+                amount_minor=self.fmt.get(data, "Amount", Quantity.TOTAL_AMOUNT),
             )
 
     @staticmethod
@@ -331,16 +629,37 @@ class JsonPtsDriver:
 
     # ----------------------------------------------------------------- transactions
 
+    async def finished_transaction(self, pump: int) -> DeviceTransaction | None:
+        (reply,) = await self._status_replies([pump])
+        return self._finished(pump, reply)
+
     async def unacknowledged_transactions(self, pumps: Sequence[int]) -> list[DeviceTransaction]:
+        replies = await self._status_replies(pumps)
+        found = []
+        for pump, reply in zip(pumps, replies, strict=True):
+            # Can't vouch that a pump holds nothing if it could not say.
+            transaction = self._finished(pump, reply)
+            if transaction is not None:
+                found.append(transaction)
+        return found
+
+    def _finished(self, pump: int, reply: Packet | _BadReply) -> DeviceTransaction | None:
+        if isinstance(reply, _BadReply):
+            raise DriverUnavailable(
+                f"pump {pump}: unreadable status reply: {reply.reason}",
+                code="jsonpts.malformed_reply",
+            )
+        _raise_if_error(reply)
         with _reading():
-            replies = await self._status_replies(pumps)
-            found = []
-            for pump, reply in zip(pumps, replies, strict=True):
-                # Can't vouch that a pump holds nothing if it refused to say.
-                _raise_if_error(reply)
-                if reply.type == "PumpEndOfTransactionStatus":
-                    found.append(self._transaction(pump, reply.data_object(), closed=False))
-            return found
+            if reply.type not in _STATUS_TYPES:
+                raise JsonPtsMalformed(f"unexpected status reply type {reply.type!r}")
+            if reply.type != "PumpEndOfTransactionStatus":
+                return None
+            data = reply.data_object()
+            reported = get_optional_int(data, "Pump")
+            if reported is not None and reported != pump:
+                raise JsonPtsMalformed(f"asked for pump {pump}, the reply is about {reported}")
+            return self._transaction(pump, data, closed=False)
 
     async def transactions(
         self, pump: int, start: datetime, end: datetime
@@ -366,38 +685,77 @@ class JsonPtsDriver:
                 raise JsonPtsMalformed("ReportPumpTransactions Data must be a list")
             open_transaction = None
             if not status.error and status.type == "PumpEndOfTransactionStatus":
-                open_transaction = get_int(status.data_object(), "Transaction")
+                open_data = status.data_object()
+                open_transaction = (get_int(open_data, "Transaction"), open_data.get("DateTime"))
             result = []
             for item in report.data:
                 if not isinstance(item, dict):
                     raise JsonPtsMalformed("a report item must be an object")
-                item_pump = get_int(item, "Pump")
-                if item_pump != pump:
+                if get_int(item, "Pump") != pump:
                     continue
-                number = get_int(item, "Transaction")
-                result.append(self._transaction(pump, item, closed=number != open_transaction))
-            return sorted(result, key=lambda t: t.transaction)
+                # Numbers can repeat (a wrapped or reset counter): the end time tells them apart.
+                key = (get_int(item, "Transaction"), item.get("DateTime"))
+                result.append(self._transaction(pump, item, closed=key != open_transaction))
+            return sorted(result, key=lambda t: (t.ended_at, t.transaction))
 
     def _transaction(
         self, pump: int, data: Mapping[str, Any], *, closed: bool
     ) -> DeviceTransaction:
-        volume = self.fmt.get_volume_ml(data, "Volume")
-        total_after = self.fmt.get_volume_ml(data, "TotalVolume")
+        flags: set[str] = set()
+        raw: list[tuple[str, str]] = []
+
+        def read(name: str, quantity: Quantity) -> int:
+            value = self.fmt.get_lenient(data, name, quantity)
+            if not value.exact:
+                flags.add(FLAG_INEXACT)
+                raw.append((name, value.wire))
+            elif value.extra_decimals:
+                flags.add(FLAG_EXTRA_DECIMALS)
+            return value.units
+
+        volume = read("Volume", Quantity.VOLUME)
+        amount = read("Amount", Quantity.AMOUNT)
+        price = read("Price", Quantity.PRICE)
+        total_after: int | None = None
+        if get_optional_number(data, "TotalVolume") is None:
+            flags.add(FLAG_NO_TOTALIZER)
+        else:
+            total_after = read("TotalVolume", Quantity.TOTAL_VOLUME)
         grade = get_optional_int(data, "FuelGradeId")
         return DeviceTransaction(
             pump=pump,
             nozzle=get_int(data, "Nozzle"),
             transaction=get_int(data, "Transaction"),
             volume_ml=volume,
-            amount_minor=self.fmt.get_amount_minor(data, "Amount"),
-            unit_price_mmu=self.fmt.get_price_mmu(data, "Price"),
-            totalizer_start_ml=total_after - volume,
+            amount_minor=amount,
+            unit_price_mmu=price,
+            totalizer_start_ml=None,  # never derived: the edge reads the start totals itself
             totalizer_end_ml=total_after,
             started_at=get_optional_local_datetime(data, "DateTimeStart", self.tz),
             ended_at=get_local_datetime(data, "DateTime", self.tz),
             grade_code=str(grade) if grade is not None else None,
             closed=closed,
+            flags=tuple(sorted(flags)),
+            raw=tuple(raw),
         )
+
+
+def _decimals(fmt: NumberFormat) -> tuple[int, ...]:
+    """The effective decimals of a format (an explicit total equal to its default is equal)."""
+    return (
+        fmt.volume_decimals,
+        fmt.amount_decimals,
+        fmt.price_decimals,
+        fmt.total_volume_decimals,
+        fmt.total_amount_decimals,
+    )
+
+
+def _offers_digest(response: httpx.Response) -> bool:
+    return any(
+        value.strip().lower().startswith("digest")
+        for value in response.headers.get_list("www-authenticate")
+    )
 
 
 def _raise_if_error(reply: Packet) -> None:
@@ -405,6 +763,7 @@ def _raise_if_error(reply: Packet) -> None:
         raise DeviceRejected(
             f"controller refused {reply.type}: {reply.message or 'no message'} (code {reply.code})",
             device_code=reply.code,
+            device_message=reply.message,
             packet_type=reply.type,
         )
 
