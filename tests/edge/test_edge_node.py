@@ -143,3 +143,31 @@ async def _sequence(station: Station) -> tuple[int, int]:
         return await journal.sequence_check()
     finally:
         await journal.close()
+
+
+async def test_the_edge_starts_and_serves_while_its_controller_is_down(
+    station: Station, hq: HqServer
+) -> None:
+    """The controller is away when the edge starts: the edge serves its API, shows every pump
+    offline with an alarm, and sells as soon as the controller answers."""
+    url = station.sim.base_url
+    station.sim.stop()
+    node = station.node()
+    await node.start()  # must not wait for, or fail on, the forecourt
+    try:
+        await wait_for(lambda: node.controller.stats.driver_errors >= 1)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(node.app), base_url="http://edge"
+        ) as edge_api:
+            status = (await edge_api.get("/v1/status")).json()
+        assert status["fuelling_points"]
+        assert set(status["fuelling_points"].values()) == {"offline"}
+        assert "controller_unreachable" in {a["name"] for a in status["alarms"]}
+        assert status["device"]["reachable"] is False
+        port = int(url.rsplit(":", 1)[1])
+        await asyncio.to_thread(station.sim.start, port=port)  # back on its address
+        await wait_for(lambda: node.controller.stats.journaled >= 1, timeout=30)
+        assert node.controller.reachable
+        assert "controller_unreachable" not in {a["name"] for a in node.alarms()}
+    finally:
+        await node.stop()

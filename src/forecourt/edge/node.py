@@ -141,11 +141,42 @@ class EdgeNode:
                     self.controller.identity.boot_marker if self.controller.identity else None
                 ),
             },
-            "alarms": self.controller.alarms.as_json(),
+            "alarms": self.alarms(),
             "uploads": dict(self.sync.stats.__dict__),
             "storage": self._storage_status(),
             "tasks": {s.task_name: s.health() for s in self.services()},
         }
+
+    def alarms(self) -> list[dict[str, Any]]:
+        """Every active alarm of this edge, one list: forecourt, uploads, storage, tasks."""
+        found = list(self.controller.alarms.as_json())
+        sync = self.sync
+        if sync.upload_alarm:
+            found.append({"name": "upload", "message": sync.upload_alarm})
+        if sync.alarm_level:
+            found.append(
+                {"name": "outbox_budget", "message": f"outbox budget level {sync.alarm_level}"}
+            )
+        if sync.journal_alarm_level:
+            found.append(
+                {
+                    "name": "journal_budget",
+                    "message": f"journal budget level {sync.journal_alarm_level}",
+                }
+            )
+        if sync.disk_low:
+            found.append({"name": "disk_low", "message": "free disk below the minimum"})
+        for service in self.services():
+            health = service.health()
+            if health.get("alarm"):
+                found.append(
+                    {
+                        "name": f"task_{service.task_name}",
+                        "message": f"{service.task_name} crashed and was restarted",
+                        "details": {"last_error": health.get("last_error")},
+                    }
+                )
+        return found
 
     def _storage_status(self) -> dict[str, Any]:
         usage = self.sync.storage  # measured with the outbox budget, a few times a minute

@@ -64,34 +64,14 @@ class UploadBatch:
 
 
 def to_domain(s: UploadedSale, station_code: str) -> Sale:
-    if isinstance(s, SaleV2):
-        return Sale(
-            sale_id=s.sale_id,
-            station_code=station_code,
-            station_seq=s.station_seq,
-            fuelling_point=s.fuelling_point,
-            nozzle=s.nozzle,
-            grade=s.grade,
-            volume_ml=s.volume_ml,
-            unit_price_mmu=s.unit_price_mmu,
-            amount_minor=s.amount_minor,
-            currency=s.currency,
-            price_version=s.price_version,
-            snapshot_version=s.snapshot_version,
-            totalizer_start_ml=s.totalizer_start_ml,
-            totalizer_end_ml=s.totalizer_end_ml,
-            device_txn=s.device_txn,
-            dispense_type=DispenseType(s.dispense_type),
-            started_at=s.started_at,
-            ended_at=s.ended_at,
-            business_date=s.business_date,
-            shift_id=s.shift_id,
-            schema_version=s.schema_version,
-            device_id=s.device_id,
-            device_epoch=s.device_epoch,
-            device_flags=tuple(sorted(set(s.device_flags))),
-            device_raw=None if s.device_raw is None else tuple(sorted(s.device_raw.items())),
-        )
+    device: dict[str, Any] = {}
+    if isinstance(s, SaleV2):  # what v2 adds: the controller's identity, epoch and flags
+        device = {
+            "device_id": s.device_id,
+            "device_epoch": s.device_epoch,
+            "device_flags": tuple(sorted(set(s.device_flags))),
+            "device_raw": None if s.device_raw is None else tuple(sorted(s.device_raw.items())),
+        }
     return Sale(
         sale_id=s.sale_id,
         station_code=station_code,
@@ -114,6 +94,7 @@ def to_domain(s: UploadedSale, station_code: str) -> Sale:
         business_date=s.business_date,
         shift_id=s.shift_id,
         schema_version=s.schema_version,
+        **device,
     )
 
 
