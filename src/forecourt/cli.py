@@ -169,7 +169,13 @@ def _hq_settings(database_url: str | None) -> Any:
 @main.command()
 @click.option("--services", default=None, help="Comma-separated contexts to serve (default: all).")
 @click.option("--host", default=None)
-@click.option("--port", type=int, default=None)
+@click.option("--port", type=int, default=None, help="HTTP port (0: one the kernel picks).")
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the port HQ listens on to this file (atomically) once it serves requests.",
+)
 @click.option("--database-url", default=None)
 @click.option("--bus-url", default=None)
 @click.option(
@@ -185,6 +191,7 @@ def serve(
     services: str | None,
     host: str | None,
     port: int | None,
+    port_file: Path | None,
     database_url: str | None,
     bus_url: str | None,
     workers: int | None,
@@ -210,15 +217,16 @@ def serve(
     if settings.workers > 1 and normalise_url(settings.database_url).startswith("sqlite"):
         raise click.UsageError("several workers need PostgreSQL (SQLite has one writer)")
     if settings.workers > 1:
-        sys.exit(_supervise_workers(settings.workers))
-    _serve_one(settings.host, settings.port, reuse_port=reuse_port)
+        sys.exit(_supervise_workers(settings.workers, settings.host, settings.port, port_file))
+    _serve_one(settings.host, settings.port, reuse_port=reuse_port, port_file=port_file)
 
 
-def _serve_one(host: str, port: int, *, reuse_port: bool) -> None:
-    """One HQ process: uvicorn on uvloop/httptools, the app built by the factory."""
-    import socket
-
+def _serve_one(host: str, port: int, *, reuse_port: bool, port_file: Path | None) -> None:
+    """One HQ process: uvicorn on uvloop/httptools, the app built by the factory, on a socket
+    this process binds and listens on itself (``port`` 0: the kernel picks one)."""
     import uvicorn
+
+    from forecourt.infra.listener import PortFileServer, listening_socket
 
     config = uvicorn.Config(
         "forecourt.bootstrap:create_app",
@@ -231,31 +239,46 @@ def _serve_one(host: str, port: int, *, reuse_port: bool) -> None:
         access_log=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
-    if not reuse_port:
-        server.run()
-        return
-    # Every worker binds its own socket with SO_REUSEPORT: the kernel spreads connections
-    # over them evenly, where one shared accept queue lets one worker take most of them.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    server.run(sockets=[sock])
+    # A worker (``reuse_port``) binds its own socket with SO_REUSEPORT: the kernel spreads
+    # connections over the workers evenly, where one shared accept queue lets one worker
+    # take most of them.
+    sock = listening_socket(host, port, reuse_port=reuse_port)
+    PortFileServer(config, port_file).run(sockets=[sock])
 
 
-def _supervise_workers(count: int) -> int:
-    """Start ``count`` single-worker HQ processes on the same port; stop them together."""
+WORKERS_START_S = 120.0  # every HTTP worker listens within this, or the supervisor gives up
+
+
+def _supervise_workers(count: int, host: str, port: int, port_file: Path | None) -> int:
+    """Start ``count`` single-worker HQ processes on the same port; stop them together.
+
+    The supervisor binds the port first (SO_REUSEPORT, never listening, so it takes no
+    connection): ``port`` 0 becomes a real number that every worker then binds too, and that
+    nobody else can take while they start. The port file is written once every worker has
+    written its own, that is once every worker serves requests.
+    """
+    import shutil
     import signal
     import subprocess
+    import tempfile
     import time
 
+    from forecourt.infra.listener import bound_socket, port_of, remove_port_file, write_port_file
+
+    if port_file is not None:
+        remove_port_file(port_file)
+    reserved = bound_socket(host, port, reuse_port=True)
+    chosen = port_of(reserved)
+    ready_dir = Path(tempfile.mkdtemp(prefix="forecourt-workers-"))
+    worker_files = [ready_dir / f"worker-{i}.port" for i in range(count)]
     # HTTP workers do not relay; one relay process of its own gets a fair share of the CPU
     # (inside busy HTTP workers it would starve and the outbox backlog would grow).
     args = [sys.executable, "-m", "forecourt.cli", "serve", "--workers", "1", "--reuse-port"]
+    args += ["--port", str(chosen)]
     http_env = {**os.environ, "FORECOURT_RELAY": "false"}
-    children = [subprocess.Popen(args, env=http_env) for _ in range(count)]
+    children = [
+        subprocess.Popen([*args, "--port-file", str(path)], env=http_env) for path in worker_files
+    ]
     children.append(subprocess.Popen([sys.executable, "-m", "forecourt.cli", "relay"]))
 
     def forward(signum: int, _frame: object) -> None:
@@ -265,16 +288,33 @@ def _supervise_workers(count: int) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    started_by = time.monotonic() + WORKERS_START_S
+    starting = True
+    failed = False
     while all(child.poll() is None for child in children):
+        if starting and all(path.exists() for path in worker_files):
+            starting = False
+            if port_file is not None:
+                write_port_file(port_file, chosen)
+        elif starting and time.monotonic() > started_by:
+            err.print(f"[red]HQ workers not serving after {WORKERS_START_S:.0f} s[/red]")
+            failed = True
+            break
         time.sleep(0.2)
-    forward(signal.SIGTERM, None)  # one died: stop the rest, let the process manager restart us
+    if port_file is not None:
+        remove_port_file(port_file)
+    # One died (or they never all started): stop the rest, let the process manager restart us.
+    forward(signal.SIGTERM, None)
     deadline = time.monotonic() + 20
     for child in children:
         try:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
-    return max((abs(c.returncode or 0) for c in children), default=0)
+    reserved.close()
+    shutil.rmtree(ready_dir, ignore_errors=True)
+    codes = max((abs(c.returncode or 0) for c in children), default=0)
+    return codes or int(failed)
 
 
 @main.command()
@@ -403,18 +443,28 @@ def credential(station: str, database_url: str | None) -> None:
 @click.option("--hq-url", default=None)
 @click.option("--journal", "journal_path", type=click.Path(path_type=Path), default=None)
 @click.option("--controller-url", default=None, help="The PTS-2 forecourt controller (jsonPTS).")
-@click.option("--port", type=int, default=None, help="Port of the edge's own HTTP API.")
+@click.option(
+    "--port", type=int, default=None, help="Port of the edge's own HTTP API (0: the kernel picks)."
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the port of the edge's API to this file (atomically) once it serves requests.",
+)
 def edge(
     station: str,
     hq_url: str | None,
     journal_path: Path | None,
     controller_url: str | None,
     port: int | None,
+    port_file: Path | None,
 ) -> None:
     """Run one station's edge node (credential from FORECOURT_EDGE_CREDENTIAL)."""
     import uvicorn
 
     from forecourt.edge.node import build_edge_node, jsonpts_factory
+    from forecourt.infra.listener import PortFileServer, listening_socket
     from forecourt.kernel.clock import SimulatedClock, SystemClock
     from forecourt.settings import EdgeSettings
 
@@ -435,7 +485,7 @@ def edge(
 
     async def run() -> None:
         node = build_edge_node(settings, clock, jsonpts_factory(settings))
-        server = uvicorn.Server(
+        server = PortFileServer(
             uvicorn.Config(
                 node.app,
                 host=settings.host,
@@ -443,9 +493,11 @@ def edge(
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
-            )
+            ),
+            port_file,
         )
-        server_task = asyncio.create_task(server.serve())
+        sock = listening_socket(settings.host, settings.port)
+        server_task = asyncio.create_task(server.serve(sockets=[sock]))
         try:
             await node.start()
             await server_task

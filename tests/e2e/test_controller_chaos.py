@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from forecourt.demo import DemoChain, DemoOptions, report
+from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -46,10 +47,21 @@ async def test_controller_restarts_with_counters_reset_lose_no_sale(tmp_path: Pa
         victim = demo.stations[0]
         traffic = asyncio.create_task(demo.run_traffic())
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            await asyncio.sleep(3.5)
+            # In the middle of traffic: this controller life has sold a few first.
+            life_start = victim.edge.controller.stats.journaled
+            await eventually(
+                lambda start=life_start: victim.edge.controller.stats.journaled >= start + 5,
+                interval=0.05,
+                what="five sales in this controller life",
+            )
             journaled = victim.edge.controller.stats.journaled
+            before, address = victim.simulator.process, victim.simulator.base_url
+            assert before is not None
             await demo.restart_controller(victim.code, sig, reset_counters=True)
+            # A new controller process, on the address the edge knows.
             assert victim.simulator.process is not None
+            assert victim.simulator.process.pid != before.pid
+            assert victim.simulator.base_url == address
         await traffic
         result = await _agree(demo)
         assert result["sales_at_dispensers"] >= 30

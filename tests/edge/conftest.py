@@ -4,6 +4,7 @@ simulated PTS-2 controller process per station."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import uvicorn
 
 from forecourt.bootstrap import HeadOffice, build_head_office
-from forecourt.demo import DemoOptions, free_port, simulator_config
+from forecourt.demo import DemoOptions, listening_socket, serve_until_started, simulator_config
 from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
 from forecourt.kernel.clock import SimulatedClock
 from forecourt.network.handlers import (
@@ -28,16 +29,23 @@ SPEED = 120.0
 
 
 class HqServer:
-    """HQ on a fixed port; ``down()`` stops answering HTTP, ``up()`` answers again."""
+    """HQ over HTTP on a port of its own; ``down()`` stops answering, ``up()`` answers again
+    on the same port (a server keeps its address across a restart)."""
 
-    def __init__(self, office: HeadOffice, port: int) -> None:
+    def __init__(self, office: HeadOffice) -> None:
         self.office = office
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        # Bound and listening from here on: the port is never free for another to take.
+        self._socket: socket.socket | None = listening_socket()
+        self.port: int = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def up(self) -> None:
+        # The socket bound at construction for the first start, a new one on the same port
+        # after down() (uvicorn closes the sockets it served on).
+        sock = self._socket or listening_socket(port=self.port)
+        self._socket = None
         config = uvicorn.Config(
             self.office.app,
             host="127.0.0.1",
@@ -47,9 +55,7 @@ class HqServer:
             lifespan="off",
         )
         self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            await asyncio.sleep(0.01)
+        self._task = await serve_until_started(self._server, sock)
 
     async def down(self) -> None:
         if self._server is not None and self._task is not None:
@@ -100,7 +106,7 @@ async def hq(tmp_path: Path, clock: SimulatedClock) -> AsyncIterator[HqServer]:
     )
     await office.start()
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
-    server = HqServer(office, free_port())
+    server = HqServer(office)
     await server.up()
     yield server
     await server.down()

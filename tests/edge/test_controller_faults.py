@@ -37,7 +37,7 @@ async def test_a_controller_restart_with_counters_reset_loses_no_sale(tmp_path: 
         assert [p["device_txn"] for p in payloads] == [1, 2, 3, 1, 2, 3]
         assert [p["device_epoch"] for p in payloads][3:] == [1, 1, 1]
         assert FLAG_EPOCH_CHANGE in payloads[3]["device_flags"]
-        assert rig.controller.stats.epoch_changes >= 1
+        assert rig.controller.stats.epoch_changes == 1  # one restart, one new epoch
         assert {a["name"] for a in rig.controller.alarms.as_json()} & {
             "device_epoch_change",
             "controller_restarted",
@@ -104,7 +104,7 @@ async def test_the_edge_starts_with_the_controller_away_and_recovers_when_it_ans
         await rig.sell(litres=11)
         await rig.poll()
         states = rig.controller.states()
-        assert states[3] in (FpState.ERROR, FpState.OFFLINE)  # the unknown pump only
+        assert states[3] == FpState.ERROR  # the unknown pump only: the controller refuses it
         assert states[2] == FpState.IDLE
         assert "controller_unreachable" not in {a["name"] for a in rig.controller.alarms.as_json()}
         assert len(await rig.journaled()) == 1
@@ -239,7 +239,7 @@ async def test_a_pump_still_showing_the_call_is_not_authorised_twice(tmp_path: P
         await rig.sell(litres=10, number=2)
         assert rig.controller.stats.closed == 2
         assert rig.wire.sent.count("PumpAuthorize") == 2  # one per customer, never two
-        assert rig.controller.stats.refused_moves >= 1
+        assert rig.controller.stats.refused_moves == 1  # one lagging episode, counted once
 
 
 async def test_the_start_totalizer_is_read_from_the_meter_and_a_gap_is_an_alarm(

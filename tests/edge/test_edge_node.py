@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import sqlite3
+from pathlib import Path
 
 import httpx
 
 from forecourt.edge.node import EdgeNode
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
 from tests.edge.conftest import HqServer, Station
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached in time")
+from tests.support import eventually
 
 
 async def hq_count(hq: HqServer) -> int:
@@ -46,15 +39,18 @@ async def device_transactions(station: Station, node: EdgeNode) -> set[tuple[int
         await driver.close()
 
 
-async def stop_customers_and_settle(station: Station, node: EdgeNode) -> None:
+async def stop_customers_and_settle(station: Station) -> None:
+    """No new customers; wait until nobody is left on the forecourt and every pump is idle
+    (every sale closed): with arrivals off that stays so."""
     async with httpx.AsyncClient() as client:
         await client.post(f"{station.sim.base_url}/sim/control", json={"arrivals": False})
-        calm = 0
-        while calm < 4:
+
+        async def forecourt_quiet() -> bool:
             health = (await client.get(f"{station.sim.base_url}/sim/health")).json()
-            idle = all(p == "idle" for p in health["pumps"].values()) and health["queue"] == 0
-            calm = calm + 1 if idle else 0
-            await asyncio.sleep(0.25)
+            pumps_idle = all(p == "idle" for p in health["pumps"].values())
+            return pumps_idle and health["customers"] == 0
+
+        await eventually(forecourt_quiet, 30, interval=0.05, what="the forecourt to go quiet")
 
 
 async def test_the_station_keeps_selling_while_hq_is_down_and_catches_up_exactly_once(
@@ -63,15 +59,15 @@ async def test_the_station_keeps_selling_while_hq_is_down_and_catches_up_exactly
     node = station.node()
     await node.start()
     try:
-        await wait_for(lambda: node.controller.stats.journaled >= 3)
+        await eventually(lambda: node.controller.stats.journaled >= 3)
         await hq.down()
         before = node.controller.stats.journaled
-        await wait_for(lambda: node.controller.stats.journaled >= before + 5)
+        await eventually(lambda: node.controller.stats.journaled >= before + 5)
         pending, _, _ = await node.journal.outbox_usage()
         assert pending > 0  # sales piled up locally while HQ was away
         assert node.sync.stats.failures > 0
         await hq.up()
-        await stop_customers_and_settle(station, node)
+        await stop_customers_and_settle(station)
         assert await node.drain(20)
         journaled, top = await node.journal.sequence_check()
         assert journaled == top  # gap-free
@@ -94,7 +90,7 @@ async def test_an_edge_starts_from_its_persisted_snapshot_when_hq_is_unreachable
     try:
         assert second.snapshots.source == "journal"
         assert second.snapshots.current is not None
-        await wait_for(lambda: second.controller.stats.journaled >= 3)
+        await eventually(lambda: second.controller.stats.journaled >= 3)
         transport = httpx.ASGITransport(app=second.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://edge") as edge_api:
             assert (await edge_api.get("/health")).status_code == 200
@@ -114,35 +110,39 @@ async def test_a_transaction_journaled_but_not_closed_is_not_journaled_again_aft
     # right after the journal commit).
     first = station.node(auto_settle=False)
     await first.start()
-    await wait_for(lambda: first.controller.stats.journaled >= 2)
+    await eventually(lambda: first.controller.stats.journaled >= 2)
     await first.stop()
-    journaled_before, _ = await _sequence(station)
+    first_life = _journal_rows(station.journal)
     second = station.node()
     await second.start()
     try:
         # The held sales of the first life are closed, under the sale ids they already have.
-        await wait_for(lambda: second.controller.stats.closed >= journaled_before)
-        await stop_customers_and_settle(station, second)
+        await eventually(lambda: second.controller.stats.closed >= len(first_life))
+        await stop_customers_and_settle(station)
         assert await second.drain(20)
         journaled, top = await second.journal.sequence_check()
         assert journaled == top
         device = await device_transactions(station, second)
-        assert len(device) == journaled  # every dispensing journaled exactly once
-        assert journaled >= journaled_before
+        rows = _journal_rows(station.journal)
+        assert {(fp, txn) for fp, txn, _, _ in rows.values()} == device  # each one once
+        assert len(device) == journaled
+        # The first life's sales keep their seq and sale id, and are closed now.
+        assert {seq: rows[seq][:3] for seq in first_life} == {
+            seq: row[:3] for seq, row in first_life.items()
+        }
+        assert all(rows[seq][3] for seq in first_life)
         assert await hq_count(hq) == journaled
     finally:
         await second.stop()
 
 
-async def _sequence(station: Station) -> tuple[int, int]:
-    from forecourt.edge.journal import Journal
-
-    journal = Journal(station.journal, station.clock)
-    await journal.open()
-    try:
-        return await journal.sequence_check()
-    finally:
-        await journal.close()
+def _journal_rows(path: Path) -> dict[int, tuple[int, int, str, bool]]:
+    """seq -> (fuelling point, device transaction, sale id, settled) of every journaled sale."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT seq, fuelling_point, device_txn, sale_id, settled_at IS NOT NULL FROM journal"
+        ).fetchall()
+    return {seq: (fp, txn, sale_id, bool(settled)) for seq, fp, txn, sale_id, settled in rows}
 
 
 async def test_the_edge_starts_and_serves_while_its_controller_is_down(
@@ -155,7 +155,7 @@ async def test_the_edge_starts_and_serves_while_its_controller_is_down(
     node = station.node()
     await node.start()  # must not wait for, or fail on, the forecourt
     try:
-        await wait_for(lambda: node.controller.stats.driver_errors >= 1)
+        await eventually(lambda: node.controller.stats.driver_errors >= 1)
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(node.app), base_url="http://edge"
         ) as edge_api:
@@ -166,7 +166,7 @@ async def test_the_edge_starts_and_serves_while_its_controller_is_down(
         assert status["device"]["reachable"] is False
         port = int(url.rsplit(":", 1)[1])
         await asyncio.to_thread(station.sim.start, port=port)  # back on its address
-        await wait_for(lambda: node.controller.stats.journaled >= 1, timeout=30)
+        await eventually(lambda: node.controller.stats.journaled >= 1, timeout=30)
         assert node.controller.reachable
         assert "controller_unreachable" not in {a["name"] for a in node.alarms()}
     finally:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ from forecourt.edge.retention import Archive, ArchiveCorrupt, JournalRetention, 
 from forecourt.edge.sync import HqClient, SyncAgent
 from forecourt.settings import EdgeSettings
 from tests.edge.test_journal import DRAFT
+from tests.support import eventually
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -42,15 +43,6 @@ class ManualClock:
 
     def now(self) -> datetime:
         return self.at
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -385,7 +377,7 @@ async def test_low_free_disk_space_alarms_and_runs_retention_early(
         on_disk_low=retention.request,
     )
     try:
-        await wait_until(lambda: retention.stats.passes == 1)  # its first pass, at start
+        await eventually(lambda: retention.stats.passes == 1)  # its first pass, at start
         assert retention.stats.deleted == 0
         clock.at = T0 + 91 * DAY
         # When free space is below the minimum
@@ -394,7 +386,7 @@ async def test_low_free_disk_space_alarms_and_runs_retention_early(
         # Then it alarms and retention runs without waiting for its interval
         assert watcher.disk_low
         assert [e["log_level"] for e in logs if e["event"] == "edge.disk_space_low"] == ["error"]
-        await wait_until(lambda: retention.stats.passes == 2)
+        await eventually(lambda: retention.stats.passes == 2)
         assert retention.stats.deleted == 3
         assert retention.stats.early_requests == 1
         # And a second check while still low does not ask again
@@ -454,7 +446,7 @@ async def test_the_node_supervises_its_snapshot_refresh_and_reports_every_task(
         # When a refresh fails, then it is a warning, and the loop goes on
         with capture_logs() as logs:
             refresh.start()
-            await wait_until(
+            await eventually(
                 lambda: sum(e["event"] == "edge.snapshot_refresh_failed" for e in logs) >= 2
             )
         assert {e["log_level"] for e in logs if e["event"] == "edge.snapshot_refresh_failed"} == {
@@ -467,7 +459,7 @@ async def test_the_node_supervises_its_snapshot_refresh_and_reports_every_task(
             raise RuntimeError("snapshot store broken")
 
         node.snapshots.refresh = broken  # type: ignore[method-assign]
-        await wait_until(lambda: refresh.restarts >= 2)
+        await eventually(lambda: refresh.restarts >= 2)
         await node.sync.check_budget()
         status = await node.status()
         tasks = status["tasks"]

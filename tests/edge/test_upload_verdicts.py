@@ -3,9 +3,8 @@ error about the whole batch changes none, backs off, raises one alarm and clears
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from forecourt.kernel.clock import SystemClock
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 from forecourt.settings import Settings
 from tests.edge.test_journal import DRAFT
+from tests.support import eventually
 
 DEVICE = "pts-S001"
 
@@ -98,15 +98,6 @@ async def edit_outbox(journal: Journal, seq: int, edit: Callable[[dict[str, Any]
             )
 
     await journal._run(run)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached within the timeout")
-        await asyncio.sleep(0.01)
 
 
 async def hq_sequence(hq: HeadOffice) -> dict[str, Any]:

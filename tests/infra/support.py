@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from forecourt.infra.bus import Bus
@@ -74,15 +73,6 @@ async def platform_db(url: str, *, migrate: bool = True) -> AsyncIterator[Databa
         yield db
     finally:
         await db.dispose()
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached within the timeout")
-        await asyncio.sleep(0.01)
 
 
 def sale_event(n: int = 0, **data: object) -> Envelope:

@@ -4,21 +4,12 @@ bounded, doubling backoff; stopping is a cancellation, never a crash."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 from structlog.testing import capture_logs
 
 from forecourt.infra.background import BackgroundService, SupervisedTask
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
+from tests.support import eventually
 
 
 class Flaky(BackgroundService):
@@ -51,7 +42,7 @@ async def test_a_task_whose_run_raises_is_logged_counted_and_restarted() -> None
         service.start()
         try:
             # When it is left to its supervisor
-            await wait_until(lambda: service.runs == 4 and service.running)
+            await eventually(lambda: service.runs == 4 and service.running)
             # Then every crash was counted, the last error kept, and it runs again
             assert service.restarts == 3
             assert service.last_error == "RuntimeError: boom 3"
@@ -104,12 +95,12 @@ async def test_a_run_that_stays_up_clears_the_alarm_and_starts_the_backoff_afres
     service = Relapsing(crashes=0)
     service.start()
     try:
-        await wait_until(lambda: service.runs == 4 and service.running)
+        await eventually(lambda: service.runs == 4 and service.running)
         # Then the crash after the good run counted as the first in a row again
         assert service.delays_asked == [1, 2, 1]
         assert service.alarm
         # And once the run has stayed up long enough the alarm clears by itself
-        await wait_until(lambda: not service.alarm)
+        await eventually(lambda: not service.alarm)
         assert service.restarts == 3  # the count stays: it is history, not state
     finally:
         await service.stop()
@@ -118,7 +109,7 @@ async def test_a_run_that_stays_up_clears_the_alarm_and_starts_the_backoff_afres
 async def test_stopping_a_running_task_is_not_a_crash() -> None:
     service = Flaky(crashes=0)
     service.start()
-    await wait_until(lambda: service.running)
+    await eventually(lambda: service.running)
     await service.stop()
     assert not service.running
     assert (service.restarts, service.last_error, service.alarm) == (0, None, False)
@@ -129,7 +120,7 @@ async def test_stopping_during_the_restart_backoff_ends_the_task_at_once() -> No
     service = Flaky(crashes=1)
     service.restart_initial_s = service.restart_max_s = 60.0
     service.start()
-    await wait_until(lambda: service.restarts == 1)
+    await eventually(lambda: service.restarts == 1)
     assert not service.running
     # When it is stopped, then it ends without waiting for the backoff
     await asyncio.wait_for(service.stop(), timeout=2.0)
@@ -168,7 +159,7 @@ async def test_a_supervised_coroutine_function_is_restarted_like_a_service() -> 
     task.restart_initial_s = 0.001
     task.start()
     try:
-        await wait_until(lambda: len(calls) == 2 and task.running)
+        await eventually(lambda: len(calls) == 2 and task.running)
         assert task.task_name == "edge-snapshots"
         assert (task.restarts, task.last_error) == (1, "OSError: disk hiccup")
     finally:

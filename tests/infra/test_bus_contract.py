@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import cast
 
 import pytest
 
 from forecourt.infra.bus import Bus, Delivery
 from forecourt.infra.bus.nats import NatsBus, consumer_name
 from forecourt.kernel.events import Envelope, event_type, new_traceparent
-from tests.infra.support import Buses, eventually
+from tests.infra.support import Buses
+from tests.support import eventually
 
 SETTLE = 0.3  # how long "nothing else arrives" is watched for
 
@@ -196,9 +198,7 @@ async def test_a_stopped_subscription_receives_nothing_more(bus: Bus) -> None:
 async def nats_bus(nats_url: str, unique_stream: str) -> AsyncIterator[NatsBus]:
     made = Buses("nats", nats_url, unique_stream)
     try:
-        bus = await made.new()
-        assert isinstance(bus, NatsBus)
-        yield bus
+        yield cast(NatsBus, await made.new())  # the "nats" kind builds a NatsBus
     finally:
         await made.cleanup()
 

@@ -24,8 +24,9 @@ from forecourt.infra.db import (
 )
 from forecourt.infra.inbox import InboxConsumer
 from forecourt.kernel.events import Envelope, trace_id_of
-from tests.infra.support import Buses, eventually
+from tests.infra.support import Buses
 from tests.infra.support import sale_event as event
+from tests.support import eventually
 
 SETTLE = 0.3
 

@@ -6,6 +6,7 @@ The full round trip against the simulator process lives in tests/sim/test_pts_co
 from __future__ import annotations
 
 import base64
+import inspect
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -89,8 +90,21 @@ EOT_DATA = {
 
 
 def test_the_driver_satisfies_the_forecourt_driver_protocol():
-    driver: ForecourtDriver = make_driver(FakeController({}))
-    assert isinstance(driver, JsonPtsDriver)
+    # Every operation the protocol names, as a coroutine with the same parameters: what an
+    # edge node calls through the protocol is what the driver takes.
+    operations = {
+        name: member
+        for name, member in vars(ForecourtDriver).items()
+        if not name.startswith("_") and inspect.isfunction(member)
+    }
+    assert {"open", "pump_status", "authorize", "close_transaction"} <= set(operations)
+    for name, member in operations.items():
+        implementation = getattr(JsonPtsDriver, name, None)
+        assert implementation is not None, name
+        assert inspect.iscoroutinefunction(implementation), name
+        assert inspect.signature(implementation).parameters.keys() == (
+            inspect.signature(member).parameters.keys()
+        ), name
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 from forecourt.kernel.money import Money, Rounding, UnitPrice
 from forecourt.protocols.jsonpts.codec import Packet
@@ -19,7 +16,6 @@ from forecourt.sim.pts_controller import ControllerConfig, SimulatorProcess, Sta
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
 CNY = "CNY"
 SPEED = 200.0  # simulated seconds per wall second, for the real process
-T = TypeVar("T")
 
 
 def config_dict(*, faults: dict[str, Any] | None = None, **customers: Any) -> dict[str, Any]:
@@ -149,19 +145,6 @@ class ManualClock:
 def basic(user: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
-
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[T | None]], timeout_s: float = 10.0, interval_s: float = 0.02
-) -> T:
-    """Polls ``predicate`` until it gives something truthy (returned); fails at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(interval_s)
-    raise AssertionError("condition not met in time")
 
 
 def real_driver(process: SimulatorProcess, **kwargs: Any) -> JsonPtsDriver:

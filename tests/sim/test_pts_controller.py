@@ -7,7 +7,6 @@ on a fast SimulatedClock, driven by the real driver over TCP.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -39,8 +38,8 @@ from tests.sim.support import (
     car,
     config_dict,
     real_driver,
-    wait_for,
 )
+from tests.support import eventually
 
 E = PtsErrorCode
 
@@ -539,6 +538,29 @@ async def test_the_control_endpoint_stops_and_starts_arrivals(app_and_clock):
         assert bad.status_code == 400
 
 
+def test_health_counts_the_customers_on_the_forecourt_even_at_pumps_that_show_idle():
+    forecourt = Forecourt()
+    forecourt.at(0).station.arrive(car(litres="10"))
+    forecourt.station.arrive(car(number=2))  # pump 1 is taken (pump 2 sells 95): it queues
+    health = forecourt.station.health()
+    assert (health["pumps"], health["queue"], health["customers"]) == (
+        {"1": "idle", "2": "idle"},  # the first customer is still walking up
+        1,
+        2,
+    )
+    forecourt.at(10).send("PumpAuthorize", Pump=1, Type="FullTank")
+    ended = forecourt.at(300).status(1)
+    assert forecourt.station.health()["customers"] == 1  # hung up and gone; one still waits
+    forecourt.send("PumpCloseTransaction", Pump=1, Transaction=ended.data["Transaction"])
+    health = forecourt.station.health()
+    # Every pump idle and nobody queued, yet the second customer walks up to pump 1.
+    assert (health["pumps"], health["queue"], health["customers"]) == (
+        {"1": "idle", "2": "idle"},
+        0,
+        1,
+    )
+
+
 async def test_the_driver_walks_a_whole_sale_through_the_simulator(app_and_clock):
     app, clock = app_and_clock
     driver = JsonPtsDriver(
@@ -646,7 +668,7 @@ async def test_the_real_driver_sells_fuel_through_the_simulator_process(simulato
             statuses = await driver.pump_status([1, 2])
             return next((s for s in statuses if s.state is PumpState.CALLING), None)
 
-        calling = await wait_for(a_calling_pump)
+        calling = await eventually(a_calling_pump)
         before = await driver.totals(calling.pump, calling.nozzle)
         preset = Preset(PresetType.VOLUME, volume_ml=5_000)
         confirmed = await driver.authorize(calling.pump, calling.nozzle, preset, 789_000)
@@ -655,7 +677,7 @@ async def test_the_real_driver_sells_fuel_through_the_simulator_process(simulato
             (status,) = await driver.pump_status([calling.pump])
             return status if status.state is PumpState.END_OF_TRANSACTION else None
 
-        ended = await wait_for(finished)
+        ended = await eventually(finished)
         assert ended.volume_ml == 5_000
         assert ended.amount_minor == amount_for(5_000, 789_000).minor
 
@@ -698,8 +720,13 @@ async def test_the_simulator_process_refuses_bad_requests_and_obeys_its_control(
 
         stopped = (await http.post("/sim/control", content=b'{"arrivals": false}')).json()
         assert stopped["arrivals"] is False
-        await asyncio.sleep(0.3)  # a simulated minute
-        later = (await http.get("/sim/health")).json()
+        a_minute_on = datetime.fromisoformat(stopped["sim_time"]) + timedelta(minutes=1)
+
+        async def a_simulated_minute_later():
+            health = (await http.get("/sim/health")).json()
+            return health if datetime.fromisoformat(health["sim_time"]) >= a_minute_on else None
+
+        later = await eventually(a_simulated_minute_later, interval=0.05)
         assert later["stats"].get("arrived", 0) == stopped["stats"].get("arrived", 0)
 
 

@@ -18,7 +18,8 @@ from forecourt.kernel.clock import SimulatedClock
 from forecourt.protocols.jsonpts.codec import loads
 from forecourt.sim.customers import SimConfigError
 from forecourt.sim.pts_controller import SimulatorProcess, StateJournal
-from tests.sim.support import SPEED, T0, Forecourt, config_dict, real_driver, wait_for
+from tests.sim.support import SPEED, T0, Forecourt, config_dict, real_driver
+from tests.support import eventually
 
 REPORT_DAY = {"DateTimeStart": "2026-11-25T00:00:00", "DateTimeEnd": "2026-11-26T23:59:59"}
 
@@ -172,7 +173,7 @@ async def test_a_killed_simulator_comes_back_holding_its_pending_transaction(sim
             statuses = await driver.pump_status([1, 2])
             return next((s for s in statuses if s.state is PumpState.CALLING), None)
 
-        calling = await wait_for(a_calling_pump)
+        calling = await eventually(a_calling_pump)
         pump = calling.pump
         await driver.authorize(
             pump, calling.nozzle, Preset(PresetType.VOLUME, volume_ml=5_000), 789_000
@@ -181,7 +182,7 @@ async def test_a_killed_simulator_comes_back_holding_its_pending_transaction(sim
         async def held():
             return await driver.finished_transaction(pump)
 
-        before = await wait_for(held)
+        before = await eventually(held)
         totals = await driver.totals(pump, calling.nozzle)
     assert process.state_file.parent == process.workdir
     first_pid = process.process.pid if process.process else None

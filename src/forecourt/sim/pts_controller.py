@@ -40,8 +40,11 @@ HTTP endpoints:
   default). Everything is checked before anything changes (HTTP 400 and nothing applied
   otherwise). Replies with the same body as health.
 - ``GET /sim/health`` (no auth) - ``{"status": "ok", "sim_time", "started_at", "uptime_ms",
-  "unique_identifier", "arrivals", "queue", "offline_pumps", "emergency_stopped_pumps",
-  "pumps": {n: phase}, "next_transactions": {n: number}, "faults": {...}, "stats": {...}}``;
+  "unique_identifier", "arrivals", "queue", "customers", "offline_pumps",
+  "emergency_stopped_pumps", "pumps": {n: phase}, "next_transactions": {n: number},
+  "faults": {...}, "stats": {...}}``; ``customers`` counts everyone still on the forecourt
+  (queued, walking up to a pump whose phase still says idle, or at a pump), so with arrivals
+  off, no customers and every pump idle is a forecourt that stays idle;
   ``stats`` counts customers and transactions and the fault counters ``closes_dropped``,
   ``close_replies_lost``, ``double_authorisations``, ``lagged_status_polls``,
   ``emergency_stops``, ``emergency_releases``, ``restored_transactions``.
@@ -1734,6 +1737,7 @@ class Station:
             "unique_identifier": self.config.unique_identifier,
             "arrivals": self.arrivals,
             "queue": len(self.queue),
+            "customers": len(self.queue) + sum(p.customer is not None for p in self.pumps.values()),
             "offline_pumps": sorted(n for n, p in self.pumps.items() if p.offline),
             "emergency_stopped_pumps": sorted(n for n, p in self.pumps.items() if p.emergency),
             "pumps": {str(n): self._phase_name(p) for n, p in sorted(self.pumps.items())},
