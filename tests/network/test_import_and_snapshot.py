@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import yaml
 
 from forecourt.bootstrap import HeadOffice, build_head_office
-from forecourt.infra.db import Database, outbox_table
+from forecourt.infra.db import Database, audit_outbox_table, outbox_table
 from forecourt.network.contracts import StationIdentity, StationSnapshot
 from forecourt.network.domain import NetworkError, PriceScope, UnknownStation
 from forecourt.network.handlers import (
@@ -205,7 +205,7 @@ async def test_importing_the_sample_chain_publishes_revision_one_with_three_stat
     # When the sample chain is imported into an empty head office
     result = await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
     # Then it is revision 1 with its three stations and seven prices
-    assert result == ImportResult(revision=1, stations=3, prices_added=7)
+    assert result == ImportResult(revision=1, stations=3, prices_added=7, changed=True)
     async with office.db.connection() as conn:
         store = NetworkStore(conn)
         assert await store.revision() == 1
@@ -218,21 +218,123 @@ async def test_importing_the_sample_chain_publishes_revision_one_with_three_stat
     assert '"revision":1' in events[0].data
 
 
-async def test_importing_the_same_chain_again_adds_no_prices_and_bumps_the_revision(
+async def outbox_types(db: Database) -> list[str]:
+    async with db.connection() as conn:
+        return list(await conn.scalars(sa.select(outbox_table.c.type).order_by(outbox_table.c.id)))
+
+
+async def audited_actions(db: Database) -> list[str]:
+    async with db.connection() as conn:
+        return list(
+            await conn.scalars(
+                sa.select(audit_outbox_table.c.action).order_by(audit_outbox_table.c.id)
+            )
+        )
+
+
+async def test_importing_the_same_chain_again_changes_nothing_and_keeps_the_revision(
     office: Office,
 ) -> None:
     # Given the sample chain imported once
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
     before = await stored_prices(office.db)
-    # When the same file is imported again
+    # When the same file is imported again (`forecourt import --sample` run twice)
     again = await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
-    # Then no price is added, the originals are kept, and the revision moves on
-    assert again == ImportResult(revision=2, stations=3, prices_added=0)
+    # Then it is answered "unchanged": revision 1 is kept and no price is added
+    assert again == ImportResult(revision=1, stations=3, prices_added=0, changed=False)
     assert await stored_prices(office.db) == before
     async with office.db.connection() as conn:
-        assert await NetworkStore(conn).revision() == 2
+        assert await NetworkStore(conn).revision() == 1
         count = await conn.scalar(sa.select(sa.func.count()).select_from(price_t))
     assert count == 7
+    # And nothing new is announced or audited, so edges keep the snapshot they have
+    assert await outbox_types(office.db) == ["com.forecourt.network.revision.published.v1"]
+    assert await audited_actions(office.db) == ["network.import"]
+    assert (await build_snapshot(office.db, "S001", NOW)).version == 1
+
+
+def reorder_everything(document: dict[str, Any]) -> None:
+    """The same chain written in another order: every list reversed (shift starts aside,
+    whose order is part of the station's definition)."""
+    chain = document["chain"]
+    for key in ("grades", "dispenser_models", "regions", "prices"):
+        chain[key].reverse()
+    for region in chain["regions"]:
+        region["stations"].reverse()
+        for station in region["stations"]:
+            station["tanks"].reverse()
+            station["dispensers"].reverse()
+            for dispenser in station["dispensers"]:
+                dispenser["fuelling_points"].reverse()
+                for fp in dispenser["fuelling_points"]:
+                    fp["nozzles"].reverse()
+
+
+async def test_the_same_chain_written_in_another_order_is_unchanged(office: Office) -> None:
+    await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
+    document = sample_document()
+    reorder_everything(document)
+    again = await import_chain(office.db, parse_chain(document))
+    assert (again.revision, again.changed) == (1, False)
+
+
+def _new_price(document: dict[str, Any]) -> None:
+    document["chain"]["prices"].append(
+        {
+            "grade": "92",
+            "price": "7.40",
+            "station": "S001",
+            "effective_from": "2026-07-01T06:00+08:00",
+        }
+    )
+
+
+def _model_rounding(document: dict[str, Any]) -> None:
+    document["chain"]["dispenser_models"][0]["rounding"] = "half_even"
+
+
+def _nozzle_tank(document: dict[str, Any]) -> None:
+    s001 = station_doc(document, "S001")
+    s001["tanks"].append({"number": 5, "grade": "92", "capacity_l": 10000})
+    s001["dispensers"][0]["fuelling_points"][0]["nozzles"][0]["tank"] = 5
+
+
+def _removed_fuelling_point(document: dict[str, Any]) -> None:
+    station_doc(document, "S002")["dispensers"][3]["fuelling_points"].pop()
+
+
+CHANGES = {
+    "a new price": _new_price,
+    "a renamed chain": lambda d: d["chain"].update(name="Demo Petroleum Ltd"),
+    "a renamed region": lambda d: d["chain"]["regions"][1].update(name="Sichuan"),
+    "a renamed grade": lambda d: d["chain"]["grades"][0].update(name="92 RON"),
+    "a model's rounding": _model_rounding,
+    "a renamed station": lambda d: station_doc(d, "S003").update(name="Chengdu Tianfu Ave"),
+    "a new shift": lambda d: station_doc(d, "S001").update(shift_starts=["00:00", "12:00"]),
+    "a tank's capacity": lambda d: station_doc(d, "S002")["tanks"][0].update(capacity_l=35000),
+    "a nozzle on another tank": _nozzle_tank,
+    "a fuelling point less": _removed_fuelling_point,
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES), ids=list(CHANGES))
+async def test_a_real_change_to_the_chain_publishes_a_new_revision(
+    office: Office, change: str
+) -> None:
+    # Given the sample chain imported once
+    await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
+    # When a file with one change is imported
+    document = sample_document()
+    CHANGES[change](document)
+    changed = await import_chain(office.db, parse_chain(document))
+    # Then it is revision 2, announced and audited
+    assert (changed.revision, changed.changed) == (2, True)
+    assert (await build_snapshot(office.db, "S001", NOW)).version == 2
+    assert (await outbox_types(office.db))[-1] == "com.forecourt.network.revision.published.v1"
+    assert await audited_actions(office.db) == ["network.import", "network.import"]
+    # And importing that changed file again keeps revision 2
+    again = await import_chain(office.db, parse_chain(copy.deepcopy(document)))
+    assert (again.revision, again.changed, again.prices_added) == (2, False, 0)
 
 
 # --- snapshots -----------------------------------------------------------------------------

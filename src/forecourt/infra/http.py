@@ -1,13 +1,21 @@
-"""HTTP plumbing shared by HQ and edge apps: error mapping, trace context, health, metrics."""
+"""HTTP plumbing shared by HQ and edge apps: error mapping, trace context, health, metrics,
+and API docs that work without internet."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from forecourt.infra.logging import get_logger, trace_id_var
@@ -18,28 +26,50 @@ log = get_logger("forecourt.http")
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 
+# Where the Swagger UI and ReDoc assets are served from. They come from the pinned
+# ``fastapi-offline`` package (its ``static`` folder), not from a CDN: an edge node often has
+# no internet, and its docs must still work.
+DOCS_ASSETS_PATH = "/docs-assets"
+_DOCS_ASSETS_PACKAGE = ("fastapi_offline", "static")
+
 
 def install_common(app: FastAPI, registry: CollectorRegistry, ready: ReadyCheck) -> None:
-    """Error mapping (the one place errors become HTTP), traceparent, /health /ready /metrics."""
+    """Error mapping (the one place errors become HTTP), traceparent, /health /ready /metrics,
+    offline /docs and /redoc."""
 
     @app.exception_handler(ForecourtError)
     async def _forecourt_error(_request: Request, exc: ForecourtError) -> JSONResponse:
         return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # Starlette's own errors (no route: 404, wrong method: 405, and any HTTPException a
+    # dependency raises) get the same envelope as ours, never FastAPI's ``{"detail": ...}``.
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code in (204, 304):  # a body is not allowed
+            return Response(status_code=exc.status_code, headers=exc.headers)
         return JSONResponse(
-            status_code=422,
-            content={
-                "error": {
-                    "code": "request.invalid",
-                    "message": "request parameters are invalid",
-                    "details": {"errors": [_clean(e) for e in exc.errors()]},
-                }
-            },
+            status_code=exc.status_code,
+            content={"error": _http_error_body(request, exc)},
+            headers=exc.headers,
         )
 
-    app.add_middleware(TraceContextMiddleware)
+    # A bug still answers in the envelope; Starlette re-raises the exception afterwards, so
+    # the server logs it with its traceback (nothing is swallowed).
+    @app.exception_handler(Exception)
+    async def _unexpected_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            status_code=500,
+            content={"error": {"code": "internal.error", "message": "internal server error"}},
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid_request([_clean(e) for e in exc.errors()])
+
+    _describe_errors_in_openapi(app)
+    app.add_middleware(RefuseNulCharacters)
+    app.add_middleware(TraceContextMiddleware)  # added last: outermost, so every answer has it
+    _install_offline_docs(app)
 
     @app.get("/health", include_in_schema=False)
     async def _health() -> dict[str, str]:
@@ -89,6 +119,166 @@ class TraceContextMiddleware:
             await self.app(scope, receive, send_with_trace)
         finally:
             trace_id_var.reset(token)
+
+
+def _invalid_request(errors: list[object]) -> JSONResponse:
+    return JSONResponse(
+        status_code=422,
+        content={
+            "error": {
+                "code": "request.invalid",
+                "message": "request parameters are invalid",
+                "details": {"errors": errors},
+            }
+        },
+    )
+
+
+class RefuseNulCharacters:
+    """Refuse a NUL character in the path or the query as an invalid request (422).
+
+    PostgreSQL text cannot hold U+0000: a parameter carrying one would reach the database
+    and fail there, a 500. No code, date or id of ours contains it, so it is refused before
+    any route runs, on every app alike."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            errors = _nul_errors(scope["path"], scope.get("query_string", b""))
+            if errors:
+                await _invalid_request(errors)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _nul_errors(path: str, query: bytes) -> list[object]:
+    nul = {"msg": "NUL characters are not allowed", "type": "string_nul"}
+    errors: list[object] = []
+    if "\x00" in path:
+        errors.append({"loc": ["path"], **nul})
+    if b"%00" in query or b"\x00" in query:  # the cheap test first: almost never true
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if "\x00" in name or "\x00" in value:
+                errors.append({"loc": ["query", name.replace("\x00", "")], **nul})
+    return errors
+
+
+def _http_error_body(request: Request, exc: HTTPException) -> dict[str, Any]:
+    try:
+        status = HTTPStatus(exc.status_code)
+        phrase, code = status.phrase, f"request.{status.name.lower()}"
+    except ValueError:
+        phrase, code = f"HTTP {exc.status_code}", f"request.http_{exc.status_code}"
+    path = request.url.path
+    if exc.detail and exc.detail != phrase:
+        message = str(exc.detail)
+    elif exc.status_code == 404:
+        message = f"no route or resource at {path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {path}"
+    else:
+        message = phrase
+    body: dict[str, Any] = {"code": code, "message": message}
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow:
+        body["details"] = {"allowed": [m.strip() for m in allow.split(",") if m.strip()]}
+    return body
+
+
+ERROR_ENVELOPE_SCHEMA: dict[str, Any] = {
+    "title": "ErrorEnvelope",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "examples": ["request.invalid"]},
+                "message": {"type": "string"},
+                "details": {
+                    "type": "object",
+                    "description": "for request.invalid: errors, a list of {loc, msg, type}",
+                },
+            },
+        }
+    },
+}
+
+
+def _describe_errors_in_openapi(app: FastAPI) -> None:
+    """Make the OpenAPI document describe the 422 that is sent (the envelope), not FastAPI's
+    ``HTTPValidationError`` (``{"detail": [...]}``), which no route of ours answers."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()  # FastAPI's, cached until the routes change
+        schemas = schema.get("components", {}).get("schemas", {})
+        if "HTTPValidationError" in schemas:
+            schemas["HTTPValidationError"] = ERROR_ENVELOPE_SCHEMA
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _install_offline_docs(app: FastAPI) -> None:
+    """Serve /docs (Swagger UI) and /redoc from assets packaged with Forecourt.
+
+    FastAPI's own pages load their JavaScript, CSS, favicon and fonts from CDNs. Apps are
+    built with FastAPI's defaults (HQ in ``bootstrap``, the edge in ``edge.node``), so their
+    pages are replaced here, at the same URLs, by ones that reference only this app."""
+    if not app.openapi_url:
+        return
+    openapi_url = app.openapi_url
+    replaced = {url for url in (app.docs_url, app.redoc_url) if url}
+    app.router.routes[:] = [r for r in app.router.routes if not _is_route_at(r, replaced)]
+    app.mount(
+        DOCS_ASSETS_PATH,
+        StaticFiles(packages=[_DOCS_ASSETS_PACKAGE]),
+        name="docs-assets",
+    )
+
+    def assets(request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/") + DOCS_ASSETS_PATH
+
+    if app.docs_url:
+        oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url
+
+        async def swagger_ui(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "").rstrip("/")
+            return get_swagger_ui_html(
+                openapi_url=root + openapi_url,
+                title=f"{app.title} - Swagger UI",
+                swagger_js_url=f"{assets(request)}/swagger-ui-bundle.js",
+                swagger_css_url=f"{assets(request)}/swagger-ui.css",
+                swagger_favicon_url=f"{assets(request)}/favicon.png",
+                oauth2_redirect_url=root + oauth2_redirect_url if oauth2_redirect_url else None,
+                init_oauth=app.swagger_ui_init_oauth,
+                # No online validator badge: it would call validator.swagger.io.
+                swagger_ui_parameters={"validatorUrl": None, **(app.swagger_ui_parameters or {})},
+            )
+
+        app.add_route(app.docs_url, swagger_ui, include_in_schema=False)
+
+    if app.redoc_url:
+
+        async def redoc(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "").rstrip("/")
+            return get_redoc_html(
+                openapi_url=root + openapi_url,
+                title=f"{app.title} - ReDoc",
+                redoc_js_url=f"{assets(request)}/redoc.standalone.js",
+                redoc_favicon_url=f"{assets(request)}/favicon.png",
+                with_google_fonts=False,
+            )
+
+        app.add_route(app.redoc_url, redoc, include_in_schema=False)
+
+
+def _is_route_at(route: BaseRoute, paths: set[str]) -> bool:
+    return isinstance(route, Route) and route.path in paths
 
 
 def _clean(error: object) -> object:

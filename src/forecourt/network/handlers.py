@@ -270,15 +270,29 @@ def load_chain_file(path: Path) -> Chain:
 
 @dataclass(frozen=True)
 class ImportResult:
+    """What an import did: ``changed`` is false when the chain was already stored as it is,
+    and then ``revision`` is the one kept (nothing was written, audited or announced)."""
+
     revision: int
     stations: int
     prices_added: int
+    changed: bool
 
 
 async def import_chain(db: Database, chain: Chain, *, actor: str = "cli") -> ImportResult:
+    """Store the chain and publish it as a new network revision, unless nothing changed."""
     now = db.clock.now()
     async with db.begin() as uow:
         store = NetworkStore(uow.conn)
+        if await store.holds(chain):
+            # A new revision would make every edge fetch and switch to an identical snapshot,
+            # and would tell the audit trail that the network changed when it did not.
+            return ImportResult(
+                revision=await store.revision(),
+                stations=len(chain.stations),
+                prices_added=0,
+                changed=False,
+            )
         added = await store.save_chain(chain, now)
         revision = await store.bump_revision(now)
         await uow.record_audit(
@@ -296,7 +310,9 @@ async def import_chain(db: Database, chain: Chain, *, actor: str = "cli") -> Imp
                 data={"revision": revision, "stations": [s.code for s in chain.stations]},
             )
         )
-    return ImportResult(revision=revision, stations=len(chain.stations), prices_added=added)
+    return ImportResult(
+        revision=revision, stations=len(chain.stations), prices_added=added, changed=True
+    )
 
 
 async def issue_credential(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from datetime import datetime, time
 
 import sqlalchemy as sa
@@ -136,6 +137,82 @@ def _hhmm(value: time) -> str:
     return value.strftime("%H:%M")
 
 
+# The rows a chain is stored as, one builder per table: saving writes them and
+# ``NetworkStore.holds`` compares them, so the two cannot disagree on what a change is.
+
+
+def _chain_row(chain: Chain) -> dict[str, object]:
+    return {"code": chain.code, "name": chain.name, "currency": chain.currency}
+
+
+def _region_rows(chain: Chain) -> list[dict[str, object]]:
+    return [{"code": code, "name": name} for code, name in chain.regions]
+
+
+def _grade_rows(chain: Chain) -> list[dict[str, object]]:
+    return [{"code": g.code, "name": g.name, "kind": g.kind} for g in chain.grades]
+
+
+def _model_rows(chain: Chain) -> list[dict[str, object]]:
+    return [
+        {
+            "code": m.code,
+            "amount_resolution_minor": m.amount_resolution_minor,
+            "rounding": m.rounding.value,
+            "volume_decimals": m.volume_decimals,
+        }
+        for m in chain.dispenser_models
+    ]
+
+
+def _station_rows(st: Station) -> list[tuple[sa.Table, list[dict[str, object]]]]:
+    """A station's rows per table, parents before children (the order to insert them)."""
+    station: dict[str, object] = {
+        "code": st.code,
+        "name": st.name,
+        "region_code": st.region,
+        "timezone": st.timezone,
+        "business_day_cutoff": _hhmm(st.business_day_cutoff),
+        "shift_starts": json.dumps([_hhmm(t) for t in st.shift_starts]),
+    }
+    tanks: list[dict[str, object]] = [
+        {
+            "station_code": st.code,
+            "number": t.number,
+            "grade": t.grade,
+            "capacity_ml": t.capacity_ml,
+        }
+        for t in st.tanks
+    ]
+    dispensers: list[dict[str, object]] = [
+        {"station_code": st.code, "number": d.number, "model": d.model} for d in st.dispensers
+    ]
+    fuelling_points: list[dict[str, object]] = [
+        {"station_code": st.code, "number": fp.number, "dispenser": d.number}
+        for d in st.dispensers
+        for fp in d.fuelling_points
+    ]
+    nozzles: list[dict[str, object]] = [
+        {
+            "station_code": st.code,
+            "fuelling_point": fp.number,
+            "number": n.number,
+            "grade": n.grade,
+            "tank": n.tank,
+        }
+        for d in st.dispensers
+        for fp in d.fuelling_points
+        for n in fp.nozzles
+    ]
+    return [
+        (station_t, [station]),
+        (tank_t, tanks),
+        (dispenser_t, dispensers),
+        (fp_t, fuelling_points),
+        (nozzle_t, nozzles),
+    ]
+
+
 class NetworkStore:
     """Reads and writes of the network tables on one connection."""
 
@@ -158,6 +235,54 @@ class NetworkStore:
         )
         return current + 1
 
+    async def holds(self, chain: Chain) -> bool:
+        """Whether saving ``chain`` would change nothing stored: the same chain, regions,
+        grades, models and equipment of the stations it names, and no price it lacks.
+
+        Compares the very rows :meth:`save_chain` writes, so both agree on what a change is."""
+        chain_row = _chain_row(chain)
+        if not await self._holds_rows(chain_t, [chain_row]):
+            return False
+        for table, rows in (
+            (region_t, _region_rows(chain)),
+            (grade_t, _grade_rows(chain)),
+            (model_t, _model_rows(chain)),
+        ):
+            for row in rows:
+                if not await self._holds_rows(table, [row], table.c.code == row["code"]):
+                    return False
+        for st in chain.stations:
+            for table, rows in _station_rows(st):
+                column = table.c.code if table is station_t else table.c.station_code
+                if not await self._holds_rows(table, rows, column == st.code):
+                    return False
+        for p in chain.prices:
+            if not await self._has_price(p):
+                return False
+        return True
+
+    async def _holds_rows(
+        self, table: sa.Table, rows: list[dict[str, object]], *where: sa.ColumnElement[bool]
+    ) -> bool:
+        """Whether ``table`` (restricted by ``where``) holds exactly ``rows``, in any order."""
+        found = await self.conn.execute(sa.select(table).where(*where))
+        expected = [tuple(row[c.name] for c in table.c) for row in rows]
+        return Counter(tuple(r) for r in found) == Counter(expected)
+
+    async def _has_price(self, p: Price) -> bool:
+        """Prices are append-only: one is known by its grade, scope and ``effective_from``."""
+        count = await self.conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(price_t)
+            .where(
+                price_t.c.grade == p.grade,
+                price_t.c.scope == p.scope.value,
+                price_t.c.scope_code == p.scope_code,
+                price_t.c.effective_from == p.effective_from,
+            )
+        )
+        return bool(count)
+
     async def save_chain(self, chain: Chain, now: datetime) -> int:
         """Upsert the chain's master data; returns how many new prices were added.
 
@@ -166,36 +291,19 @@ class NetworkStore:
         """
         c = self.conn
         await c.execute(chain_t.delete())
-        await c.execute(
-            chain_t.insert().values(code=chain.code, name=chain.name, currency=chain.currency)
-        )
-        for code, name in chain.regions:
-            await self._replace_by_code(region_t, code=code, name=name)
-        for g in chain.grades:
-            await self._replace_by_code(grade_t, code=g.code, name=g.name, kind=g.kind)
-        for m in chain.dispenser_models:
-            await self._replace_by_code(
-                model_t,
-                code=m.code,
-                amount_resolution_minor=m.amount_resolution_minor,
-                rounding=m.rounding.value,
-                volume_decimals=m.volume_decimals,
-            )
+        await c.execute(chain_t.insert().values(**_chain_row(chain)))
+        for table, rows in (
+            (region_t, _region_rows(chain)),
+            (grade_t, _grade_rows(chain)),
+            (model_t, _model_rows(chain)),
+        ):
+            for row in rows:
+                await self._replace_by_code(table, **row)
         for st in chain.stations:
             await self._replace_station(st)
         added = 0
         for p in chain.prices:
-            exists = await c.scalar(
-                sa.select(sa.func.count())
-                .select_from(price_t)
-                .where(
-                    price_t.c.grade == p.grade,
-                    price_t.c.scope == p.scope.value,
-                    price_t.c.scope_code == p.scope_code,
-                    price_t.c.effective_from == p.effective_from,
-                )
-            )
-            if exists:
+            if await self._has_price(p):
                 continue
             await c.execute(
                 price_t.insert().values(
@@ -222,50 +330,9 @@ class NetworkStore:
         for table in (nozzle_t, fp_t, dispenser_t, tank_t, station_t):
             column = table.c.code if table is station_t else table.c.station_code
             await c.execute(table.delete().where(column == st.code))
-        await c.execute(
-            station_t.insert().values(
-                code=st.code,
-                name=st.name,
-                region_code=st.region,
-                timezone=st.timezone,
-                business_day_cutoff=_hhmm(st.business_day_cutoff),
-                shift_starts=json.dumps([_hhmm(t) for t in st.shift_starts]),
-            )
-        )
-        if st.tanks:
-            await c.execute(
-                tank_t.insert(),
-                [
-                    {
-                        "station_code": st.code,
-                        "number": t.number,
-                        "grade": t.grade,
-                        "capacity_ml": t.capacity_ml,
-                    }
-                    for t in st.tanks
-                ],
-            )
-        for d in st.dispensers:
-            await c.execute(
-                dispenser_t.insert().values(station_code=st.code, number=d.number, model=d.model)
-            )
-            for fp in d.fuelling_points:
-                await c.execute(
-                    fp_t.insert().values(station_code=st.code, number=fp.number, dispenser=d.number)
-                )
-                await c.execute(
-                    nozzle_t.insert(),
-                    [
-                        {
-                            "station_code": st.code,
-                            "fuelling_point": fp.number,
-                            "number": n.number,
-                            "grade": n.grade,
-                            "tank": n.tank,
-                        }
-                        for n in fp.nozzles
-                    ],
-                )
+        for table, rows in _station_rows(st):
+            if rows:
+                await c.execute(table.insert(), rows)
 
     async def add_credential(
         self, station_code: str, key_id: str, token: str, now: datetime

@@ -11,7 +11,15 @@ from datetime import date
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+)
 
 from forecourt.kernel.events import event_type
 
@@ -27,6 +35,16 @@ SALE_NATURAL_KEY_COLLISION = event_type("sales", "sale.natural_key_collision")
 BIG = 2**53  # keep every integer exact in JSON consumers too
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: refused here, the one item is answered ``refused``.
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 class SaleV1(BaseModel):
     """One journaled dispensing, as uploaded (schema v1). Unknown fields are refused."""
 
@@ -36,12 +54,12 @@ class SaleV1(BaseModel):
     station_seq: int = Field(ge=1, lt=BIG)
     fuelling_point: int = Field(ge=1, le=999)
     nozzle: int = Field(ge=1, le=99)
-    grade: str = Field(min_length=1, max_length=40)
+    grade: Text = Field(min_length=1, max_length=40)
     volume_ml: int = Field(ge=0, lt=BIG)
     unit_price_mmu: int = Field(ge=0, lt=BIG)
     amount_minor: int = Field(gt=-BIG, lt=BIG)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
-    price_version: str | None = Field(default=None, max_length=64)
+    price_version: Text | None = Field(default=None, max_length=64)
     snapshot_version: int = Field(ge=0, lt=BIG)
     totalizer_start_ml: int = Field(ge=0, lt=BIG)
     totalizer_end_ml: int = Field(ge=0, lt=BIG)
@@ -50,14 +68,14 @@ class SaleV1(BaseModel):
     started_at: AwareDatetime | None = None
     ended_at: AwareDatetime
     business_date: date
-    shift_id: str = Field(min_length=1, max_length=40)
+    shift_id: Text = Field(min_length=1, max_length=40)
     schema_version: Literal[1] = 1
 
 
 # v2 device fields: flag names as in edge.drivers (e.g. ``inexact_device_value``).
 DeviceFlag = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,40}$")]
-RawKey = Annotated[str, Field(min_length=1, max_length=40)]
-RawText = Annotated[str, Field(max_length=64)]
+RawKey = Annotated[Text, Field(min_length=1, max_length=40)]
+RawText = Annotated[Text, Field(max_length=64)]
 
 
 class SaleV2(BaseModel):
@@ -73,12 +91,12 @@ class SaleV2(BaseModel):
     station_seq: int = Field(ge=1, lt=BIG)
     fuelling_point: int = Field(ge=1, le=999)
     nozzle: int = Field(ge=1, le=99)
-    grade: str = Field(min_length=1, max_length=40)
+    grade: Text = Field(min_length=1, max_length=40)
     volume_ml: int = Field(ge=0, lt=BIG)
     unit_price_mmu: int = Field(ge=0, lt=BIG)
     amount_minor: int = Field(gt=-BIG, lt=BIG)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
-    price_version: str | None = Field(default=None, max_length=64)
+    price_version: Text | None = Field(default=None, max_length=64)
     snapshot_version: int = Field(ge=0, lt=BIG)
     # None: the device did not report it (never a guess; see edge.drivers).
     totalizer_start_ml: int | None = Field(default=None, ge=0, lt=BIG)
@@ -88,8 +106,8 @@ class SaleV2(BaseModel):
     started_at: AwareDatetime | None = None
     ended_at: AwareDatetime
     business_date: date
-    shift_id: str = Field(min_length=1, max_length=40)
-    device_id: str = Field(min_length=1, max_length=64)  # the controller's identity
+    shift_id: Text = Field(min_length=1, max_length=40)
+    device_id: Text = Field(min_length=1, max_length=64)  # the controller's identity
     # Bumped by the edge when the controller's transaction numbering starts again.
     device_epoch: int = Field(ge=0, lt=BIG)
     device_flags: list[DeviceFlag] = Field(default_factory=list, max_length=16)
