@@ -175,9 +175,7 @@ async def test_an_item_with_a_readable_id_is_refused_under_that_id(hq: Hq) -> No
 
 
 @pytest.mark.parametrize("field", ["shift_id", "grade", "device_id", "price_version"])
-async def test_a_nul_character_in_a_text_field_refuses_that_item_only(
-    hq: Hq, field: str
-) -> None:
+async def test_a_nul_character_in_a_text_field_refuses_that_item_only(hq: Hq, field: str) -> None:
     """PostgreSQL text cannot hold NUL: once it answered 500 for the whole batch, which the
     edge would have re-sent for ever."""
     bad = make_sale_v2(**{field: "S\x001"})
