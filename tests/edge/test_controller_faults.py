@@ -8,6 +8,7 @@ ReportGetPumpTransactions; PumpCloseTransaction {Pump, Transaction}).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,25 @@ async def test_the_start_totalizer_is_read_from_the_meter_and_a_gap_is_an_alarm(
         assert FLAG_TOTALIZER_GAP not in first["device_flags"]
         assert rig.controller.stats.totalizer_gaps == 1
         assert "totalizer_gap" in {a["name"] for a in rig.controller.alarms.as_json()}
+
+
+async def test_an_authorisation_nothing_is_dispensed_on_is_released_in_time(
+    tmp_path: Path,
+) -> None:
+    """A pump authorised for a customer who drove off stays reserved for nobody (and a demo
+    never finishes draining): the edge releases it after the authorisation timeout."""
+    async with Rig(tmp_path, authorisation_timeout=timedelta(minutes=2)) as rig:
+        rig.station.handle_items(
+            [{"Id": 1, "Type": "PumpAuthorize", "Data": {"Pump": 2, "Type": "FullTank"}}],
+            rig.clock.now(),
+        )
+        await rig.poll(seconds=1.0)
+        assert rig.controller.states()[2] == FpState.AUTHORISED
+        await rig.poll(100, seconds=1.0)  # 100 s: not yet
+        assert rig.controller.stats.authorisations_cancelled == 0
+        await rig.poll(25, seconds=1.0)
+        assert rig.controller.stats.authorisations_cancelled == 1
+        assert rig.controller.states()[2] == FpState.IDLE
+        assert rig.station.pumps[2].auth is None
+        await rig.sell(pump_grade=95, litres=10)  # and it sells again
+        assert len(await rig.journaled()) == 1

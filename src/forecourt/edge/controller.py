@@ -33,7 +33,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from forecourt.edge.alarms import AlarmBoard
 from forecourt.edge.domain import FpState, FuellingPointMachine, Refusal
@@ -76,6 +76,7 @@ class ControllerStats:
     driver_errors: int = 0
     pump_errors: int = 0  # status polls a pump answered with an error or an unreadable packet
     no_price: int = 0
+    authorisations_cancelled: int = 0  # authorised, nothing dispensed in time: released
     refused_moves: int = 0
     epoch_changes: int = 0
     totalizer_gaps: int = 0
@@ -115,6 +116,7 @@ class ForecourtController(BackgroundService):
         close_backoff_initial_s: float = 0.2,
         close_backoff_max_s: float = 10.0,
         authorise_grace_s: float = 5.0,
+        authorisation_timeout: timedelta = timedelta(minutes=2),
         report_lookback: timedelta = timedelta(days=1),
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -131,10 +133,13 @@ class ForecourtController(BackgroundService):
         self.close_backoff_initial_s = close_backoff_initial_s
         self.close_backoff_max_s = close_backoff_max_s
         self.authorise_grace_s = authorise_grace_s
+        self.authorisation_timeout = authorisation_timeout
+        self._authorised_when: dict[int, datetime] = {}  # pump → our authorisation (clock)
         self.report_lookback = report_lookback
         self.monotonic = monotonic
         self.machines: dict[int, FuellingPointMachine] = {}
         self.identity: DeviceIdentity | None = None
+        self._last_identity: DeviceIdentity | None = None  # kept while the device is away
         self.epoch = 0
         self.reachable = False
         self._authorised_price: dict[int, tuple[str, int]] = {}
@@ -199,11 +204,12 @@ class ForecourtController(BackgroundService):
         except DriverUnavailable as exc:
             self._unreachable(exc)
             return False
-        previous = self.identity
+        previous = self._last_identity
         epoch, restarted = await self.journal.observe_device(
             identity.device_id, identity.boot_marker
         )
         self.identity, self.epoch = identity, epoch
+        self._last_identity = identity
         if previous is not None and previous.device_id != identity.device_id:
             self.stats.epoch_changes += 1
             self.alarms.raise_(
@@ -322,8 +328,12 @@ class ForecourtController(BackgroundService):
             # The pump no longer holds the sale we journaled: our close was applied though its
             # answer was lost, or another terminal closed it.
             await self._settled(held, "device")
+        if status.state is not PumpState.AUTHORISED:
+            self._authorised_when.pop(pump, None)
         if status.state is PumpState.END_OF_TRANSACTION:
             await self._on_finished(status)
+        elif status.state is PumpState.AUTHORISED:
+            await self._expire_authorisation(pump)
         elif (
             status.state is PumpState.CALLING
             and self.auto_authorise
@@ -451,6 +461,7 @@ class ForecourtController(BackgroundService):
             pump, nozzle, Preset(), price.milli_minor_per_litre
         )
         self._authorised_price[pump] = (price.price_id, price.milli_minor_per_litre)
+        self._authorised_when[pump] = self.clock.now()
         self.stats.authorisations += 1
         self.machine(pump).authorised(self.monotonic())
         await self.journal.record_audit(
@@ -464,6 +475,29 @@ class ForecourtController(BackgroundService):
                 "price_version": price.price_id,
                 "device_txn": transaction,
             },
+        )
+
+    async def _expire_authorisation(self, pump: int) -> None:
+        """An authorisation nothing was dispensed on (the customer drove off before it came)
+        is released, so the pump does not stay reserved for nobody."""
+        since = self._authorised_when.setdefault(pump, self.clock.now())
+        if self.clock.now() - since < self.authorisation_timeout:
+            return
+        await self.driver.stop(pump)
+        self._authorised_when.pop(pump, None)
+        self._authorised_price.pop(pump, None)
+        self._start_totals.pop(pump, None)
+        self.stats.authorisations_cancelled += 1
+        log.warning(
+            "edge.authorisation_expired",
+            pump=pump,
+            after_s=self.authorisation_timeout.total_seconds(),
+        )
+        await self.journal.record_audit(
+            actor=self.actor,
+            action="pump.authorisation_cancelled",
+            target=f"fp:{pump}",
+            details={"reason": "nothing dispensed in time"},
         )
 
     # --- journaling ----------------------------------------------------------------------

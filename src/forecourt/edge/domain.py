@@ -160,8 +160,9 @@ class FuellingPointMachine:
         """Map a device report onto the machine; returns the new state or the refusal.
 
         CLOSED is ours (the device only says idle or end-of-transaction), so while we are
-        CLOSED an end-of-transaction report of the already-closed sale keeps us CLOSED (the
-        controller tells a *new* finished sale apart and moves us itself).
+        CLOSED an end-of-transaction report keeps us CLOSED: whether it is the closed sale or a
+        new one is the controller's business (it journals whatever the device holds), not the
+        model's.
         FINISHED_UNPAID is left only by closing, never by the device repeating itself; seen
         idle or calling, the sale was closed behind our back (or by our lost-answer close): we
         pass through CLOSED.

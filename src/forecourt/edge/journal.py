@@ -287,14 +287,16 @@ class Journal:
             epoch_changed = False
             flags = set(draft.device_flags)
             if draft.device_txn is not None:
+                # Any device: the contents name the dispensing even when the controller was
+                # once named differently (an unreadable identifier, a swap of the PTS board).
                 same_number = conn.execute(
                     sa.select(
                         device_txn_t.c.sale_id,
+                        device_txn_t.c.device_id,
                         device_txn_t.c.epoch,
                         device_txn_t.c.fingerprint,
                         device_txn_t.c.closed_at,
                     ).where(
-                        device_txn_t.c.device_id == draft.device_id,
                         device_txn_t.c.fuelling_point == draft.fuelling_point,
                         device_txn_t.c.device_txn == draft.device_txn,
                     )
@@ -311,7 +313,10 @@ class Journal:
                             epoch=known.epoch,
                             settled=known.closed_at is not None,
                         )
-                if any(known.epoch == epoch for known in same_number):
+                if any(
+                    known.epoch == epoch and known.device_id == draft.device_id
+                    for known in same_number
+                ):
                     # Same number, other contents, same epoch: the device's numbering started
                     # again (a restart with counters reset, a swap, a wrap). A new epoch begins.
                     epoch = self._bump_epoch(
@@ -534,7 +539,8 @@ class Journal:
             return NozzleReading(row.sale_id, int(row.totalizer_end_ml)) if row else None
 
     async def known(self, draft: SaleDraft) -> Journaled | None:
-        """The journaled sale this draft re-reads, if any (same device, number and contents)."""
+        """The journaled sale this draft re-reads, if any (same fuelling point, number and
+        contents, whichever name the controller had then)."""
         return await self._run(self._known, draft)
 
     def _known(self, draft: SaleDraft) -> Journaled | None:
@@ -550,7 +556,6 @@ class Journal:
                 )
                 .join(journal_t, journal_t.c.sale_id == device_txn_t.c.sale_id)
                 .where(
-                    device_txn_t.c.device_id == draft.device_id,
                     device_txn_t.c.fuelling_point == draft.fuelling_point,
                     device_txn_t.c.device_txn == draft.device_txn,
                     device_txn_t.c.fingerprint == draft.fingerprint(),

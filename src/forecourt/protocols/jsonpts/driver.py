@@ -188,6 +188,7 @@ class JsonPtsDriver:
         if boot_marker_resolution_s < 1:
             raise InvalidValue("boot_marker_resolution_s must be positive")
         self.base_url = base_url.rstrip("/")
+        self._known_id: str | None = None  # the controller's own identifier, once read
         self.configured_format = NumberFormat(
             volume_decimals, amount_decimals, price_decimals, currency
         )
@@ -345,9 +346,15 @@ class JsonPtsDriver:
         except DeviceRejected as exc:
             # A controller that refuses the whole POST (HTTP 4xx) does not know these requests.
             logger.warning("controller refused the identity requests: %s", exc.message)
-            return DeviceIdentity(device_id=self.base_url)
+            return DeviceIdentity(device_id=self._known_id or self.base_url)
         by_type = dict(zip(_IDENTITY_REQUESTS, replies, strict=True))
-        device_id = self._unique_identifier(by_type["GetUniqueIdentifier"]) or self.base_url
+        device_id = self._unique_identifier(by_type["GetUniqueIdentifier"])
+        if device_id is None:
+            # One unreadable answer does not make the controller another device: keep the
+            # identifier it gave before (the URL only for one that never gave any).
+            device_id = self._known_id or self.base_url
+        else:
+            self._known_id = device_id
         firmware = self._firmware(by_type["GetFirmwareInformation"])
         boot = self._boot_marker(by_type["GetSystemOperationInformation"], by_type["GetDateTime"])
         self._adopt_decimals(by_type["GetSystemDecimalDigits"])
