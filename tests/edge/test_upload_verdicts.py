@@ -323,6 +323,7 @@ async def test_the_running_agent_waits_out_a_rejected_credential_and_then_drains
 
             await eventually(drained)
         assert agent.upload_alarm is None
+        assert agent.stats.last_error is None  # recovered: no stale error on the status API
         assert len([e for e in logs if e["event"] == "edge.upload_alarm"]) == 1
         assert agent.stats.uploaded == 3
     finally:
@@ -350,5 +351,28 @@ async def test_an_answer_that_does_not_match_the_batch_changes_no_item(
         assert await agent.upload_once() == 0
         assert agent.upload_alarm == "HQ answer unreadable"
         assert await outbox_state(journal) == before
+    finally:
+        await client.close()
+
+
+async def test_a_rejected_credential_on_the_snapshot_says_so_and_clears(
+    office: tuple[HeadOffice, dict[str, str]], journal: Journal
+) -> None:
+    """Not the HTTP library's generic text with a link to a web page: what is wrong, and
+    what to do."""
+    from forecourt.edge.sync import SnapshotKeeper
+
+    hq, tokens = office
+    client = client_for(hq.app, "revoked-credential")
+    keeper = SnapshotKeeper(journal, client)
+    try:
+        assert await keeper.refresh() is False
+        assert keeper.last_error is not None
+        assert keeper.last_error.startswith("credential rejected by HQ (HTTP 401)")
+        assert "FORECOURT_EDGE_CREDENTIAL" in keeper.last_error
+        assert "http" not in keeper.last_error.lower().replace("http 401", "")
+        _set_token(client, tokens["S001"])
+        assert await keeper.refresh() is True
+        assert keeper.last_error is None
     finally:
         await client.close()

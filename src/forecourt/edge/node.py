@@ -151,6 +151,8 @@ class EdgeNode:
         """Every active alarm of this edge, one list: forecourt, uploads, storage, tasks."""
         found = list(self.controller.alarms.as_json())
         sync = self.sync
+        if self.snapshots.last_error and "credential rejected" in self.snapshots.last_error:
+            found.append({"name": "credential", "message": self.snapshots.last_error})
         if sync.upload_alarm:
             found.append({"name": "upload", "message": sync.upload_alarm})
         if sync.alarm_level:

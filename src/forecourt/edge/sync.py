@@ -102,9 +102,20 @@ class SnapshotKeeper:
     async def refresh(self) -> bool:
         try:
             snapshot, body = await self.hq.snapshot()
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                self.last_error = (
+                    f"credential rejected by HQ (HTTP {status}): check FORECOURT_EDGE_CREDENTIAL "
+                    "(forecourt credential STATION issues a new one)"
+                )
+            else:
+                self.last_error = f"HQ answered HTTP {status} for the snapshot"
+            return False
         except (httpx.HTTPError, ValueError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return False
+        self.last_error = None
         await self.journal.save_snapshot(snapshot.version, body)
         known = self.current.version if self.current is not None else 0
         if snapshot.version >= known:  # never step back to an older network revision
@@ -276,6 +287,7 @@ class SyncAgent(BackgroundService):
         else:
             self._attempt = 0
             self._set_alarm(None)
+            self.stats.last_error = None  # recovered: the status shows no stale error
         return len(verdicts) - len(unknown)
 
     async def _refused(self, item: PendingUpload, errors: object) -> None:
