@@ -251,6 +251,7 @@ class DemoChain:
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         self.stations: list[StationRun] = []
+        self.price_change: Price | None = None  # the scheduled rise, when there is one
 
     def _clear_workdir(self) -> None:
         """``--reset`` resets everything the demo owns; without it, an earlier run's journals
@@ -381,6 +382,7 @@ class DemoChain:
             effective_from=half.replace(microsecond=0),
             price_id=f"demo-{half.timestamp():.0f}",
         )
+        self.price_change = extra
         return dataclasses.replace(chain, prices=(*chain.prices, extra))
 
     async def run_traffic(self, on_tick: Callable[[float], None] | None = None) -> None:
@@ -566,10 +568,24 @@ async def run_demo(
     demo = DemoChain(opts)
     try:
         await demo.start()
+        rise = demo.price_change
+        if progress is not None:
+            progress(f"HQ listening on {demo.hq_url} (API docs: {demo.hq_url}/docs)")
+            if rise is not None:
+                progress(
+                    f"scheduled: {rise.grade}# rises to "
+                    f"{UnitPrice(rise.milli_minor_per_litre, rise.currency).to_decimal()} "
+                    f"{rise.currency}/L at sim {rise.effective_from.astimezone().strftime('%H:%M')}"
+                )
+        announced = False
 
         def tick(elapsed: float) -> None:
+            nonlocal announced
             if progress is None:
                 return
+            if rise is not None and not announced and demo.clock.now() >= rise.effective_from:
+                announced = True
+                progress(f"{rise.grade}# price rise now in force (price {rise.price_id})")
             journaled = sum(st.edge.controller.stats.journaled for st in demo.stations)
             uploaded = sum(st.edge.sync.stats.uploaded for st in demo.stations)
             progress(

@@ -135,3 +135,18 @@ async def test_the_demo_chain_agrees_on_postgresql_and_nats(
         assert await demo.hq.relay.backlog() == 0  # every event reached JetStream
     finally:
         await demo.stop()
+
+
+async def test_the_demo_tells_where_hq_listens_and_when_the_price_rises(tmp_path: Path) -> None:
+    from forecourt.demo import run_demo
+
+    lines: list[str] = []
+    result = await run_demo(
+        DemoOptions(duration_s=3, stations=1, workdir=tmp_path, speed=2400), lines.append
+    )
+    assert result["agree"] is True
+    (hq_line,) = [line for line in lines if line.startswith("HQ listening on http://127.0.0.1:")]
+    assert hq_line.endswith("/docs)")
+    (scheduled,) = [line for line in lines if line.startswith("scheduled: 92# rises to ")]
+    assert "CNY/L at sim " in scheduled
+    assert any(line.startswith("92# price rise now in force") for line in lines)
