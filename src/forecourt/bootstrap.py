@@ -1,7 +1,8 @@
 """The composition root: the one place that wires contexts, infrastructure and HTTP apps.
 
 Nothing connects at import time; :meth:`HeadOffice.start` connects, migrates and starts the
-relay; :meth:`HeadOffice.stop` undoes it.
+relay; :meth:`HeadOffice.stop` undoes it. A database or bus that does not answer at start is
+raised as :class:`ServiceUnavailable`, naming which one and where.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
+import sqlalchemy as sa
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -21,10 +24,49 @@ from forecourt.infra.http import install_common
 from forecourt.infra.migrate import upgrade
 from forecourt.infra.relay import OutboxRelay
 from forecourt.kernel.clock import Clock, SimulatedClock
+from forecourt.kernel.errors import ForecourtError
 from forecourt.network import api as network_api
 from forecourt.network.handlers import DbStationDirectory
 from forecourt.sales import api as sales_api
 from forecourt.settings import Settings
+
+
+class ServiceUnavailable(ForecourtError):
+    """The database or the bus did not answer when a process started.
+
+    ``service`` says which, ``url`` where (as configured); the cause is chained. The CLI turns
+    it into one line with a hint (``createdb …``, ``nats-server -js``).
+    """
+
+    code = "platform.service_unavailable"
+    http_status = 503
+
+    def __init__(self, service: Literal["database", "bus"], url: str, cause: BaseException):
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"{service} unavailable: {reason}", service=service)
+        self.service = service
+        self.url = url
+        self.cause = cause
+
+
+async def open_database(db: Database) -> None:
+    """Connect and make one round trip, so that a missing database, a refused login or a
+    server that is down shows here (as :class:`ServiceUnavailable`), not in a migration."""
+    try:
+        await db.connect()
+        async with db.connection() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        await db.dispose()
+        raise ServiceUnavailable("database", db.url, exc) from exc
+
+
+async def open_bus(bus: Bus, url: str) -> None:
+    """Connect the bus (NATS: and check the JetStream stream), or :class:`ServiceUnavailable`."""
+    try:
+        await bus.connect()
+    except Exception as exc:
+        raise ServiceUnavailable("bus", url, exc) from exc
 
 
 @dataclass
@@ -39,10 +81,10 @@ class HeadOffice:
     bus_ready: bool = False
 
     async def start(self, *, migrate: bool = True, relay: bool | None = None) -> None:
-        await self.db.connect()
+        await open_database(self.db)
         if migrate:
             await upgrade(self.db)
-        await self.bus.connect()
+        await open_bus(self.bus, self.settings.bus_url)
         self.bus_ready = True
         if self.settings.relay if relay is None else relay:
             self.relay.start()

@@ -2,28 +2,79 @@
 
 The TOML file is ``forecourt.toml`` in the working directory or the path in
 ``FORECOURT_CONFIG``; environment variables win over the file. HQ settings live at the top
-level of the file, edge settings under ``[edge]``.
+level of the file, edge settings under ``[edge]``. :func:`load_settings` turns any problem
+(a missing or invalid value, an unreadable file) into one :class:`SettingsInvalid` that names
+the setting, where its value came from and what to do.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError
+
+from forecourt.kernel.errors import ForecourtError
 
 KNOWN_SERVICES = ("network", "sales")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "sqlite", "sqlite+aiosqlite")
+BUS_SCHEMES = ("memory", "nats")
+CONFIG_ENV = "FORECOURT_CONFIG"
+
+
+class SettingsInvalid(ForecourtError):
+    """A setting is missing or unusable, or the settings file cannot be read.
+
+    ``setting`` names it as an operator writes it (``FORECOURT_EDGE_CREDENTIAL``,
+    ``--port``, ``forecourt.toml [edge] port``); ``message`` is one line with a hint.
+    """
+
+    code = "settings.invalid"
+
+    def __init__(self, message: str, *, setting: str) -> None:
+        super().__init__(message, setting=setting)
+        self.setting = setting
 
 
 def _config_file() -> Path:
-    return Path(os.environ.get("FORECOURT_CONFIG", "forecourt.toml"))
+    named = os.environ.get(CONFIG_ENV)
+    if named is not None and not Path(named).is_file():
+        # An explicit file that is not there is a mistake, not a wish for the defaults.
+        raise SettingsInvalid(
+            f"{CONFIG_ENV} names {named}, which is not a readable file — fix the path or "
+            f"unset {CONFIG_ENV} (then ./forecourt.toml is read, if present)",
+            setting=CONFIG_ENV,
+        )
+    return Path(named or "forecourt.toml")
+
+
+def _list_of_text(value: Any) -> Any:
+    """A list from the environment: comma-separated (``network,sales``) or JSON
+    (``["network", "sales"]``); TOML and Python give lists already."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
 class _TomlSettings(BaseSettings):
@@ -56,8 +107,9 @@ class Settings(_TomlSettings):
     database_url: str = "sqlite+aiosqlite:///var/forecourt-hq.db"
     bus_url: str = "memory://"
     host: str = "127.0.0.1"
-    port: int = 8400
-    services: list[str] = Field(default_factory=lambda: list(KNOWN_SERVICES))
+    port: int = Field(default=8400, ge=0, le=65535)
+    # NoDecode: the environment gives "network,sales" (what --services takes), not JSON.
+    services: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(KNOWN_SERVICES))
     log_level: str = "INFO"
     log_json: bool = True
     relay: bool = True  # run the outbox relay in this process (off in HTTP-only workers)
@@ -67,18 +119,45 @@ class Settings(_TomlSettings):
     relay_lanes: int = 2  # PostgreSQL: claim–publish–delete loops side by side
     nats_stream: str = "FORECOURT"
     nats_subject_prefix: str | None = None  # e.g. per environment sharing one NATS server
-    workers: int = 1  # HTTP worker processes (PostgreSQL only when more than one)
+    workers: int = Field(default=1, ge=1, le=64)  # HTTP processes (PostgreSQL when more than 1)
     ingest_concurrency: int = 2  # uploads processed at once per process (first come first served)
 
     @field_validator("services", mode="before")
     @classmethod
     def _split_services(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [s.strip() for s in value.split(",") if s.strip()]
+        value = _list_of_text(value)
+        if not isinstance(value, list):
+            return value  # pydantic says what is wrong with it
+        if not value:
+            raise ValueError(f"name at least one service of: {', '.join(KNOWN_SERVICES)}")
         unknown = sorted(set(value) - set(KNOWN_SERVICES))
         if unknown:
-            raise ValueError(f"unknown services {unknown}; known: {', '.join(KNOWN_SERVICES)}")
+            raise ValueError(
+                f"unknown service {', '.join(unknown)}; known: {', '.join(KNOWN_SERVICES)}"
+            )
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if _scheme(value) not in DATABASE_SCHEMES:
+            raise ValueError(
+                "not a database URL Forecourt can use "
+                "(postgresql://user@host/db or sqlite:///path/file.db)"
+            )
+        return value
+
+    @field_validator("bus_url")
+    @classmethod
+    def _known_bus(cls, value: str) -> str:
+        if _scheme(value) not in BUS_SCHEMES:
+            raise ValueError("not a bus URL (memory:// or nats://host:4222)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        return _log_level(value)
 
 
 class EdgeSettings(_TomlSettings):
@@ -99,14 +178,16 @@ class EdgeSettings(_TomlSettings):
     controller_price_decimals: int = 2
     controller_auth: Literal["auto", "basic", "digest"] = "auto"  # the device offers either
     host: str = "127.0.0.1"
-    port: int = 8401
+    port: int = Field(default=8401, ge=0, le=65535)
     poll_interval_s: float = 0.1
     snapshot_refresh_s: float = 30.0
     sync_batch_size: int = 200
     sync_backoff_initial_s: float = 0.2
     sync_backoff_max_s: float = 30.0
     outbox_budget_bytes: int = 512 * 1024 * 1024
-    outbox_alarm_ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8])
+    outbox_alarm_ratios: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.5, 0.8]
+    )
     # Journal on disk (main file + WAL) alarms at outbox_alarm_ratios of this; None: the
     # outbox budget. Free space below min_free_disk_bytes alarms and runs retention early.
     journal_budget_bytes: int | None = Field(default=None, ge=0)
@@ -127,3 +208,145 @@ class EdgeSettings(_TomlSettings):
         if len(value.get_secret_value()) < 16 or value.get_secret_value() in {"changeme"}:
             raise ValueError("the station credential must be a real secret (16+ characters)")
         return value
+
+    @field_validator("outbox_alarm_ratios", mode="before")
+    @classmethod
+    def _split_ratios(cls, value: Any) -> Any:
+        return _list_of_text(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        return _log_level(value)
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"not a log level ({', '.join(LOG_LEVELS)})")
+    return value.upper()
+
+
+# --- loading, and saying what is wrong ------------------------------------------------------
+
+SettingsT = TypeVar("SettingsT", bound=_TomlSettings)
+
+_SETTINGS_CLASSES: dict[str, type[_TomlSettings]] = {
+    "Settings": Settings,
+    "EdgeSettings": EdgeSettings,
+}
+
+
+def load_settings(
+    cls: type[SettingsT], *, options: Mapping[str, str] | None = None, **overrides: Any
+) -> SettingsT:
+    """``cls(**overrides)`` (overrides win over the environment and the file), any problem
+    raised as one :class:`SettingsInvalid`.
+
+    ``options`` maps a field to the command-line option that set it (``{"port": "--port"}``),
+    so that the message names what the operator typed.
+    """
+    try:
+        return cls(**overrides)
+    except SettingsInvalid:
+        raise
+    except (ValidationError, SettingsError, tomllib.TOMLDecodeError, OSError) as exc:
+        raise settings_problem(exc, cls, overrides, options) from exc
+
+
+def settings_problem(
+    exc: BaseException,
+    cls: type[_TomlSettings] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    options: Mapping[str, str] | None = None,
+) -> SettingsInvalid:
+    """Describe a failure to build settings in one line (see :func:`load_settings`)."""
+    if isinstance(exc, SettingsInvalid):
+        return exc
+    if isinstance(exc, tomllib.TOMLDecodeError | OSError):
+        path = os.environ.get(CONFIG_ENV) or "forecourt.toml"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return SettingsInvalid(
+            f"cannot read the settings file {path}: {reason} — fix it, or point "
+            f"{CONFIG_ENV} at another file",
+            setting=path,
+        )
+    if isinstance(exc, ValidationError):
+        cls = cls or _SETTINGS_CLASSES.get(exc.title)
+    if cls is None:
+        return SettingsInvalid(f"invalid settings: {exc}", setting="settings")
+    overrides = overrides or {}
+    if isinstance(exc, SettingsError):
+        # Raised when the environment holds text that cannot be decoded for a field.
+        found = re.search(r'field "([^"]+)"', str(exc))
+        field = found.group(1) if found else "?"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        where = _where(cls, field, overrides, options)
+        return SettingsInvalid(f"setting {field} ({where}) cannot be read{cause}", setting=where)
+    if not isinstance(exc, ValidationError):
+        return SettingsInvalid(f"invalid settings: {exc}", setting="settings")
+    errors = exc.errors()
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"]) or "?"
+    where = _where(cls, str(first["loc"][0]) if first["loc"] else field, overrides, options)
+    if first["type"] == "missing":
+        problem = "is not set"
+    else:
+        reason = str(first["msg"]).removeprefix("Value error, ")
+        shown = "" if _is_secret(cls, field) else _shown(first.get("input"))
+        problem = f"is invalid{shown}: {reason}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    hint = _hint(cls, field, overrides)
+    return SettingsInvalid(
+        f"setting {field} ({where}) {problem}{more}" + (f" — {hint}" if hint else ""),
+        setting=where,
+    )
+
+
+def _env_name(cls: type[_TomlSettings], field: str) -> str:
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _where(
+    cls: type[_TomlSettings],
+    field: str,
+    overrides: Mapping[str, Any],
+    options: Mapping[str, str] | None,
+) -> str:
+    """Where the value came from, in the order the settings sources are read."""
+    if field in overrides:
+        return (options or {}).get(field, field)
+    env = _env_name(cls, field)
+    if any(name.upper() == env for name in os.environ):
+        return env
+    path = os.environ.get(CONFIG_ENV) or "forecourt.toml"
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return env
+    table = document.get(cls.toml_table, {}) if cls.toml_table else document
+    if isinstance(table, dict) and field in table:
+        return f"{path} [{cls.toml_table}] {field}" if cls.toml_table else f"{path}: {field}"
+    return env
+
+
+def _is_secret(cls: type[_TomlSettings], field: str) -> bool:
+    info = cls.model_fields.get(field)
+    return info is not None and info.annotation is SecretStr
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str | int | float | bool) and len(str(value)) <= 80:
+        return f" ({value!r})"
+    return ""
+
+
+def _hint(cls: type[_TomlSettings], field: str, overrides: Mapping[str, Any]) -> str:
+    if cls is EdgeSettings and field == "credential":
+        station = overrides.get("station") or os.environ.get("FORECOURT_EDGE_STATION") or "CODE"
+        return (
+            f"issue one on HQ with: forecourt credential {station}, then "
+            "export FORECOURT_EDGE_CREDENTIAL=<the credential it prints>"
+        )
+    if cls is EdgeSettings and field == "station":
+        return "pass --station CODE (or set FORECOURT_EDGE_STATION)"
+    return ""

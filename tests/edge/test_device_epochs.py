@@ -111,14 +111,22 @@ async def test_a_new_boot_marker_begins_an_epoch_and_the_same_one_does_not(
         await journal.close()
 
 
-async def test_transactions_of_another_device_never_collide(tmp_path: Path) -> None:
+async def test_another_devices_numbers_never_collide_and_a_renamed_one_is_no_new_sale(
+    tmp_path: Path,
+) -> None:
     journal = await _journal(tmp_path)
     try:
         a = await journal.record_sale(DRAFT)
-        b = await journal.record_sale(replace(DRAFT, device_id="pts-0002"))
+        # Another controller re-uses number 1 for its own dispensing: a new sale, no epoch.
+        b = await journal.record_sale(replace(later(DRAFT, 1), device_id="pts-0002"))
         assert b.new
         assert b.sale_id != a.sale_id
         assert (b.epoch, b.epoch_changed) == (0, False)
+        # The same dispensing read while the controller went by another name (an unreadable
+        # identifier, say) is the sale already journaled, not a second one.
+        again = await journal.record_sale(replace(DRAFT, device_id="http://192.0.2.10"))
+        assert (again.new, again.sale_id) == (False, a.sale_id)
+        assert await journal.sequence_check() == (2, 2)
     finally:
         await journal.close()
 

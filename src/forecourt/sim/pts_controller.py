@@ -217,9 +217,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -234,6 +235,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from forecourt.infra.logging import announce, configure_logging
 from forecourt.kernel.clock import Clock, SimulatedClock, SystemClock
 from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.money import Rounding, UnitPrice, currency_exponent, divide_rounded
@@ -1993,14 +1995,37 @@ def _write_port_file(path: Path, port: int) -> None:
     os.replace(temporary, path)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn that stops in order on SIGINT/SIGTERM and then returns: uvicorn's own handling
+    raises the signal again after its shutdown (a KeyboardInterrupt traceback on Ctrl-C,
+    death by SIGTERM), where a stopped simulator should simply exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one simulated controller until SIGINT/SIGTERM (exit 0); 2: a bad config, 1: the
+    port cannot be had. Logs are Forecourt's JSON lines on stderr."""
     parser = argparse.ArgumentParser(
         prog="python -m forecourt.sim.pts_controller",
         description="Simulated Technotrade PTS-2 forecourt controller speaking jsonPTS over HTTP.",
     )
     parser.add_argument("--config", required=True, help="simulator config JSON file")
     parser.add_argument("--port", type=int, required=True, help="TCP port; 0 picks a free one")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port-file", help="write the chosen port to this file once listening")
     parser.add_argument(
         "--state-file", help="append-only state file: reloaded at start, fsync'ed per event"
@@ -2010,26 +2035,42 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="restart transaction numbers at first_transaction (memory and totals are kept)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="least severe level logged (default INFO)",
+    )
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, json_lines=True)
     clock: Clock = SimulatedClock.from_env(dict(os.environ)) or SystemClock()
     journal = StateJournal(Path(args.state_file)) if args.state_file else None
     try:
         config = load_config(args.config)
         port_holder: list[int] = []
 
-        def announce() -> None:
+        def announce_port() -> None:
             port = port_holder[0]
-            logger.info("PTS-2 simulator listening on http://%s:%d/jsonPTS", args.host, port)
+            url = (
+                f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
+            )
+            announce(
+                f"PTS-2 simulator listening on {url}",
+                service="pts-simulator",
+                url=url,
+                jsonpts=f"{url}/jsonPTS",
+            )
             if args.port_file:
                 _write_port_file(Path(args.port_file), port)
 
         app = create_app(
-            config, clock, on_started=announce, journal=journal, reset_counters=args.reset_counters
+            config,
+            clock,
+            on_started=announce_port,
+            journal=journal,
+            reset_counters=args.reset_counters,
         )
     except SimConfigError as exc:
         logger.error("%s", exc.message)
@@ -2047,10 +2088,19 @@ def main(argv: list[str] | None = None) -> int:
     # Listening before the port is announced: early clients wait in the backlog, not refused.
     sock.listen(128)
     port_holder.append(sock.getsockname()[1])
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = _Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            log_config=None,  # uvicorn's records go through configure_logging: one format
+        )
     )
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        return 0  # a Ctrl-C before the server took the signals: nothing to stop yet
     return 0
 
 
