@@ -1088,6 +1088,12 @@ def import_(path: Path | None, database_url: str | None, sample: bool) -> None:
             await db.dispose()
 
     result = asyncio.run(run())
+    if not result.changed:
+        console.print(
+            f"unchanged: revision {result.revision} kept ({result.stations} stations, "
+            "nothing differs from what HQ holds)"
+        )
+        return
     console.print(
         f"imported revision {result.revision}: {result.stations} stations, "
         f"{result.prices_added} new prices"
