@@ -131,3 +131,22 @@ def test_debug_mode_shows_the_traceback(tmp_path: Path) -> None:
     done = run(["edge", "--station", "S001"], tmp_path, clean_env(FORECOURT_DEBUG="1"))
     assert done.code == 1
     assert "Traceback" in done.stderr
+
+
+def test_a_settings_error_that_reaches_the_top_is_still_one_line_and_a_usage_error() -> None:
+    """Settings built outside load_settings() (a raw pydantic error) get the same one line."""
+    import pydantic
+
+    from forecourt.cli import EXIT_USAGE, explain
+    from forecourt.settings import EdgeSettings
+
+    try:
+        EdgeSettings(station="S001", credential="short")
+    except pydantic.ValidationError as exc:
+        message, status = explain(exc, {})
+    else:  # pragma: no cover - the credential is refused
+        raise AssertionError("a short credential was accepted")
+    assert status == EXIT_USAGE
+    assert "\n" not in message
+    assert "credential" in message
+    assert "validation error" not in message  # not pydantic's own multi-line text
