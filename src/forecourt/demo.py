@@ -37,6 +37,7 @@ from pydantic import SecretStr
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
 from forecourt.infra.db import SCHEMAS, Database
+from forecourt.infra.listener import listening_socket
 from forecourt.kernel.clock import SimulatedClock
 from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.money import UnitPrice
@@ -131,15 +132,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A socket bound and listening before anyone learns its port: nobody can take it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock
 
 
 async def serve_until_started(
@@ -277,7 +269,7 @@ class DemoChain:
         opts = self.opts
         self._clear_workdir()
         database_url = opts.database_url or f"sqlite+aiosqlite:///{self.workdir / 'hq.db'}"
-        sock = listening_socket()
+        sock = listening_socket("127.0.0.1", 0)
         port = int(sock.getsockname()[1])
         settings = Settings(
             database_url=database_url,

@@ -12,8 +12,9 @@ import pytest
 import uvicorn
 
 from forecourt.bootstrap import HeadOffice, build_head_office
-from forecourt.demo import DemoOptions, listening_socket, serve_until_started, simulator_config
+from forecourt.demo import DemoOptions, serve_until_started, simulator_config
 from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
+from forecourt.infra.listener import listening_socket
 from forecourt.kernel.clock import SimulatedClock
 from forecourt.network.handlers import (
     SAMPLE_CHAIN,
@@ -35,7 +36,7 @@ class HqServer:
     def __init__(self, office: HeadOffice) -> None:
         self.office = office
         # Bound and listening from here on: the port is never free for another to take.
-        self._socket: socket.socket | None = listening_socket()
+        self._socket: socket.socket | None = listening_socket("127.0.0.1", 0)
         self.port: int = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: uvicorn.Server | None = None
@@ -44,7 +45,7 @@ class HqServer:
     async def up(self) -> None:
         # The socket bound at construction for the first start, a new one on the same port
         # after down() (uvicorn closes the sockets it served on).
-        sock = self._socket or listening_socket(port=self.port)
+        sock = self._socket or listening_socket("127.0.0.1", self.port)
         self._socket = None
         config = uvicorn.Config(
             self.office.app,

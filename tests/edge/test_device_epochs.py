@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 import tempfile
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -21,26 +21,14 @@ from hypothesis import strategies as st
 from forecourt.edge.journal import FLAG_EPOCH_CHANGE, Journal, SaleDraft
 from forecourt.infra.migrate import upgrade_sync
 from forecourt.kernel.clock import SystemClock
+from tests.edge.test_journal import DRAFT as JOURNAL_DRAFT
 
 T0 = datetime(2026, 11, 25, 1, 0, tzinfo=UTC)
-DRAFT = SaleDraft(
-    fuelling_point=1,
-    nozzle=1,
-    grade="92",
-    volume_ml=40000,
-    unit_price_mmu=755000,
-    amount_minor=30200,
-    currency="CNY",
-    price_version="p",
-    snapshot_version=1,
+DRAFT = replace(
+    JOURNAL_DRAFT,
     totalizer_start_ml=1_000_000,
     totalizer_end_ml=1_040_000,
-    device_txn=1,
-    dispense_type="sale",
-    started_at=None,
     ended_at=T0,
-    business_date=date(2026, 11, 25),
-    shift_id="2026-11-25/1",
     device_id="pts-0001",
 )
 

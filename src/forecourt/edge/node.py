@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +41,6 @@ class EdgeNode:
     sync: SyncAgent
     registry: CollectorRegistry
     app: FastAPI = field(init=False)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     driver: ForecourtDriver | None = None
     started: bool = False
     retention: JournalRetention | None = None
@@ -101,11 +99,6 @@ class EdgeNode:
         return False
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
         await self.snapshot_refresh.stop()
         if self.retention is not None:
             await self.retention.stop()
