@@ -7,6 +7,7 @@ raised as :class:`ServiceUnavailable`, naming which one and where.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from forecourt import __version__
 from forecourt.infra.bus import Bus, make_bus
+from forecourt.infra.consumers import Consumer, ConsumerHost
 from forecourt.infra.db import Database
 from forecourt.infra.http import install_common
 from forecourt.infra.migrate import upgrade
@@ -69,6 +71,80 @@ async def open_bus(bus: Bus, url: str) -> None:
         raise ServiceUnavailable("bus", url, exc) from exc
 
 
+class UnknownConsumer(ForecourtError):
+    code = "platform.unknown_consumer"
+    http_status = 400
+
+
+def known_consumers() -> dict[str, Consumer]:
+    """Every consumer a context registers, by name (one line per consumer here)."""
+    from forecourt.infra.probe import PROBE
+
+    return {c.name: c for c in (PROBE,)}
+
+
+def select_consumers(names: list[str]) -> list[Consumer]:
+    """The consumers ``names`` asks for: names, ``default`` (every default consumer) or
+    ``none``; an unknown name is refused, naming the known ones."""
+    known = known_consumers()
+    chosen: dict[str, Consumer] = {}
+    for name in names:
+        if name == "none":
+            continue
+        if name == "default":
+            chosen.update({n: c for n, c in known.items() if c.default})
+        elif name in known:
+            chosen[name] = known[name]
+        else:
+            raise UnknownConsumer(
+                f"unknown consumer {name!r}; known: {', '.join(sorted(known)) or 'none'} "
+                "(or default, none)"
+            )
+    return list(chosen.values())
+
+
+def build_bus(settings: Settings, db: Database, *, manage_stream: bool = True) -> Bus:
+    """The bus as the settings describe it (the in-process one keeps its deliveries in db).
+    ``manage_stream=False``: a NATS bus that never creates or reconfigures the stream."""
+    if settings.bus_url.startswith("memory"):
+        from forecourt.infra.bus.memory import MemoryBus
+
+        return MemoryBus(db, ack_wait=settings.consumer_ack_wait_s)
+    return make_bus(
+        settings.bus_url,
+        db=db,
+        stream=settings.nats_stream,
+        subject_prefix=settings.nats_subject_prefix,
+        max_age=settings.nats_max_age_s,
+        max_bytes=settings.nats_max_bytes,
+        max_msgs=settings.nats_max_msgs,
+        replicas=settings.nats_replicas,
+        duplicate_window=settings.nats_duplicate_window_s,
+        ack_wait=settings.consumer_ack_wait_s,
+        manage_stream=manage_stream,
+    )
+
+
+def build_consumer_host(
+    db: Database,
+    bus: Bus,
+    settings: Settings,
+    registry: CollectorRegistry | None,
+    consumers: list[Consumer] | None = None,
+) -> ConsumerHost:
+    from datetime import timedelta
+
+    return ConsumerHost(
+        db,
+        bus,
+        select_consumers(settings.consumers) if consumers is None else consumers,
+        registry=registry,
+        inbox_retention=timedelta(days=settings.inbox_retention_days),
+        dead_letter_retention=timedelta(days=settings.dead_letter_retention_days),
+        pending_alarm=settings.consumer_pending_alarm,
+    )
+
+
 @dataclass
 class HeadOffice:
     settings: Settings
@@ -77,6 +153,7 @@ class HeadOffice:
     relay: OutboxRelay
     directory: DbStationDirectory
     registry: CollectorRegistry
+    consumers: ConsumerHost
     app: FastAPI = field(init=False)
     bus_ready: bool = False
 
@@ -88,8 +165,11 @@ class HeadOffice:
         self.bus_ready = True
         if self.settings.relay if relay is None else relay:
             self.relay.start()
+        if self.consumers.consumers or "none" not in self.settings.consumers:
+            await self.consumers.start()
 
     async def stop(self) -> None:
+        await self.consumers.stop()
         await self.relay.stop()
         await self.bus.close()
         self.bus_ready = False
@@ -110,31 +190,42 @@ def build_relay(db: Database, bus: Bus, settings: Settings) -> OutboxRelay:
 
 def build_head_office(settings: Settings, *, clock: Clock | None = None) -> HeadOffice:
     db = Database(settings.database_url, clock=clock)
-    bus = make_bus(
-        settings.bus_url, stream=settings.nats_stream, subject_prefix=settings.nats_subject_prefix
-    )
+    bus = build_bus(settings, db)
     relay = build_relay(db, bus, settings)
     registry = CollectorRegistry()
     directory = DbStationDirectory(db)
-    hq = HeadOffice(settings, db, bus, relay, directory, registry)
+    host = build_consumer_host(db, bus, settings, registry)
+    hq = HeadOffice(settings, db, bus, relay, directory, registry, host)
 
+    # Database-wide figures, read at every scrape: every worker process serves the same
+    # true value (a value cached per process would alternate between stale views).
     backlog = Gauge("forecourt_outbox_backlog", "Events waiting in the outbox", registry=registry)
+    parked = Gauge(
+        "forecourt_outbox_parked", "Events the broker refused, parked", registry=registry
+    )
     published = Gauge(
         "forecourt_outbox_published", "Events published by this process's relay", registry=registry
     )
     published.set_function(lambda: relay.published)
 
+    async def refresh_metrics() -> None:
+        from forecourt.infra.consumers import count_parked
+
+        with contextlib.suppress(Exception):
+            backlog.set(await relay.backlog())
+            parked.set(await count_parked(db))
+
     async def ready() -> dict[str, bool]:
         checks = {"bus": hq.bus_ready and await bus.ready()}
         try:
-            backlog.set(await relay.backlog())
+            await relay.backlog()
             checks["database"] = True
         except Exception:  # noqa: BLE001 - not ready is the answer, not a crash
             checks["database"] = False
         return checks
 
     app = FastAPI(title="Forecourt head office", version=__version__)
-    install_common(app, registry, ready)
+    install_common(app, registry, ready, refresh_metrics=refresh_metrics)
     if "network" in settings.services:
         app.include_router(network_api.build_router(db, directory))
     if "sales" in settings.services:

@@ -1,13 +1,17 @@
-"""The ``forecourt`` command line: demo, serve (HQ), relay, edge, import, migrate, credential.
+"""The ``forecourt`` command line: demo, serve (HQ), relay, worker, events, edge, import,
+migrate, credential.
 
 Every command runs inside :class:`ForecourtGroup`, which turns a failure into one line on
 stderr with a hint, never a traceback (``FORECOURT_DEBUG=1`` shows it), and an exit status:
 
-* ``0`` done; a service (``serve``, ``relay``, ``edge``) stopped by SIGINT or SIGTERM;
+* ``0`` done; a service (``serve``, ``relay``, ``worker``, ``edge``) stopped by SIGINT or
+  SIGTERM;
 * ``1`` the command was right but could not do its work: a database or bus that does not
-  answer, an unknown station, a demo whose stores disagree;
-* ``2`` a usage error: a bad option (click's convention) or a missing or invalid setting
-  (environment variable, ``forecourt.toml``), which is an option given another way;
+  answer, an unknown station or dead letter, a demo whose stores disagree, a replay that
+  failed;
+* ``2`` a usage error: a bad option (click's convention), an unknown consumer, or a missing
+  or invalid setting (environment variable, ``forecourt.toml``), which is an option given
+  another way;
 * ``128 + signal`` (130 for SIGINT, 143 for SIGTERM) a demo or a one-off command that was
   interrupted: it stopped what it started and removed its temporary folder, but has no
   result.
@@ -47,7 +51,8 @@ T = TypeVar("T")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SERVICES = frozenset({"serve", "relay", "edge"})  # a stop signal is how these end: status 0
+# A stop signal is how these end: status 0.
+SERVICES = frozenset({"serve", "relay", "worker", "edge"})
 DEBUG_ENV = "FORECOURT_DEBUG"
 _DATABASE_URL = "forecourt.database_url"  # ctx.meta keys: what the command talks to
 _BUS_URL = "forecourt.bus_url"
@@ -150,14 +155,14 @@ def _first_line(exc: BaseException) -> str:
 def explain(exc: BaseException, meta: Mapping[str, Any]) -> tuple[str, int]:
     """The one place that turns an exception into (one line for the operator, exit status).
 
-    Settings problems are usage errors (2); an unreachable or missing service, an unknown
-    station and any other failure are failures (1). Something unforeseen still gets one line,
-    naming ``FORECOURT_DEBUG=1`` for the traceback.
+    Settings problems and unknown consumers are usage errors (2); an unreachable or missing
+    service, an unknown station and any other failure are failures (1). Something unforeseen
+    still gets one line, naming ``FORECOURT_DEBUG=1`` for the traceback.
     """
     from pydantic import ValidationError
     from pydantic_settings.exceptions import SettingsError
 
-    from forecourt.bootstrap import ServiceUnavailable
+    from forecourt.bootstrap import ServiceUnavailable, UnknownConsumer
     from forecourt.kernel.errors import ForecourtError
     from forecourt.settings import SettingsInvalid, settings_problem
 
@@ -169,6 +174,8 @@ def explain(exc: BaseException, meta: Mapping[str, Any]) -> tuple[str, int]:
             isinstance(item, ValidationError) and item.title in ("Settings", "EdgeSettings")
         ):
             return settings_problem(item).message, EXIT_USAGE
+        if isinstance(item, UnknownConsumer):  # a name given on the command line or in settings
+            return item.message, EXIT_USAGE
     for item in chain:
         if isinstance(item, ServiceUnavailable):
             if item.service == "bus":
@@ -461,6 +468,10 @@ def main() -> None:
 _DB_OPTION_HELP = (
     "HQ database URL: postgresql://user@host/db or sqlite:///file.db "
     "(default: FORECOURT_DATABASE_URL or forecourt.toml, else var/forecourt-hq.db)."
+)
+_CONSUMERS_OPTION_HELP = (
+    "Event consumers to host: comma-separated names (e.g. probe), default (every consumer "
+    "registered as default) or none (default: FORECOURT_CONSUMERS, else default)."
 )
 
 
@@ -770,11 +781,14 @@ def _print_demo(result: dict[str, Any]) -> None:
     )
 
 
-def _hq_settings(database_url: str | None) -> Settings:
+def _hq_settings(database_url: str | None, **given: Any) -> Settings:
+    """HQ settings, with the command's options (``None``: not given) winning."""
     from forecourt.settings import Settings, load_settings
 
-    overrides = {"database_url": database_url} if database_url else {}
-    settings = load_settings(Settings, options={"database_url": "--database-url"}, **overrides)
+    given = {"database_url": database_url or None, **given}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    options = {key: f"--{key.replace('_', '-')}" for key in given}
+    settings = load_settings(Settings, options=options, **overrides)
     _uses(database_url=settings.database_url, bus_url=settings.bus_url)
     return settings
 
@@ -813,8 +827,10 @@ def _hq_settings(database_url: str | None) -> Settings:
     "--workers",
     type=click.IntRange(1, 64),
     default=None,
-    help="HTTP worker processes (more than one needs PostgreSQL, and adds a relay process).",
+    help="HTTP worker processes (more than one needs PostgreSQL, and adds a relay process "
+    "and a consumer worker process).",
 )
+@click.option("--consumers", default=None, help=_CONSUMERS_OPTION_HELP)
 def serve(
     services: str | None,
     host: str | None,
@@ -823,13 +839,17 @@ def serve(
     database_url: str | None,
     bus_url: str | None,
     workers: int | None,
+    consumers: str | None,
     reuse_port: bool,
 ) -> None:
-    """Run the head office (HTTP API, outbox relay) on the configured database and bus.
+    """Run the head office (HTTP API, outbox relay, event consumers) on the configured
+    database and bus.
 
     Says "listening on http://HOST:PORT" once it serves; SIGINT or SIGTERM stop it in order
-    (exit status 0).
+    (exit status 0). With --workers N: N HTTP processes, one relay process and one
+    `forecourt worker` process hosting the consumers.
     """
+    from forecourt.bootstrap import select_consumers
     from forecourt.infra.db import normalise_url
     from forecourt.settings import Settings, load_settings
 
@@ -840,12 +860,14 @@ def serve(
         "database_url": database_url,
         "bus_url": bus_url,
         "workers": workers,
+        "consumers": consumers,
     }
     overrides = {key: value for key, value in given.items() if value is not None}
     settings = load_settings(
         Settings, options={key: f"--{key.replace('_', '-')}" for key in given}, **overrides
     )
     _uses(database_url=settings.database_url, bus_url=settings.bus_url)
+    select_consumers(settings.consumers)  # an unknown name is refused before anything starts
     # Options become environment variables so that every worker process sees them.
     for key, value in overrides.items():
         os.environ[f"FORECOURT_{key.upper()}"] = str(value)
@@ -889,20 +911,29 @@ def _serve_one(settings: Settings, *, reuse_port: bool, port_file: Path | None) 
 async def _check_services(settings: Settings) -> None:
     """Connect to the database and the bus once, so that a supervisor reports a missing one
     in one line before it starts workers that would each report it."""
-    from forecourt.bootstrap import open_bus, open_database
-    from forecourt.infra.bus import make_bus
+    from forecourt.bootstrap import build_bus, open_bus, open_database
     from forecourt.infra.db import Database
 
     db = Database(settings.database_url, application_name="forecourt-supervisor")
-    bus = make_bus(
-        settings.bus_url, stream=settings.nats_stream, subject_prefix=settings.nats_subject_prefix
-    )
     try:
         await open_database(db)
-        await open_bus(bus, settings.bus_url)
+        if settings.bus_url.startswith("memory"):
+            return  # the in-process bus is the database: nothing else to reach
+        bus = build_bus(settings, db)
+        try:
+            await open_bus(bus, settings.bus_url)
+        finally:
+            await bus.close()
     finally:
-        await bus.close()
         await db.dispose()
+
+
+def _hosts_consumers(settings: Settings) -> bool:
+    """Whether a process with these settings runs a consumer host (as HeadOffice.start
+    decides: unless told ``none``, even with no consumer chosen, for its retention)."""
+    from forecourt.bootstrap import select_consumers
+
+    return bool(select_consumers(settings.consumers)) or "none" not in settings.consumers
 
 
 WORKERS_START_S = 120.0  # every HTTP worker listens within this, or the supervisor gives up
@@ -910,8 +941,9 @@ WORKERS_STOP_S = 20.0  # then they are killed
 
 
 def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
-    """Start ``settings.workers`` single-worker HQ processes on the same port and a relay
-    process; stop them together. Returns the exit status.
+    """Start ``settings.workers`` single-worker HQ processes on the same port, a relay
+    process and (unless the consumers are ``none``) a ``forecourt worker`` process hosting
+    the consumers; stop them together. Returns the exit status.
 
     The supervisor binds the port first (SO_REUSEPORT, never listening, so it takes no
     connection): ``port`` 0 becomes a real number that every worker then binds too, and that
@@ -940,7 +972,7 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
     # (inside busy HTTP workers it would starve and the outbox backlog would grow).
     args = [sys.executable, "-m", "forecourt.cli", "serve", "--workers", "1", "--reuse-port"]
     args += ["--port", str(chosen)]
-    http_env = {**os.environ, "FORECOURT_RELAY": "false"}
+    http_env = {**os.environ, "FORECOURT_RELAY": "false", "FORECOURT_CONSUMERS": "none"}
     children: list[subprocess.Popen[bytes]] = []
     stopping: list[int] = []
 
@@ -959,6 +991,9 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
         for path in worker_files:
             children.append(subprocess.Popen([*args, "--port-file", str(path)], env=http_env))
         children.append(subprocess.Popen([sys.executable, "-m", "forecourt.cli", "relay"]))
+        if _hosts_consumers(settings):
+            # The consumers get a process of their own too (FORECOURT_CONSUMERS as given).
+            children.append(subprocess.Popen([sys.executable, "-m", "forecourt.cli", "worker"]))
         started_by = time.monotonic() + WORKERS_START_S
         starting = True
         failed = False
@@ -1004,8 +1039,7 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
 def relay() -> None:
     """Run only the outbox relay (publishes committed events to the bus) until stopped
     (SIGINT or SIGTERM: exit status 0)."""
-    from forecourt.bootstrap import build_relay, open_bus, open_database
-    from forecourt.infra.bus import make_bus
+    from forecourt.bootstrap import build_bus, build_relay, open_bus, open_database
     from forecourt.infra.db import Database
     from forecourt.infra.migrate import upgrade
 
@@ -1014,11 +1048,7 @@ def relay() -> None:
 
     async def run(stop: _Stop) -> None:
         db = Database(settings.database_url, application_name="forecourt-relay")
-        bus = make_bus(
-            settings.bus_url,
-            stream=settings.nats_stream,
-            subject_prefix=settings.nats_subject_prefix,
-        )
+        bus = build_bus(settings, db)
         worker = build_relay(db, bus, settings)
 
         async def start() -> None:
@@ -1036,6 +1066,480 @@ def relay() -> None:
             await db.dispose()
 
     _run_service(run)
+
+
+@main.command()
+@click.option("--consumers", default=None, help=_CONSUMERS_OPTION_HELP)
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the consumers' Prometheus metrics on http://127.0.0.1:PORT/metrics "
+    "(0: a port the kernel picks; default: FORECOURT_WORKER_METRICS_PORT, else none).",
+)
+def worker(consumers: str | None, database_url: str | None, metrics_port: int | None) -> None:
+    """Host event consumers (no HTTP API, no relay) on the configured database and bus until
+    stopped (SIGINT or SIGTERM: exit status 0).
+
+    Migrates the database like serve, then says "consumers running: NAME, ..." once every
+    consumer is subscribed. Processes hosting the same consumer share its events. With
+    --metrics-port it says "metrics on http://HOST:PORT/metrics" (per-consumer processed,
+    dead-lettered, retries, lag, pending, outage).
+    """
+    from forecourt.bootstrap import (
+        build_bus,
+        build_consumer_host,
+        open_bus,
+        open_database,
+        select_consumers,
+    )
+    from forecourt.infra.db import Database
+    from forecourt.infra.migrate import upgrade
+    from forecourt.kernel.clock import SimulatedClock
+
+    settings = _hq_settings(database_url, consumers=consumers)
+    configure_logging(settings.log_level, settings.log_json)
+    chosen = select_consumers(settings.consumers)
+    names = [c.name for c in chosen]
+
+    async def run(stop: _Stop) -> None:
+        # A simulation (FORECOURT_SIM_* set) runs in the same simulated time as HQ.
+        clock = SimulatedClock.from_env(dict(os.environ))
+        db = Database(settings.database_url, clock=clock, application_name="forecourt-worker")
+        bus = build_bus(settings, db)
+        port = metrics_port if metrics_port is not None else settings.worker_metrics_port
+        registry = CollectorRegistry() if port is not None else None
+        host = build_consumer_host(db, bus, settings, registry, chosen)
+        metrics_server: Any = None
+        if registry is not None and port is not None:
+            try:
+                metrics_server, _thread = start_http_server(
+                    port, addr=settings.host, registry=registry
+                )
+            except OSError as exc:
+                raise Failure(
+                    f"cannot serve metrics on {settings.host}:{port}: {exc.strerror or exc}"
+                ) from None
+            url = f"{_url(settings.host, metrics_server.server_port)}/metrics"
+            announce(f"metrics on {url}", service="worker", url=url)
+
+        async def start() -> None:
+            await open_database(db)
+            await upgrade(db)
+            await open_bus(bus, settings.bus_url)
+            await host.start()
+            announce(
+                f"consumers running: {', '.join(names) or 'none'}",
+                service="worker",
+                consumers=names,
+                pid=os.getpid(),
+            )
+
+        try:
+            if await stop.race(start()):
+                await stop.requested.wait()
+        finally:
+            await host.stop()
+            await bus.close()
+            await db.dispose()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    _run_service(run)
+
+
+# --- events: dead letters and the consumers' backlog -----------------------------------------
+
+_REPLAY_POLL_S = 0.2
+_ID_CHUNK = 500  # ids per IN (...) list: well under SQLite's limit of bound parameters
+
+
+@main.group()
+def events() -> None:
+    """Operate the event consumers: list, show and replay dead letters; backlog status."""
+
+
+def _events_run(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(db)`` on the HQ database (connected, schema brought up to date first)."""
+    from forecourt.bootstrap import open_database
+    from forecourt.infra.db import Database
+    from forecourt.infra.migrate import upgrade
+
+    async def run() -> T:
+        db = Database(settings.database_url, application_name="forecourt-events")
+        await open_database(db)
+        try:
+            await upgrade(db)
+            return await work(db)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _first_text_line(text: str, limit: int = 100) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _when(value: Any) -> str:
+    return value.isoformat(sep=" ", timespec="seconds") if value is not None else "-"
+
+
+def _wide_console() -> Console:
+    """stdout for a table: as wide as the table when it is not a terminal (a pipe, a file),
+    so a row stays one line for grep."""
+    return console if console.is_terminal else Console(width=1000, highlight=False)
+
+
+_JSON_OPTION_HELP = "Print JSON instead of a table."
+
+
+@events.command("dead-letters")
+@click.option("--consumer", default=None, help="Only this consumer's dead letters.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Show at most this many, oldest first.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON list (every field, headers and body)."
+)
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def dead_letters(consumer: str | None, limit: int, as_json: bool, database_url: str | None) -> None:
+    """List dead letters: events a consumer gave up on, oldest first."""
+    from forecourt.infra.consumers import count_dead_letters, list_dead_letters
+
+    settings = _hq_settings(database_url)
+
+    async def work(db: Any) -> tuple[list[Any], dict[str, int]]:
+        letters = await list_dead_letters(db, consumer=consumer, limit=limit)
+        return letters, await count_dead_letters(db)
+
+    letters, counts = _events_run(settings, work)
+    if as_json:
+        click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2))
+        return
+    of = f" of consumer {consumer}" if consumer else ""
+    if not letters:
+        click.echo(f"no dead letters{of}")
+        return
+    from rich.text import Text
+
+    table = Table(title=f"Dead letters{of}", title_justify="left")
+    for column in ("id", "consumer", "event id", "type", "deliveries", "dead at", "error"):
+        table.add_column(column, justify="right" if column in ("id", "deliveries") else "left")
+    for letter in letters:
+        cells = (
+            str(letter.id),
+            letter.consumer,
+            letter.event_id,
+            letter.type,
+            str(letter.deliveries),
+            _when(letter.dead_at),
+            _first_text_line(letter.error),
+        )
+        table.add_row(*(Text(cell) for cell in cells))  # Text: no markup in error messages
+    _wide_console().print(table)
+    total = counts.get(consumer, 0) if consumer else sum(counts.values())
+    if total > len(letters):
+        click.echo(f"showing {len(letters)} of {total}; --limit {total} shows every one")
+    marked = sum(letter.replay_requested_at is not None for letter in letters)
+    if marked:
+        click.echo(f"{_plural(marked, 'dead letter')} marked for replay")
+    click.echo(
+        "see one with: forecourt events show ID; replay with: forecourt events replay ID (or --all)"
+    )
+
+
+@events.command("show")
+@click.argument("dead_letter_id", metavar="ID", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print it as one JSON object.")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def show(dead_letter_id: int, as_json: bool, database_url: str | None) -> None:
+    """Show one dead letter in full: headers, body (pretty-printed when JSON), error."""
+    from forecourt.infra.consumers import get_dead_letter
+
+    settings = _hq_settings(database_url)
+    letter = _events_run(settings, lambda db: get_dead_letter(db, dead_letter_id))
+    if letter is None:
+        raise Failure(
+            f"no dead letter {dead_letter_id} — list them with: forecourt events dead-letters"
+        )
+    if as_json:
+        click.echo(json.dumps(letter.to_dict(), indent=2))
+        return
+    replay = (
+        f"requested at {_when(letter.replay_requested_at)}"
+        if letter.replay_requested_at is not None
+        else "not requested"
+    )
+    lines = [
+        f"dead letter {letter.id}",
+        f"  consumer:    {letter.consumer}",
+        f"  event id:    {letter.event_id}",
+        f"  type:        {letter.type}",
+        f"  subject:     {letter.subject or '-'}",
+        f"  deliveries:  {letter.deliveries}",
+        f"  dead at:     {_when(letter.dead_at)}",
+        f"  replays:     {letter.replays} (replay {replay})",
+        "error:",
+        *(f"  {line}" for line in (letter.error.splitlines() or [""])),
+        "headers:",
+        *(f"  {name}: {value}" for name, value in sorted(letter.headers.items())),
+        "body:",
+    ]
+    try:
+        body = json.dumps(json.loads(letter.body), indent=2, ensure_ascii=False)
+    except ValueError:
+        body = letter.body
+    lines.extend(f"  {line}" for line in body.splitlines())
+    click.echo("\n".join(lines))
+
+
+async def _dead_letter_rows(db: Any, ids: list[int] | None, consumer: str | None) -> dict[int, Any]:
+    """(id, consumer, error, replay_requested_at) of the dead letters ``ids`` (None: every
+    one), of ``consumer`` when named, by id."""
+    import sqlalchemy as sa
+
+    from forecourt.infra.db import dead_letter_table as t
+
+    columns = (t.c.id, t.c.consumer, t.c.error, t.c.replay_requested_at)
+    chunks: list[list[int] | None] = (
+        [None] if ids is None else [ids[i : i + _ID_CHUNK] for i in range(0, len(ids), _ID_CHUNK)]
+    )
+    found: dict[int, Any] = {}
+    async with db.connection() as conn:
+        for chunk in chunks:
+            query = sa.select(*columns).order_by(t.c.id)
+            if chunk is not None:
+                query = query.where(t.c.id.in_(chunk))
+            if consumer is not None:
+                query = query.where(t.c.consumer == consumer)
+            found.update({row.id: row for row in (await conn.execute(query)).all()})
+    return found
+
+
+@events.command("replay")
+@click.argument("ids", metavar="[ID]...", nargs=-1, type=int)
+@click.option(
+    "--all", "every", is_flag=True, help="Every dead letter (of --consumer when it is given)."
+)
+@click.option("--consumer", default=None, help="Only dead letters of this consumer.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Wait up to SECONDS until the consumer host has replayed them, and report which "
+    "took effect and which failed again (exit status 1 unless every one took effect).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def replay(
+    ids: tuple[int, ...],
+    every: bool,
+    consumer: str | None,
+    wait_s: float | None,
+    as_json: bool,
+    database_url: str | None,
+) -> None:
+    """Mark dead letters (IDs, or --all) for replay.
+
+    A running consumer host (forecourt serve, or forecourt worker) hosting their consumer
+    runs each marked one through its consumer again within seconds: one that takes effect
+    leaves the dead letters, one that fails again stays with its new error.
+    """
+    from forecourt.bootstrap import known_consumers
+    from forecourt.infra.consumers import request_replay
+
+    if not ids and not every:
+        raise click.UsageError(
+            "give the IDs of dead letters to replay, or --all "
+            "(list them with: forecourt events dead-letters)"
+        )
+    if ids and every:
+        raise click.UsageError("give the IDs of dead letters to replay or --all, not both")
+    settings = _hq_settings(database_url)
+    wanted = list(dict.fromkeys(ids))
+
+    async def work(db: Any) -> dict[str, Any]:
+        found = await _dead_letter_rows(db, wanted or None, consumer)
+        unknown = [i for i in wanted if i not in found]
+        if unknown:
+            return {"unknown": unknown}
+        marked = sorted(found)
+        for start in range(0, len(marked), _ID_CHUNK):
+            await request_replay(db, marked[start : start + _ID_CHUNK])
+        outcome: dict[str, Any] = {
+            "marked": marked,
+            "consumers": sorted({found[i].consumer for i in marked}),
+        }
+        if wait_s is None or not marked:
+            return outcome
+        deadline = time.monotonic() + wait_s
+        while True:
+            rows = await _dead_letter_rows(db, marked, None)
+            waiting = [i for i in marked if i in rows and rows[i].replay_requested_at is not None]
+            if not waiting or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(_REPLAY_POLL_S)
+        outcome["replayed"] = [i for i in marked if i not in rows]
+        outcome["failed"] = [
+            {"id": i, "consumer": rows[i].consumer, "error": _first_text_line(rows[i].error, 500)}
+            for i in marked
+            if i in rows and rows[i].replay_requested_at is None
+        ]
+        outcome["waiting"] = waiting
+        return outcome
+
+    outcome = _events_run(settings, work)
+    if "unknown" in outcome:
+        unknown = outcome["unknown"]
+        of = f" of consumer {consumer}" if consumer else ""
+        which = "dead letter" if len(unknown) == 1 else "dead letters"
+        raise Failure(
+            f"no {which} {', '.join(map(str, unknown))}{of} (nothing marked) — list them "
+            "with: forecourt events dead-letters"
+        )
+    marked, consumers = outcome["marked"], outcome["consumers"]
+    unhosted = [name for name in consumers if name not in known_consumers()]
+    waited = "replayed" in outcome
+    ok = not waited or (not outcome["failed"] and not outcome["waiting"])
+    if as_json:
+        click.echo(json.dumps(outcome, indent=2))
+        if not ok:
+            sys.exit(EXIT_FAILURE)
+        return
+    if not marked:
+        click.echo(f"no dead letters{f' of consumer {consumer}' if consumer else ''} to replay")
+        return
+    them = "it" if len(marked) == 1 else "them"
+    click.echo(
+        f"marked {_plural(len(marked), 'dead letter')} for replay "
+        f"({', '.join(consumers)}): a running consumer host (forecourt serve, or forecourt "
+        f"worker) hosting {'its' if len(marked) == 1 else 'their'} consumer replays {them} "
+        "within seconds"
+    )
+    for name in unhosted:
+        click.echo(f"warning: no consumer named {name} is registered: nothing will replay {them}")
+    if not waited:
+        return
+    failed, waiting = outcome["failed"], outcome["waiting"]
+    click.echo(
+        f"replayed {len(outcome['replayed'])}, failed again {len(failed)}"
+        + (f", not taken yet {len(waiting)}" if waiting else "")
+    )
+    for item in failed:
+        click.echo(f"  {item['id']} ({item['consumer']}) failed again: {item['error']}")
+    if waiting:
+        click.echo(
+            f"  {_plural(len(waiting), 'dead letter')} still marked after {wait_s:g} s: is "
+            f"forecourt serve or forecourt worker --consumers {','.join(consumers)} running "
+            "on this database? They stay marked and are replayed once it runs."
+        )
+    if not ok:
+        sys.exit(EXIT_FAILURE)
+
+
+@events.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+@click.option(
+    "--bus-url",
+    default=None,
+    help="Event bus to ask for pending events: memory:// or nats://host:4222 "
+    "(default: FORECOURT_BUS_URL, else memory://).",
+)
+def status(as_json: bool, database_url: str | None, bus_url: str | None) -> None:
+    """Per consumer: events pending on the bus and dead letters; the outbox backlog (events
+    not yet published), parked events (refused by the broker for good) and, on NATS, how
+    full the stream is. Changes nothing, on the bus either."""
+    import sqlalchemy as sa
+
+    from forecourt.bootstrap import build_bus, known_consumers, open_bus
+    from forecourt.infra.consumers import count_dead_letters, count_parked
+    from forecourt.infra.db import outbox_table
+
+    settings = _hq_settings(database_url, bus_url=bus_url)
+    registered = sorted(known_consumers())
+
+    async def work(db: Any) -> dict[str, Any]:
+        bus = build_bus(settings, db, manage_stream=False)
+        await open_bus(bus, settings.bus_url)
+        try:
+            pending = {name: await bus.pending(name) for name in registered}
+            stream = await _stream_usage(bus)
+        finally:
+            await bus.close()
+        dead = await count_dead_letters(db)
+        async with db.connection() as conn:
+            backlog = await conn.scalar(sa.select(sa.func.count()).select_from(outbox_table))
+        consumers = {
+            name: {
+                "pending": pending.get(name),
+                "dead_letters": dead.get(name, 0),
+                "registered": name in registered,
+            }
+            for name in sorted({*registered, *dead})
+        }
+        return {
+            "consumers": consumers,
+            "outbox_backlog": int(backlog or 0),
+            "outbox_parked": await count_parked(db),
+            "stream": stream,
+        }
+
+    figures = _events_run(settings, work)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    table = Table(title="Consumers", title_justify="left")
+    for column in ("consumer", "pending", "dead letters"):
+        table.add_column(column, justify="left" if column == "consumer" else "right")
+    for name, row in figures["consumers"].items():
+        pending = "-" if row["pending"] is None else str(row["pending"])
+        label = name if row["registered"] else f"{name} (not registered)"
+        table.add_row(label, pending, str(row["dead_letters"]))
+    _wide_console().print(table)
+    click.echo(
+        f"outbox backlog: {figures['outbox_backlog']} (not yet published); "
+        f"parked: {figures['outbox_parked']} (refused by the broker)"
+    )
+    stream = figures["stream"]
+    if stream is not None:
+        click.echo(
+            f"stream: {stream['messages']} events, {stream['bytes']} bytes, "
+            f"{float(stream['usage']):.0%} of its limit"
+        )
+    if any(row["pending"] is None for row in figures["consumers"].values()):
+        click.echo("pending '-': the bus has no subscription of that consumer yet")
+
+
+async def _stream_usage(bus: Any) -> dict[str, Any] | None:
+    """The NATS stream's figures (messages, bytes, limits, usage); None on the in-process
+    bus or when the stream does not exist."""
+    usage = getattr(bus, "stream_usage", None)
+    if usage is None:
+        return None
+    import nats.js.errors
+
+    try:
+        figures: dict[str, Any] = await usage()
+    except nats.js.errors.NotFoundError:
+        return None
+    return figures
 
 
 @main.command()
@@ -1218,6 +1722,15 @@ def edge(
         _run_service(run)
     finally:
         sock.close()
+
+
+def _register_chaos() -> None:
+    from forecourt.chaos.cli import chaos
+
+    main.add_command(chaos)
+
+
+_register_chaos()
 
 
 if __name__ == "__main__":

@@ -121,6 +121,29 @@ class Settings(_TomlSettings):
     nats_subject_prefix: str | None = None  # e.g. per environment sharing one NATS server
     workers: int = Field(default=1, ge=1, le=64)  # HTTP processes (PostgreSQL when more than 1)
     ingest_concurrency: int = 2  # uploads processed at once per process (first come first served)
+    # Consumers this process hosts: names, "default" (every consumer registered as default)
+    # or "none" (an HTTP-only worker; ``forecourt worker`` hosts them instead).
+    consumers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
+    consumer_ack_wait_s: float = Field(default=30.0, gt=0)  # unsettled → delivered again
+    inbox_retention_days: float = Field(default=14.0, gt=0)  # > the stream's max age
+    dead_letter_retention_days: float = Field(default=90.0, gt=0)
+    consumer_pending_alarm: int = Field(default=100_000, ge=1)
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)  # forecourt worker
+    # The JetStream stream (created, or updated to these, on connect). discard: new — a full
+    # stream refuses new events (the relay backs off and alarms) rather than dropping old ones.
+    nats_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    nats_max_bytes: int = Field(default=1024**3, ge=-1)
+    nats_max_msgs: int = Field(default=-1, ge=-1)
+    nats_replicas: int = Field(default=1, ge=1, le=5)  # 3 on a three-node cluster
+    nats_duplicate_window_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("consumers", mode="before")
+    @classmethod
+    def _split_consumers(cls, value: Any) -> Any:
+        value = _list_of_text(value)
+        if isinstance(value, list) and not value:
+            return ["none"]
+        return value
 
     @field_validator("services", mode="before")
     @classmethod

@@ -78,7 +78,7 @@ def test_serve_with_two_workers_stops_every_child_with_status_zero(
         url = hq.wait_listening(60)
         assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
         children = children_of(hq.pid)
-        assert len(children) == 3  # two HTTP workers and the relay
+        assert len(children) == 4  # two HTTP workers, the relay and the consumer worker
     finally:
         code = hq.stop(sig, timeout=30)
     assert_stopped_cleanly(hq, code)

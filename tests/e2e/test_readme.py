@@ -11,9 +11,10 @@ the block's own ``createdb`` creates and the test drops afterwards; ``duration``
 
 A block is one shell: its lines run one after the other in bash, each seeing the environment
 (``export``, ``source``) and the directory the lines before it left. Servers (``forecourt
-serve``, ``forecourt edge``, the simulator) run in the background, as they would in terminals
-of their own, from the moment they print ``listening on`` until the block's last line has run;
-then each gets SIGINT, as Ctrl-C sends it, and must exit 0. Any other command must exit 0 within
+serve``, ``forecourt edge``, ``forecourt worker``, the simulator) run in the background, as they
+would in terminals of their own, from the moment they print ``listening on`` (a worker:
+``consumers running:``) until the block's last line has run; then each gets SIGINT, as Ctrl-C
+sends it, and must exit 0. Any other command must exit 0 within
 its deadline. No command may print a traceback. ``FORECOURT_*`` variables of the test's own
 environment are dropped, and ``PATH`` loses every folder holding a ``forecourt`` program, as in
 a shell that has only run the README's two commands; defaults that would write into the
@@ -59,8 +60,10 @@ SHORT_DURATION = "1"
 TRACEBACK = "Traceback (most recent call last)"
 
 SERVER = re.compile(
-    r"(?:^|[\s/])forecourt\s+(?:serve|edge)\b|-m\s+forecourt\.sim\.pts_controller\b"
+    r"(?:^|[\s/])forecourt\s+(?:serve|edge|worker)\b|-m\s+forecourt\.sim\.pts_controller\b"
 )
+# What a server prints once it serves: HTTP servers "listening on", a consumer worker this.
+READY = ("listening on", "consumers running:")
 KINDS = {"port": "port", "ports": "port", "path": "path", "paths": "path"}
 KINDS |= {"database": "database", "databases": "database"}
 KINDS |= {"duration": "duration", "durations": "duration"}
@@ -324,7 +327,7 @@ class Shell:
         deadline = time.monotonic() + SERVER_START_S
         listening = False
         while time.monotonic() < deadline:
-            listening = "listening on" in _read(log)
+            listening = any(line in _read(log) for line in READY)
             announced = all(path.exists() for _, path in port_files)
             if listening and announced:
                 break
@@ -341,7 +344,7 @@ class Shell:
                 self.ports[port] = int(path.read_text())
         if not listening:
             announced = all(path.exists() for _, path in port_files)
-            why = "printed no 'listening on' line" + (
+            why = "printed no 'listening on' (or 'consumers running:') line" + (
                 " (its port file appeared)" if announced and port_files else ""
             )
             self.fail(written, command, why, _read(log))

@@ -208,6 +208,59 @@ dead_letter_table = sa.Table(
     sa.Column("deliveries", sa.Integer(), nullable=False),
     sa.Column("error", sa.Text(), nullable=False),
     sa.Column("dead_at", UTCDateTime(), nullable=False),
+    sa.Column("replay_requested_at", UTCDateTime()),
+    sa.Column("replays", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("subject", sa.String(200), nullable=False, server_default=""),
+)
+
+subscription_table = sa.Table(
+    "subscription",
+    platform_md,
+    sa.Column("consumer", sa.String(100), primary_key=True),
+    sa.Column("subjects", sa.Text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+delivery_table = sa.Table(
+    "delivery",
+    platform_md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("consumer", sa.String(100), nullable=False),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("headers", sa.Text(), nullable=False),
+    sa.Column("body", sa.Text(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("available_at", UTCDateTime(), nullable=False),
+    sa.Column("lease_until", UTCDateTime()),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+outbox_parked_table = sa.Table(
+    "outbox_parked",
+    platform_md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(200), nullable=False),
+    sa.Column("subject", sa.String(200)),
+    sa.Column("time", UTCDateTime(), nullable=False),
+    sa.Column("traceparent", sa.String(64)),
+    sa.Column("data", sa.Text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("parked_at", UTCDateTime(), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+)
+
+probe_effect_table = sa.Table(
+    "probe_effect",
+    platform_md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("consumer", sa.String(100), nullable=False),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("event_time", UTCDateTime(), nullable=False),
+    sa.Column("applied_at", UTCDateTime(), nullable=False),
 )
 
 idempotency_table = sa.Table(

@@ -33,9 +33,16 @@ DOCS_ASSETS_PATH = "/docs-assets"
 _DOCS_ASSETS_PACKAGE = ("fastapi_offline", "static")
 
 
-def install_common(app: FastAPI, registry: CollectorRegistry, ready: ReadyCheck) -> None:
+def install_common(
+    app: FastAPI,
+    registry: CollectorRegistry,
+    ready: ReadyCheck,
+    *,
+    refresh_metrics: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Error mapping (the one place errors become HTTP), traceparent, /health /ready /metrics,
-    offline /docs and /redoc."""
+    offline /docs and /redoc. ``refresh_metrics`` runs before every scrape (figures read
+    fresh from the database)."""
 
     @app.exception_handler(ForecourtError)
     async def _forecourt_error(_request: Request, exc: ForecourtError) -> JSONResponse:
@@ -86,6 +93,8 @@ def install_common(app: FastAPI, registry: CollectorRegistry, ready: ReadyCheck)
 
     @app.get("/metrics", include_in_schema=False)
     async def _metrics() -> Response:
+        if refresh_metrics is not None:
+            await refresh_metrics()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -237,13 +237,6 @@ async def ingest_batch(
                 "raised_at": now,
             }
         )
-        log.warning(
-            "sales.alert",
-            kind=kind,
-            station=station_code,
-            sale_id=str(sale_id) if sale_id else None,
-            **details,
-        )
 
     for item in batch.refused:
         alert(
@@ -328,6 +321,15 @@ async def ingest_batch(
         if new_book != book:
             await store.save_sequence_book(station_code, new_book, now)
         await uow.emit_records(events)
+    # Said once the batch is committed: a rolled-back batch raised nothing.
+    for row in alerts:
+        log.warning(
+            "sales.alert",
+            kind=row["kind"],
+            station=station_code,
+            sale_id=str(row["sale_id"]) if row["sale_id"] else None,
+            **json.loads(row["details"]),
+        )
     if batch.refused:
         results.extend(_refused_result(item) for item in batch.refused)
         results.sort(key=itemgetter("index"))  # the request's order

@@ -1,0 +1,210 @@
+"""``forecourt chaos``: fault-injection runs on real processes (see docs/chaos.md).
+
+``forecourt chaos delivery`` runs HQ, the outbox relay and a consumer host as separate
+processes, injects faults while sales are uploaded, and checks that every event was
+processed or dead-lettered, none twice and none left pending. Failures are one line on
+stderr (``FORECOURT_DEBUG=1`` shows the traceback); exit status 0: the guarantees held,
+1: they did not (the line says which) or the run could not be carried out, 2: a usage
+error, 130/143: interrupted by SIGINT/SIGTERM (its processes stopped, its database and
+stream removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CLEANUP_S = 45.0  # an interrupted run stops its processes and drops its data within this
+
+
+@click.group()
+def chaos() -> None:
+    """Fault-injection runs: real HQ, relay and consumer processes, real faults."""
+
+
+@chaos.command()
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="A SQLite file in the work folder and the in-process bus (default: a fresh "
+    "PostgreSQL database and a NATS JetStream stream of the run's own).",
+)
+@click.option(
+    "--sales",
+    type=click.IntRange(100, 1_000_000),
+    default=None,
+    help="Ordinary sales to upload (default: 5000; 1500 with --quick).",
+)
+@click.option(
+    "--quick", is_flag=True, help="Fewer sales, a shorter outage and pacing (well under a minute)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the processes' logs (and, with --embedded, the SQLite file) here "
+    "(default: a temporary folder, removed at the end).",
+)
+@click.option(
+    "--postgres-url",
+    default="postgresql://postgres@127.0.0.1:5432/postgres",
+    show_default=True,
+    help="PostgreSQL server (and a database to connect to) where the run creates, then "
+    "drops, a database of its own.",
+)
+@click.option(
+    "--nats-url",
+    default="nats://127.0.0.1:4222",
+    show_default=True,
+    help="NATS server with JetStream; the run's stream is deleted at the end.",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the sales mix.")
+def delivery(
+    embedded: bool,
+    sales: int | None,
+    quick: bool,
+    as_json: bool,
+    workdir: Path | None,
+    postgres_url: str,
+    nats_url: str,
+    seed: int,
+) -> None:
+    """Inject delivery faults while sales are ingested, then count every event.
+
+    HQ, the relay and a consumer host (the probe consumer) run as separate processes. The
+    run cuts the consumer host's database for longer than its retry budget, kills the
+    consumer host on the last allowed delivery of a poison event and after an effect
+    before its ack, kills the relay between publish and delete, uploads conflicting
+    payloads for one sale and writes an outbox row too large for the bus. Then it drains
+    and counts the events expected (from HQ's sales), processed, dead-lettered, lost,
+    processed twice and pending.
+
+    Exit status 0 when none is lost, processed twice or pending and every injected crash
+    was observed; 1 otherwise.
+    """
+    from forecourt.chaos.delivery import DeliveryOptions, run_delivery, verdict
+
+    opts = DeliveryOptions(
+        embedded=embedded,
+        sales=sales,
+        quick=quick,
+        workdir=workdir,
+        postgres_url=postgres_url,
+        nats_url=nats_url,
+        seed=seed,
+    )
+
+    def progress(line: str) -> None:
+        if not as_json:
+            click.echo(line, err=True)
+
+    try:
+        result, interrupted_by = asyncio.run(_interruptible(run_delivery(opts, progress)))
+    except Exception as exc:
+        if os.environ.get("FORECOURT_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        raise _failure(exc) from None
+    if interrupted_by is not None or result is None:
+        signum = interrupted_by or signal.SIGINT
+        click.echo(
+            f"chaos run interrupted ({signal.Signals(signum).name}): its processes stopped, "
+            "its database and stream removed",
+            err=True,
+        )
+        sys.exit(128 + signum)
+    problems = verdict(result)
+    if as_json:
+        click.echo(json.dumps(result, separators=(",", ":")))
+    else:
+        _print_summary(result)
+    if problems:
+        click.echo(f"chaos delivery failed: {'; '.join(problems)}", err=True)
+        sys.exit(1)
+
+
+def _failure(exc: Exception) -> click.ClickException:
+    """One line for the operator, as every forecourt command gives."""
+    from forecourt.cli import Failure, explain
+
+    message, code = explain(exc, {})
+    return Failure(message, code)
+
+
+async def _interruptible(work: Coroutine[Any, Any, T]) -> tuple[T | None, int | None]:
+    """Run ``work`` as a task that the first SIGINT/SIGTERM cancels (its own cleanup stops
+    what it started); (result, None) or (None, the signal). A cleanup still running
+    :data:`CLEANUP_S` after the signal is cut short: every process of the run is killed."""
+    from forecourt.chaos.delivery import kill_everything
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    received: list[int] = []
+
+    def overdue(signum: int) -> None:
+        kill_everything()
+        click.echo(f"chaos run interrupted; its cleanup took over {CLEANUP_S:.0f} s", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def on_signal(signum: int) -> None:
+        if received:
+            return  # already stopping: a second cancel would cut the cleanup short
+        received.append(signum)
+        click.echo("stopping…", err=True)
+        task.cancel()
+        loop.call_later(CLEANUP_S, overdue, signum)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await task, None
+    except asyncio.CancelledError:
+        if received:
+            return None, received[0]
+        raise
+    except Exception:
+        if received:  # failed while being stopped: the interruption is the news
+            return None, received[0]
+        raise
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    click.echo(
+        f"{result['backend']}: {result['sales']} sales, {result['conflicts']} conflicts → "
+        f"{result['events']} events in {result['seconds']:g} s"
+    )
+    click.echo(
+        f"  processed {result['processed']}, dead-lettered {result['dead_lettered']} "
+        f"({result['dead_lettered_marked']} of {result['marked_to_fail']} marked to fail), "
+        f"parked {result['parked']}"
+    )
+    click.echo(
+        f"  lost {result['lost']}, processed twice {result['processed_twice']}, "
+        f"pending {result['pending']}"
+    )
+    republished = result.get("republished")
+    click.echo(
+        f"  crashes observed: {', '.join(result['crashes']) or 'none'}; outage "
+        f"{result['outage_s']:g} s"
+        + (f"; {republished} events published twice" if republished else "")
+    )
+
+
+if __name__ == "__main__":
+    chaos()

@@ -1,0 +1,44 @@
+"""The ``probe`` consumer: a diagnostic consumer whose effect is one row per event.
+
+It takes every sales event and writes one ``platform.probe_effect`` row each time it
+applies one (no unique key, on purpose: an event applied twice shows as two rows). A sale
+whose ``shift_id`` is ``probe:fail`` makes it fail every time, so that event ends in the
+dead-letter store. ``forecourt chaos delivery`` and the ingest benchmark run it
+(``forecourt worker --consumers probe``); it is not a default consumer.
+"""
+
+from __future__ import annotations
+
+from forecourt.infra.consumers import Consumer
+from forecourt.infra.db import UnitOfWork, probe_effect_table
+from forecourt.kernel.events import Envelope
+
+FAIL_MARKER = "probe:fail"
+
+
+class ProbeRefused(RuntimeError):
+    """The probe refuses an event marked to fail."""
+
+
+async def apply_probe(envelope: Envelope, uow: UnitOfWork) -> None:
+    if envelope.data.get("shift_id") == FAIL_MARKER:
+        raise ProbeRefused(f"event {envelope.id} is marked {FAIL_MARKER!r}")
+    await uow.conn.execute(
+        probe_effect_table.insert().values(
+            consumer="probe",
+            event_id=envelope.id,
+            event_time=envelope.time,
+            applied_at=uow.db.clock.now(),
+        )
+    )
+
+
+PROBE = Consumer(
+    "probe",
+    ("forecourt.sales.>",),
+    apply_probe,
+    max_deliver=5,
+    batch_size=200,
+    default=False,
+    description="diagnostic: one platform.probe_effect row per sales event applied",
+)
