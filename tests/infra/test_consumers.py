@@ -356,10 +356,14 @@ async def test_retention_purges_old_inbox_rows_dead_letters_and_expired_keys(db:
             ],
         )
     assert await running.handle_batch(spec, [delivery(event(50), 1)]) == [None]
+    assert await running.handle_batch(spec, [delivery(event(51), 1)]) == [None]
     async with db.begin() as uow:
         await uow.conn.execute(dead_letter_table.update().values(dead_at=old))
+    asked = (await list_dead_letters(db))[-1]
+    assert await request_replay(db, [asked.id]) == 1  # asked for: kept however old
     purged = await running.purge_once()
     assert purged == {"inbox": 1, "dead_letter": 1, "idempotency": 1}
+    assert [d.id for d in await list_dead_letters(db)] == [asked.id]
     assert await running.purge_once() == {"inbox": 0, "dead_letter": 0, "idempotency": 0}
 
 
@@ -400,6 +404,24 @@ async def test_a_dead_letter_that_cannot_be_stored_leaves_the_message_pending(
     assert not running.outage
     (letter,) = await list_dead_letters(db)
     assert letter.event_id == e.id
+
+
+async def test_a_delivery_past_its_budget_stays_pending_while_its_dead_letter_cannot_be_stored(
+    proxied_pg: tuple[Database, FaultProxy],
+) -> None:
+    db, proxy = proxied_pg
+    effects = Effects("late")
+    spec = consumer("late", effects, max_deliver=2)
+    running = host(db, NoBus(), [spec])  # type: ignore[arg-type]
+    late = event(61)
+    broken = Delivery("evt-61", 1, {"ce-id": "evt-61"}, b"not an event", "a.b")
+    proxy.cut()
+    verdicts = await running.handle_batch(spec, [delivery(late, 3), broken])
+    assert all(v is not None for v in verdicts), "settled although nothing could be stored"
+    proxy.pass_through()
+    assert await running.handle_batch(spec, [delivery(late, 4), broken]) == [None, None]
+    assert {d.event_id for d in await list_dead_letters(db)} == {late.id, "evt-61"}
+    assert effects.calls == 0
 
 
 async def test_a_database_outage_longer_than_the_retry_budget_loses_and_dead_letters_nothing(
