@@ -1527,6 +1527,95 @@ def status(as_json: bool, database_url: str | None, bus_url: str | None) -> None
         click.echo("pending '-': the bus has no subscription of that consumer yet")
 
 
+@events.command("parked")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def parked(as_json: bool, database_url: str | None) -> None:
+    """List the events the broker refused for good (kept in platform.outbox_parked with the
+    reason; the relay published everything behind them)."""
+    import sqlalchemy as sa
+
+    from forecourt.infra.db import outbox_parked_table
+
+    settings = _hq_settings(database_url)
+
+    async def work(db: Any) -> list[dict[str, Any]]:
+        t = outbox_parked_table
+        query = sa.select(t.c.id, t.c.event_id, t.c.type, t.c.parked_at, t.c.reason, t.c.data)
+        async with db.connection() as conn:
+            rows = (await conn.execute(query.order_by(t.c.id))).all()
+        return [
+            {
+                "id": r.id,
+                "event_id": r.event_id,
+                "type": r.type,
+                "parked_at": r.parked_at.isoformat(),
+                "reason": r.reason,
+                "bytes": len(r.data.encode()),
+            }
+            for r in rows
+        ]
+
+    rows = _events_run(settings, work)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no parked events")
+        return
+    table = Table(title="Parked events", title_justify="left")
+    for column in ("id", "event id", "type", "bytes", "parked at", "reason"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["event_id"],
+            r["type"],
+            str(r["bytes"]),
+            r["parked_at"],
+            _first_text_line(r["reason"]),
+        )
+    _wide_console().print(table)
+    click.echo("put them back with: forecourt events requeue ID... | --all")
+
+
+@events.command("requeue")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "every", is_flag=True, help="Every parked event.")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def requeue(ids: tuple[int, ...], every: bool, database_url: str | None) -> None:
+    """Move parked events back into the outbox, to be published again (e.g. once the
+    stream's limits allow them)."""
+    from forecourt.infra.db import outbox_parked_table
+    from forecourt.infra.relay import requeue_parked
+
+    if bool(ids) == every:
+        raise click.UsageError("name parked event ids or --all (see: forecourt events parked)")
+    settings = _hq_settings(database_url)
+
+    async def work(db: Any) -> tuple[int, list[int]]:
+        import sqlalchemy as sa
+
+        t = outbox_parked_table
+        if ids:
+            async with db.connection() as conn:
+                known = set(
+                    (await conn.execute(sa.select(t.c.id).where(t.c.id.in_(ids)))).scalars()
+                )
+            unknown = sorted(set(ids) - known)
+            if unknown:
+                return 0, unknown
+        return await requeue_parked(db, list(ids) if ids else None), []
+
+    moved, unknown = _events_run(settings, work)
+    if unknown:
+        raise Failure(
+            f"no parked event {', '.join(map(str, unknown))} — list them with: "
+            "forecourt events parked"
+        )
+    click.echo(f"{_plural(moved, 'event')} back in the outbox; the relay publishes them")
+
+
 async def _stream_usage(bus: Any) -> dict[str, Any] | None:
     """The NATS stream's figures (messages, bytes, limits, usage); None on the in-process
     bus or when the stream does not exist."""

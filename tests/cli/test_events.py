@@ -346,3 +346,69 @@ def test_a_sale_the_probe_refuses_ends_as_a_dead_letter_and_fails_again_on_repla
         code = hq.stop(signal.SIGTERM)
     assert code == 0, hq.stderr()
     assert "Traceback" not in hq.stderr()
+
+
+async def park(url: str, count_: int) -> list[int]:
+    from forecourt.infra.db import outbox_parked_table
+
+    db = Database(url)
+    await db.connect()
+    try:
+        await upgrade(db)
+        now = datetime.now(UTC)
+        async with db.begin() as uow:
+            await uow.conn.execute(
+                outbox_parked_table.insert(),
+                [
+                    {
+                        "id": 100 + n,
+                        "event_id": f"evt-parked-{n}",
+                        "type": "com.forecourt.sales.sale.completed.v1",
+                        "source": "/forecourt/sales",
+                        "subject": None,
+                        "time": now,
+                        "traceparent": None,
+                        "data": "{}",
+                        "created_at": now,
+                        "parked_at": now,
+                        "reason": "message size exceeds maximum allowed",
+                    }
+                    for n in range(count_)
+                ],
+            )
+    finally:
+        await db.dispose()
+    return [100 + n for n in range(count_)]
+
+
+async def outbox_ids(url: str) -> list[str]:
+    from forecourt.infra.db import outbox_table
+
+    db = Database(url)
+    await db.connect()
+    try:
+        async with db.connection() as conn:
+            return list((await conn.execute(sa.select(outbox_table.c.event_id))).scalars())
+    finally:
+        await db.dispose()
+
+
+async def test_parked_events_are_listed_and_requeued_into_the_outbox(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    assert events(["parked"], tmp_path, sqlite_url).stdout.strip() == "no parked events"
+    ids = await park(sqlite_url, 2)
+    listed = events(["parked", "--json"], tmp_path, sqlite_url)
+    assert listed.code == 0, listed.stderr
+    assert [r["id"] for r in json.loads(listed.stdout)] == ids
+    assert "maximum allowed" in events(["parked"], tmp_path, sqlite_url).stdout
+    unknown = events(["requeue", "999"], tmp_path, sqlite_url)
+    assert unknown.code == 1
+    assert "no parked event 999" in unknown.one_line_error()
+    assert events(["requeue"], tmp_path, sqlite_url).code == 2
+    moved = events(["requeue", str(ids[0])], tmp_path, sqlite_url)
+    assert moved.code == 0, moved.stderr
+    assert "1 event back in the outbox" in moved.stdout
+    assert await outbox_ids(sqlite_url) == ["evt-parked-0"]
+    assert "2 event" not in events(["requeue", "--all"], tmp_path, sqlite_url).stdout
+    assert sorted(await outbox_ids(sqlite_url)) == ["evt-parked-0", "evt-parked-1"]

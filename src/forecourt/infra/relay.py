@@ -293,19 +293,8 @@ class OutboxRelay(BackgroundService):
         return int(value or 0)
 
     async def requeue_parked(self, ids: list[int] | None = None) -> int:
-        """Move parked rows (these ids, or all when None) back into the outbox, to be
-        published again (e.g. once the stream's limits were raised); returns how many."""
-        p, t = outbox_parked_table, outbox_table
-        where = sa.true() if ids is None else p.c.id.in_(ids)
-        async with self.db.begin() as uow:
-            chosen = sa.select(*(p.c[c] for c in OUTBOX_COLUMNS)).where(where).order_by(p.c.id)
-            await uow.conn.execute(t.insert().from_select(list(OUTBOX_COLUMNS), chosen))
-            result = await uow.conn.execute(p.delete().where(where))
-            moved = int(result.rowcount or 0)
-        if moved:
-            log.info("relay.parked_requeued", events=moved)
-            self.db.outbox_signal.set()
-        return moved
+        """Move parked rows back into the outbox (see :func:`requeue_parked`)."""
+        return await requeue_parked(self.db, ids)
 
     # --- running ----------------------------------------------------------------------
 
@@ -349,3 +338,19 @@ class OutboxRelay(BackgroundService):
                 continue
             # After a failure the backoff is waited out: new rows must not cut it short.
             await asyncio.sleep(backoff)
+
+
+async def requeue_parked(db: Database, ids: list[int] | None = None) -> int:
+    """Move parked rows (these ids, or all when None) back into the outbox, to be
+    published again (e.g. once the stream's limits were raised); returns how many."""
+    p, t = outbox_parked_table, outbox_table
+    where = sa.true() if ids is None else p.c.id.in_(ids)
+    async with db.begin() as uow:
+        chosen = sa.select(*(p.c[c] for c in OUTBOX_COLUMNS)).where(where).order_by(p.c.id)
+        await uow.conn.execute(t.insert().from_select(list(OUTBOX_COLUMNS), chosen))
+        result = await uow.conn.execute(p.delete().where(where))
+        moved = int(result.rowcount or 0)
+    if moved:
+        log.info("relay.parked_requeued", events=moved)
+        db.outbox_signal.set()
+    return moved
