@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -27,11 +27,11 @@ from forecourt.infra.bus import Delivery, PublishRefused, Verdict
 from forecourt.infra.bus.memory import MemoryBus
 from forecourt.infra.db import Database, delivery_table, subscription_table
 from forecourt.infra.relay import OutboxRelay
+from forecourt.kernel.events import Envelope, event_type
 from tests.infra.support import platform_db
 from tests.infra.support import sale_event as event
 from tests.support import eventually
 
-SETTLE = 0.3  # how long "nothing else arrives" is watched for
 SALES = ["forecourt.sales.>"]
 
 
@@ -69,7 +69,20 @@ async def delivery_rows(db: Database, consumer: str) -> list[tuple[int, datetime
 
 
 async def settled(bus: MemoryBus, consumer: str) -> bool:
+    """No delivery row of ``consumer`` is left (waiting or in flight): nothing more can
+    arrive for it until something new is published. Checked instead of watching for a
+    while that nothing else arrives."""
     return await bus.pending(consumer) == 0
+
+
+def voided_event(n: int = 0) -> Envelope:
+    return Envelope(
+        type=event_type("sales", "sale.voided"),
+        source="/stations/st-0042",
+        subject=f"sale-{n}",
+        time=datetime.now(UTC),
+        data={"n": n},
+    )
 
 
 # --- on both databases --------------------------------------------------------------------
@@ -96,7 +109,7 @@ async def test_events_published_through_the_relay_survive_a_restart_before_any_c
         rec = Recorder()
         await bus.subscribe("mem-restart", SALES, rec)
         await eventually(lambda: len(rec.deliveries) >= 12, what="every event after restart")
-        await asyncio.sleep(SETTLE)
+        await eventually(lambda: settled(bus, "mem-restart"), what="all settled")
         assert sorted(rec.ids()) == sorted(e.id for e in events)
         by_id = {d.event_id: d for d in rec.deliveries}
         for sent in events:
@@ -106,7 +119,6 @@ async def test_events_published_through_the_relay_survive_a_restart_before_any_c
             assert got.body == sent.body()
             assert got.subject == sent.bus_subject
             assert got.attempt == 1
-        await eventually(lambda: settled(bus, "mem-restart"), what="all settled")
         await bus.close()
 
 
@@ -123,7 +135,8 @@ async def test_a_subscription_gets_what_is_published_after_it_and_nothing_from_b
     await bus.subscribe("mem-late", SALES, late_rec)
     await bus.publish(after)
     await eventually(lambda: after.id in early_rec.ids() and after.id in late_rec.ids())
-    await asyncio.sleep(SETTLE)
+    await eventually(lambda: settled(bus, "mem-early"), what="mem-early settled")
+    await eventually(lambda: settled(bus, "mem-late"), what="mem-late settled")
 
     assert sorted(early_rec.ids()) == sorted([before.id, after.id])
     assert late_rec.ids() == [after.id]  # no history: 'before' was not kept for it
@@ -141,10 +154,13 @@ async def test_subscriptions_are_durable_rows_and_filters_follow_nats_wildcards(
     )
     assert await bus.pending("mem-voided") == 0
     completed = event(1)  # sale.completed: not matched
+    marker = voided_event(2)  # matched, published after it: had no better chance
 
     await bus.publish(completed)
-    await asyncio.sleep(SETTLE)
-    assert voided_rec.deliveries == []
+    await bus.publish(marker)
+    await eventually(lambda: voided_rec.deliveries, what="the marker's delivery")
+    await eventually(lambda: settled(bus, "mem-voided"), what="mem-voided settled")
+    assert voided_rec.ids() == [marker.id]
     await bus.close()
 
     async with db.connection() as conn:
@@ -195,7 +211,7 @@ async def test_a_handler_running_longer_than_ack_wait_keeps_its_lease(db: Databa
 
     async def slow(batch: Sequence[Delivery]) -> list[Verdict]:
         slow_calls.extend(d.attempt for d in batch)
-        await asyncio.sleep(ack_wait * 3)  # the lease is extended meanwhile
+        await asyncio.sleep(ack_wait * 3)  # deliberately slow: the lease is extended meanwhile
         return [None] * len(batch)
 
     await bus.subscribe("mem-long", SALES, slow)
@@ -249,11 +265,10 @@ async def test_a_delay_verdict_is_honoured(db: Database) -> None:
     sent = event(5)
     await bus.publish(sent)
     await eventually(lambda: len(rec.deliveries) >= 2, what="the delayed redelivery")
-    await asyncio.sleep(SETTLE)
+    await eventually(lambda: settled(bus, "mem-delay"), what="mem-delay settled")
 
     assert [d.attempt for d in rec.deliveries] == [1, 2]
     assert seen_at[1] - seen_at[0] >= delay * 0.9
-    await eventually(lambda: settled(bus, "mem-delay"))
     await bus.close()
 
 
@@ -363,7 +378,7 @@ async def test_a_subscription_made_by_another_process_is_seen_by_publishes(
         other = fast_bus(other_db)
         rec = Recorder()
         await other.subscribe("mem-other", SALES, rec)
-        await asyncio.sleep(0.25)  # the publisher's cache is older than its ttl
+        await asyncio.sleep(0.25)  # the time under test: the publisher's cache outlives its ttl
         sent = event(1)
         await publisher.publish(sent)
         await eventually(lambda: rec.ids() == [sent.id], what="the other process's delivery")
@@ -413,7 +428,7 @@ async def test_two_subscriptions_with_one_name_share_the_rows_without_doubles(
 
         class Slow(Recorder):
             async def __call__(self, batch: Sequence[Delivery]) -> list[Verdict]:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # deliberately slow: both get a share
                 return await super().__call__(batch)
 
         rec_a, rec_b = Slow(), Slow()
@@ -427,8 +442,7 @@ async def test_two_subscriptions_with_one_name_share_the_rows_without_doubles(
         await eventually(
             lambda: len(rec_a.deliveries) + len(rec_b.deliveries) >= 150, what="every event"
         )
-        await eventually(lambda: settled(bus_a, "mem-shared"))
-        await asyncio.sleep(SETTLE)
+        await eventually(lambda: settled(bus_a, "mem-shared"), what="mem-shared settled")
 
         got = rec_a.ids() + rec_b.ids()
         assert rec_a.deliveries, "subscription A got nothing: the rows were not shared"

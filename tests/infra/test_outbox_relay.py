@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncConnection
 from structlog.testing import capture_logs
 
@@ -46,7 +47,6 @@ from tests.infra.support import Buses, platform_db
 from tests.infra.support import sale_event as event
 from tests.support import eventually
 
-SETTLE = 0.3
 SALES = ["forecourt.sales.>"]
 
 
@@ -140,7 +140,7 @@ class SpyBus:
             self.entered.set()
             if self.block is not None:
                 await self.block.wait()
-            if self.delay:
+            if self.delay:  # a deliberately slow broker: publishes overlap
                 await asyncio.sleep(self.delay)
             if self.full:
                 raise BusFull("stream 'FORECOURT' is full: maximum bytes exceeded")
@@ -172,6 +172,23 @@ class Recorder:
 
     def ids(self) -> list[str]:
         return [d.event_id for d in self.deliveries]
+
+
+async def everything_arrived(bus: Bus, consumer: str, rec: Recorder) -> None:
+    """Wait until whatever was published for ``consumer`` so far has arrived (in place of
+    watching for a while that nothing else does): a marker published after it has been
+    delivered, and nothing of the consumer is pending (waiting or unacknowledged). A
+    delivery still to come would be pending or would have had the marker's chance. The
+    marker's deliveries are then taken out of ``rec``."""
+    marker = event(-1, marker=True)
+    await bus.publish(marker)
+    await eventually(lambda: marker.id in rec.ids(), what="the marker's delivery")
+    await eventually(lambda: _pending_is_zero(bus, consumer), what=f"{consumer} settled")
+    rec.deliveries = [d for d in rec.deliveries if d.event_id != marker.id]
+
+
+async def _pending_is_zero(bus: Bus, consumer: str) -> bool:
+    return await bus.pending(consumer) == 0
 
 
 async def unpublished_ids(db: Database) -> set[str]:
@@ -208,6 +225,11 @@ async def test_events_are_published_only_once_their_unit_of_work_commits(
     async with platform_db(db_url, migrate=False) as relay_db:  # the relay's own process
         spy = SpyBus(bus)
         relay = OutboxRelay(relay_db, spy)
+        at_the_lock = asyncio.Event()
+        if relay_db.is_sqlite:  # runs before the relay's BEGIN IMMEDIATE (inserted first)
+            sa_event.listen(
+                relay_db.engine.sync_engine, "begin", lambda _c: at_the_lock.set(), insert=True
+            )
 
         async with db.begin() as uow:
             await uow.emit(committed)
@@ -216,15 +238,19 @@ async def test_events_are_published_only_once_their_unit_of_work_commits(
         async with db.begin() as uow:
             await uow.emit(held)
             while_open = asyncio.create_task(relay.drain())
-            await asyncio.sleep(SETTLE)
-            # PostgreSQL: the relay ran and saw only committed rows. SQLite: it is waiting
-            # for the writer. Either way the held event has not left the database.
+            # PostgreSQL: the relay's pass ends, having seen only committed rows. SQLite:
+            # its first statement waits for this writer's lock. Either way the held event
+            # has not left the database.
+            async with asyncio.timeout(10):
+                if relay_db.is_sqlite:
+                    await at_the_lock.wait()
+                else:
+                    assert await while_open == 1
             assert held.id not in spy.published
             assert held.id not in rec.ids()
         await while_open
         await relay.drain()
-        await eventually(lambda: {committed.id, held.id} <= set(rec.ids()))
-        await asyncio.sleep(SETTLE)
+        await everything_arrived(bus, "relay-commit", rec)
 
         assert sorted(spy.published) == sorted([committed.id, held.id])
         assert sorted(rec.ids()) == sorted([committed.id, held.id])
@@ -254,8 +280,7 @@ async def test_drain_publishes_the_whole_backlog(db: Database, relay_buses: Buse
     assert relay.published == 25
     assert relay.parked == relay.failures == 0
     assert sorted(spy.published) == sorted(e.id for e in events)
-    await eventually(lambda: len(rec.deliveries) >= 25)
-    await asyncio.sleep(SETTLE)
+    await everything_arrived(bus, "relay-drain", rec)
     assert sorted(rec.ids()) == sorted(e.id for e in events)
     assert await relay.drain() == 0
 
@@ -287,8 +312,7 @@ async def test_a_crash_after_the_publish_keeps_the_rows_and_the_event_arrives_on
     assert await unpublished_ids(db) == {sent.id}  # ...and the delete never committed
     restarted = SpyBus(bus)
     assert await OutboxRelay(db, restarted).drain() == 1
-    await eventually(lambda: rec.ids())
-    await asyncio.sleep(SETTLE)
+    await everything_arrived(bus, "relay-crash", rec)
 
     assert restarted.published == [sent.id]
     assert await unpublished_ids(db) == set()
@@ -338,8 +362,7 @@ async def test_a_refused_event_is_parked_and_the_events_behind_it_flow(
     assert await relay.parked_count() == 0
     assert await unpublished_ids(db) == {refused.id}
     assert await relay.drain() == 1
-    await eventually(lambda: refused.id in rec.ids())
-    await asyncio.sleep(SETTLE)
+    await everything_arrived(bus, "relay-park", rec)
     assert sorted(rec.ids()) == sorted(e.id for e in events)
     assert rec.deliveries[-1].envelope() == refused
 
@@ -407,7 +430,7 @@ async def test_a_full_bus_makes_the_running_relay_back_off(db: Database) -> None
         for i in range(20):  # new rows signal the relay: they must not cut the backoff
             async with db.begin() as uow:
                 await uow.emit(event(i))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the time the backoff is watched over
         elapsed = loop.time() - started
         await eventually(lambda: spy.calls >= 3)
     finally:
@@ -533,8 +556,7 @@ async def test_two_relays_side_by_side_split_the_rows_and_never_publish_one_twic
     assert len(published) == len(set(published)) == 120
     assert set(published) == {e.id for e in events}
     assert await unpublished_ids(pg_db) == set()
-    await eventually(lambda: len(rec.deliveries) >= 120)
-    await asyncio.sleep(SETTLE)
+    await everything_arrived(bus, "relay-pair", rec)
     assert sorted(rec.ids()) == sorted(e.id for e in events)
 
 
