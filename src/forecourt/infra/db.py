@@ -263,16 +263,24 @@ probe_effect_table = sa.Table(
     sa.Column("applied_at", UTCDateTime(), nullable=False),
 )
 
+# One row per (scope, Idempotency-Key); infra/idempotency.py has the states. ``expires_at`` is
+# NULL while an outside call may have happened without a known outcome (``started``), so no
+# purge (``expires_at <= now``) ever frees such a key.
 idempotency_table = sa.Table(
     "idempotency",
     platform_md,
     sa.Column("scope", sa.String(100), primary_key=True),
-    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
     sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("owner", sa.String(200), nullable=False, server_default=""),
+    sa.Column("state", sa.String(20), nullable=False, server_default="reserved"),
+    sa.Column("lease_until", UTCDateTime()),
     sa.Column("status_code", sa.Integer()),
     sa.Column("response", sa.Text()),
+    sa.Column("response_headers", sa.Text()),
+    sa.Column("recovery_point", sa.Text()),
     sa.Column("created_at", UTCDateTime(), nullable=False),
-    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime()),
 )
 
 audit_outbox_table = sa.Table(
