@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from forecourt.kernel.money import Rounding
 from forecourt.sales.domain import (
+    SEQUENCE_JUMP,
     DispenseType,
     Sale,
     SalesError,
@@ -54,9 +55,15 @@ def test_every_sequence_received_in_any_order_closes_every_gap(order: list[int],
     assert book == SequenceBook(high_water=59, gaps=())
 
 
-def test_a_wild_sequence_number_costs_one_range_not_memory() -> None:
+def test_a_far_sequence_number_costs_one_range_not_memory() -> None:
+    far = SEQUENCE_JUMP  # the farthest that is not a jump from an empty book
+    book = SequenceBook().receive([1, far])
+    assert book.gaps == ((2, far - 1),)
+
+
+def test_a_wild_sequence_number_is_kept_aside_not_a_range_of_missing_sales() -> None:
     book = SequenceBook().receive([1, 10**15])
-    assert book.gaps == ((2, 10**15 - 1),)
+    assert (book.high_water, book.gaps, book.jumps) == (1, (), (10**15,))
 
 
 def test_sequence_numbers_start_at_one() -> None:

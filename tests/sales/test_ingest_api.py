@@ -129,16 +129,18 @@ async def test_unknown_references_quarantine_the_sale_but_store_it(hq: Hq) -> No
 async def test_an_amount_beyond_the_dispenser_rounding_is_recorded_flagged_and_announced(
     hq: Hq,
 ) -> None:
-    within = make_sale(amount_minor=30201)  # one fen off: inside the dispenser's resolution
+    # FP1 charges to the fen, rounding half up: its amount is exactly volume x price.
+    exact = make_sale(amount_minor=30200)
+    one_fen_off = make_sale(amount_minor=30201)
     beyond = make_sale(amount_minor=30215)
-    response = await hq.upload("S001", [within, beyond])
+    response = await hq.upload("S001", [exact, one_fen_off, beyond])
     results = response.json()["results"]
     assert results[0] == {**results[0], "status": "created", "flags": []}
-    assert results[1]["status"] == "created"
-    assert results[1]["flags"] == ["amount_mismatch"]
-    assert await count(hq, sale_t) == 2
-    assert (await _outbox_types(hq)).count("com.forecourt.sales.sale.amount_mismatch.v1") == 1
-    assert await count(hq, alert_t, alert_t.c.kind == "amount_mismatch") == 1
+    assert [r["status"] for r in results[1:]] == ["created", "created"]
+    assert [r["flags"] for r in results[1:]] == [["amount_mismatch"]] * 2
+    assert await count(hq, sale_t) == 3
+    assert (await _outbox_types(hq)).count("com.forecourt.sales.sale.amount_mismatch.v1") == 2
+    assert await count(hq, alert_t, alert_t.c.kind == "amount_mismatch") == 2
 
 
 async def test_a_natural_key_collision_is_flagged_and_nothing_is_dropped(hq: Hq) -> None:

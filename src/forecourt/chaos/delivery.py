@@ -76,6 +76,7 @@ from forecourt.infra.migrate import upgrade
 from forecourt.infra.probe import FAIL_MARKER, PROBE
 from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.ids import new_id
+from forecourt.kernel.money import Rounding, charge_minor
 from forecourt.sales.contracts import (
     SALE_AMOUNT_MISMATCH,
     SALE_COMPLETED,
@@ -661,15 +662,18 @@ class StationClient:
         now = datetime.now(UTC)
         volume = self.rng.randint(500, 6000) * 10
         start = self.txn * 100_000
+        fp = self.rng.randint(1, 8)
+        # The sample chain's S001: fuelling points 3, 4, 7 and 8 round half-even.
+        rounding = Rounding.HALF_EVEN if fp in (3, 4, 7, 8) else Rounding.HALF_UP
         return {
             "sale_id": str(new_id()),
             "station_seq": self.seq,
-            "fuelling_point": self.rng.randint(1, 8),
+            "fuelling_point": fp,
             "nozzle": 1,
             "grade": "92",
             "volume_ml": volume,
             "unit_price_mmu": 755_000,
-            "amount_minor": (volume * 755_000 + 500_000) // 1_000_000,
+            "amount_minor": charge_minor(volume, 755_000, 1, rounding),
             "currency": "CNY",
             "price_version": "chaos",
             "snapshot_version": 1,

@@ -3,11 +3,20 @@
 Upload schema versions: HQ accepts N and N−1 (``SUPPORTED_SCHEMA_VERSIONS``); edges send the
 newest they know. A v2 batch may hold v1 items too: an edge upgraded with a full outbox
 still holds payloads it journaled as v1, and sends them as they are.
+
+What the schema refuses is what HQ cannot store or compute with, never what is merely odd
+(an odd sale is stored and flagged, see ``sales.domain``): times outside the years
+2000–2100 (UTC) or with an offset beyond ±18:00, dates outside 2000–2100, integers beyond
+the bounds below (well inside PostgreSQL's bigint, exact in JSON), and control characters
+(U+0000–U+001F: PostgreSQL text cannot hold NUL, and no field of a sale has a use for the
+others) in any text field. A started time after the ended time is *not* refused: the meter
+is the meter, the sale is flagged.
 """
 
 from __future__ import annotations
 
-from datetime import date
+import re
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -33,16 +42,53 @@ SALE_AMOUNT_MISMATCH = event_type("sales", "sale.amount_mismatch")
 SALE_NATURAL_KEY_COLLISION = event_type("sales", "sale.natural_key_collision")
 
 BIG = 2**53  # keep every integer exact in JSON consumers too
+# Sane bounds of one dispensing's figures (far beyond any real one, far inside a bigint, and
+# their products and sums stay exact): 1 000 m³, 10⁹ minor units per litre, ±10¹⁵ minor units.
+MAX_VOLUME_ML = 10**9
+MAX_UNIT_PRICE_MMU = 10**12
+MAX_AMOUNT_MINOR = 10**15
+# Times and dates HQ takes: the years 2000 to 2100 (times in UTC), offsets as real zones have.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2101, 1, 1, tzinfo=UTC)  # exclusive
+FIRST_DATE = date(2000, 1, 1)
+LAST_DATE = date(2100, 12, 31)
+MAX_OFFSET = timedelta(hours=18)
+
+_CONTROL = re.compile("[\x00-\x1f]")
 
 
-def _no_nul(value: str) -> str:
-    # PostgreSQL text cannot hold NUL: refused here, the one item is answered ``refused``.
-    if "\x00" in value:
-        raise ValueError("text must not contain NUL characters")
+def _no_control(value: str) -> str:
+    # PostgreSQL text cannot hold NUL (it answered 500 for the whole batch once); no text
+    # field of a sale has a use for any other control character either. Refused here: the
+    # one item is answered ``refused``.
+    if _CONTROL.search(value) is not None:
+        raise ValueError("text must not contain control characters (U+0000 to U+001F)")
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]
+def _time_in_range(value: datetime) -> datetime:
+    # Year 1 or 9999 with an offset overflowed in UTC conversion (a 500): refused here.
+    offset = value.utcoffset()
+    if offset is None or abs(offset) > MAX_OFFSET:
+        raise ValueError("the UTC offset must be within ±18:00")
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not EARLIEST <= utc < LATEST:
+        raise ValueError("the time must be in the years 2000 to 2100 (UTC)")
+    return value
+
+
+def _date_in_range(value: date) -> date:
+    if not FIRST_DATE <= value <= LAST_DATE:
+        raise ValueError("the date must be in the years 2000 to 2100")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_control)]
+Time = Annotated[AwareDatetime, AfterValidator(_time_in_range)]
+Day = Annotated[date, AfterValidator(_date_in_range)]
 
 
 class SaleV1(BaseModel):
@@ -55,9 +101,9 @@ class SaleV1(BaseModel):
     fuelling_point: int = Field(ge=1, le=999)
     nozzle: int = Field(ge=1, le=99)
     grade: Text = Field(min_length=1, max_length=40)
-    volume_ml: int = Field(ge=0, lt=BIG)
-    unit_price_mmu: int = Field(ge=0, lt=BIG)
-    amount_minor: int = Field(gt=-BIG, lt=BIG)
+    volume_ml: int = Field(ge=0, le=MAX_VOLUME_ML)
+    unit_price_mmu: int = Field(ge=0, le=MAX_UNIT_PRICE_MMU)
+    amount_minor: int = Field(ge=-MAX_AMOUNT_MINOR, le=MAX_AMOUNT_MINOR)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
     price_version: Text | None = Field(default=None, max_length=64)
     snapshot_version: int = Field(ge=0, lt=BIG)
@@ -65,9 +111,9 @@ class SaleV1(BaseModel):
     totalizer_end_ml: int = Field(ge=0, lt=BIG)
     device_txn: int | None = Field(default=None, ge=0, lt=BIG)
     dispense_type: Literal["sale", "pump_test", "own_use", "drive_off"]
-    started_at: AwareDatetime | None = None
-    ended_at: AwareDatetime
-    business_date: date
+    started_at: Time | None = None
+    ended_at: Time
+    business_date: Day
     shift_id: Text = Field(min_length=1, max_length=40)
     schema_version: Literal[1] = 1
 
@@ -92,9 +138,9 @@ class SaleV2(BaseModel):
     fuelling_point: int = Field(ge=1, le=999)
     nozzle: int = Field(ge=1, le=99)
     grade: Text = Field(min_length=1, max_length=40)
-    volume_ml: int = Field(ge=0, lt=BIG)
-    unit_price_mmu: int = Field(ge=0, lt=BIG)
-    amount_minor: int = Field(gt=-BIG, lt=BIG)
+    volume_ml: int = Field(ge=0, le=MAX_VOLUME_ML)
+    unit_price_mmu: int = Field(ge=0, le=MAX_UNIT_PRICE_MMU)
+    amount_minor: int = Field(ge=-MAX_AMOUNT_MINOR, le=MAX_AMOUNT_MINOR)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
     price_version: Text | None = Field(default=None, max_length=64)
     snapshot_version: int = Field(ge=0, lt=BIG)
@@ -103,9 +149,9 @@ class SaleV2(BaseModel):
     totalizer_end_ml: int | None = Field(default=None, ge=0, lt=BIG)
     device_txn: int | None = Field(default=None, ge=0, lt=BIG)
     dispense_type: Literal["sale", "pump_test", "own_use", "drive_off"]
-    started_at: AwareDatetime | None = None
-    ended_at: AwareDatetime
-    business_date: date
+    started_at: Time | None = None
+    ended_at: Time
+    business_date: Day
     shift_id: Text = Field(min_length=1, max_length=40)
     device_id: Text = Field(min_length=1, max_length=64)  # the controller's identity
     # Bumped by the edge when the controller's transaction numbering starts again.

@@ -4,6 +4,36 @@ Pure Python: no frameworks. HQ stores every schema-valid sale (the dispenser is 
 meter); unknown references quarantine a sale, they never drop it. What the edge says about
 the device's values (``device_flags``) is stored and shown; only a legal-meter value the edge
 could not represent exactly quarantines the sale, so that a person looks at it.
+
+Absurd but real sales are stored, flagged and alerted, never dropped or refused (the upload
+schema refuses only what cannot be stored, see ``sales.contracts``). Each flagged sale raises
+alerts (one per :data:`ALERTED_FLAGS` member, kind = flag name, and ``quarantined`` when it
+is) and its event carries its flags. What each flag means and whether it quarantines:
+
+- ``zero_volume``: nothing dispensed (a nozzle lifted and hung up). Flag only.
+- ``negative_amount``: an amount below zero. Quarantine, whatever the dispense type: no type
+  has a use for it (``sale`` and ``drive_off`` are amounts owed, ``pump_test`` and
+  ``own_use`` are zero or priced at the pump; refunds are not dispensings). A negative
+  amount on a ``sale`` is how a skimmed till would look.
+- ``totalizer_reversed``: the end totalizer below the start one: the meter's own record
+  contradicts itself (or was tampered with). Quarantine.
+- ``ended_before_started``: a clock problem; the meter's volume and amount stand. Flag only.
+- ``business_date_far``: the business date more than :data:`BUSINESS_DATE_TOLERANCE` from
+  the day the sale ended (UTC); the sale would be booked into another period's accounts.
+  Quarantine.
+- ``duplicate_station_seq``: another sale (another ``sale_id``) already holds this
+  ``station_seq``, stored or earlier in the batch; the later one is flagged. Flag only: both
+  may be real, the edge's numbering is what is wrong.
+- ``sequence_jump``: a ``station_seq`` more than :data:`SEQUENCE_JUMP` beyond the high-water
+  mark. Flag only; the sequence book keeps it aside (no high-water move, no gap range).
+- ``amount_mismatch``: the amount is not volume × unit price as this dispenser rounds it (its
+  amount resolution and rounding; over- *and* under-reported). Flag only.
+- ``natural_key_collision``: the meter's transaction is already stored under another
+  ``sale_id``; summaries count it once. Flag only.
+- the reference flags (``unknown_fuelling_point``, ``unknown_nozzle``, ``grade_mismatch``,
+  ``currency_mismatch``) and ``inexact_device_value``: quarantine.
+
+A sale is quarantined when *any* of its flags is a quarantine flag, whatever else it has.
 """
 
 from __future__ import annotations
@@ -12,8 +42,8 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
 
 from forecourt.kernel.errors import ForecourtError
@@ -63,6 +93,14 @@ class Flag(enum.StrEnum):
     CURRENCY_MISMATCH = "currency_mismatch"
     # The edge's device flag of the same name: a meter value not representable in our units.
     INEXACT_DEVICE_VALUE = "inexact_device_value"
+    # Absurd but real values (see the module docstring)
+    ZERO_VOLUME = "zero_volume"
+    NEGATIVE_AMOUNT = "negative_amount"
+    TOTALIZER_REVERSED = "totalizer_reversed"
+    ENDED_BEFORE_STARTED = "ended_before_started"
+    BUSINESS_DATE_FAR = "business_date_far"
+    DUPLICATE_STATION_SEQ = "duplicate_station_seq"
+    SEQUENCE_JUMP = "sequence_jump"
 
 
 QUARANTINE_FLAGS = frozenset(
@@ -72,8 +110,38 @@ QUARANTINE_FLAGS = frozenset(
         Flag.GRADE_MISMATCH,
         Flag.CURRENCY_MISMATCH,
         Flag.INEXACT_DEVICE_VALUE,
+        Flag.NEGATIVE_AMOUNT,
+        Flag.TOTALIZER_REVERSED,
+        Flag.BUSINESS_DATE_FAR,
     }
 )
+# Flags alerted under their own kind (a quarantined sale is alerted ``quarantined`` too).
+ALERTED_FLAGS = frozenset(
+    {
+        Flag.AMOUNT_MISMATCH,
+        Flag.NATURAL_KEY_COLLISION,
+        Flag.ZERO_VOLUME,
+        Flag.NEGATIVE_AMOUNT,
+        Flag.TOTALIZER_REVERSED,
+        Flag.ENDED_BEFORE_STARTED,
+        Flag.BUSINESS_DATE_FAR,
+        Flag.DUPLICATE_STATION_SEQ,
+        Flag.SEQUENCE_JUMP,
+    }
+)
+
+# A business date further than this from the (UTC) day a sale ended is not a time zone or a
+# business-day cutoff (at most a day or two) nor a day closed late: ``business_date_far``.
+BUSINESS_DATE_TOLERANCE = timedelta(days=7)
+# A station_seq more than this beyond the high-water mark is a ``sequence_jump`` (a batch
+# holds at most 5 000 sales; an edge offline for weeks is a few 10 000 behind at most).
+SEQUENCE_JUMP = 100_000
+
+
+def quarantines(flags: Iterable[Flag]) -> bool:
+    """Whether a sale with these flags is quarantined: any quarantine flag, whatever else."""
+    return any(f in QUARANTINE_FLAGS for f in flags)
+
 
 # The meter's own identity of a sale: (device, epoch, fuelling point, nozzle, device
 # transaction, end totalizer). v1 sales know no device (None, None, …); a v2 sale whose
@@ -181,40 +249,90 @@ _EVENT_NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
 
 
 def amount_agrees(sale: Sale, *, resolution_minor: int, rounding: Rounding) -> bool:
-    """True when the amount is within one resolution unit of volume × unit price.
+    """True when the amount is exactly volume × unit price as this dispenser charges it:
+    rounded with its own rounding to its own amount resolution (1 fen, 10 fen …).
 
-    The dispenser rounds to its own resolution; anything further off means the meter, the
-    price or the journal is wrong, so the sale is recorded and flagged.
+    The dispenser computes its amount from the volume and price it reports, with integer
+    rules HQ knows (``kernel.money.charge_minor``), so any difference, above or below,
+    means the meter, the price or the journal is wrong (an under-reported amount is how
+    cash is skimmed): the sale is recorded and flagged.
     """
     if resolution_minor <= 0:
         raise SalesError("a dispenser's amount resolution must be positive")
     # Integers the upload schema has checked: the kernel's rule without its value objects.
     expected = charge_minor(sale.volume_ml, sale.unit_price_mmu, resolution_minor, rounding)
-    return abs(expected - sale.amount_minor) <= resolution_minor
+    return sale.amount_minor == expected
+
+
+def value_flags(sale: Sale) -> list[Flag]:
+    """Flags a sale earns from its own values alone: absurd but possible (see the module
+    docstring); the sale is stored whatever they are."""
+    flags: list[Flag] = []
+    if sale.volume_ml == 0:
+        flags.append(Flag.ZERO_VOLUME)
+    if sale.amount_minor < 0:
+        flags.append(Flag.NEGATIVE_AMOUNT)
+    start, end = sale.totalizer_start_ml, sale.totalizer_end_ml
+    if start is not None and end is not None and end < start:
+        flags.append(Flag.TOTALIZER_REVERSED)
+    if sale.started_at is not None and sale.started_at > sale.ended_at:
+        flags.append(Flag.ENDED_BEFORE_STARTED)
+    ended_day = sale.ended_at.astimezone(UTC).date()
+    if abs(sale.business_date - ended_day) > BUSINESS_DATE_TOLERANCE:
+        flags.append(Flag.BUSINESS_DATE_FAR)
+    return flags
 
 
 # --- the per-station sequence book: high-water mark and gaps --------------------------------
 
 Gap = tuple[int, int]  # inclusive range of missing sequence numbers
 
+MAX_GAPS = 1000  # gap ranges a book keeps: beyond, the oldest (lowest) are given up
+MAX_JUMPS = 256  # sequence jumps a book remembers until its high-water mark reaches them
+
 
 @dataclass(frozen=True)
 class SequenceBook:
+    """A station's received sequence numbers: everything up to ``high_water`` except the
+    ``gaps``, and the ``jumps`` above it.
+
+    A sequence number more than :data:`SEQUENCE_JUMP` beyond the high-water mark (see
+    :meth:`is_jump`) is a jump: remembered aside (the lowest :data:`MAX_JUMPS`), it moves
+    neither the high-water mark nor opens a gap, so one wild number (2⁵³ − 1) never makes the
+    book report quadrillions of missing sales. Once the high-water mark passes a remembered
+    jump it counts as received. The gap list is bounded: beyond :data:`MAX_GAPS` ranges the
+    lowest are given up (``dropped``, for an alert; not stored) and their numbers count as
+    received from then on.
+    """
+
     high_water: int = 0
     gaps: tuple[Gap, ...] = ()
+    jumps: tuple[int, ...] = ()  # sorted, above high_water
+    dropped: tuple[Gap, ...] = field(default=(), compare=False)  # by the last receive
+
+    def is_jump(self, seq: int) -> bool:
+        return seq > self.high_water + SEQUENCE_JUMP
 
     def receive(self, seqs: Iterable[int]) -> SequenceBook:
-        """Account for newly stored sequence numbers, in any order, repeats allowed.
+        """Account for newly stored sequence numbers, in any order, repeats allowed. Jumps
+        are judged against the high-water mark before the call (as ingest flags them).
 
-        Works on ranges, never on individual missing numbers, so a wild sequence number
-        costs one range, not memory proportional to the jump.
+        Works on ranges, never on individual missing numbers, so a far sequence number
+        costs one range, not memory proportional to the distance.
         """
         got = sorted(set(seqs))
         if not got:
-            return self
+            return SequenceBook(self.high_water, self.gaps, self.jumps)
         if got[0] < 1:
             raise SalesError("station sequences start at 1")
-        new_high = max(self.high_water, got[-1])
+        limit = self.high_water + SEQUENCE_JUMP
+        jumps = set(self.jumps)
+        jumps.update(s for s in got if s > limit)
+        got = [s for s in got if s <= limit]
+        new_high = max(self.high_water, got[-1]) if got else self.high_water
+        reached = {j for j in jumps if j <= new_high}
+        if reached:
+            got = sorted(set(got) | reached)
         intervals = list(self.gaps)
         if new_high > self.high_water:
             intervals.append((self.high_water + 1, new_high))
@@ -232,7 +350,16 @@ class SequenceBook:
                 j += 1
             if start <= last:
                 remaining.append((start, last))
-        return SequenceBook(high_water=new_high, gaps=tuple(remaining))
+        dropped: tuple[Gap, ...] = ()
+        if len(remaining) > MAX_GAPS:
+            dropped = tuple(remaining[:-MAX_GAPS])
+            remaining = remaining[-MAX_GAPS:]
+        return SequenceBook(
+            high_water=new_high,
+            gaps=tuple(remaining),
+            jumps=tuple(sorted(jumps - reached))[:MAX_JUMPS],
+            dropped=dropped,
+        )
 
     def missing_count(self) -> int:
         return sum(last - first + 1 for first, last in self.gaps)

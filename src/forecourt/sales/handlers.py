@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from operator import itemgetter
 from typing import Any
 from uuid import UUID
@@ -28,12 +29,15 @@ from forecourt.sales.contracts import (
     UploadedSale,
 )
 from forecourt.sales.domain import (
-    QUARANTINE_FLAGS,
+    ALERTED_FLAGS,
     DispenseType,
     Flag,
     IngestStatus,
     Sale,
+    SequenceBook,
     amount_agrees,
+    quarantines,
+    value_flags,
 )
 from forecourt.sales.store import SalesStore
 
@@ -99,7 +103,9 @@ def to_domain(s: UploadedSale, station_code: str) -> Sale:
 
 
 def judge(sale: Sale, refs: StationReferences) -> list[Flag]:
-    """Flags a sale earns against master data (pure; before any database work)."""
+    """Flags a sale earns against master data and its own values (pure; before any
+    database work). The flags that need the station's history (natural key, station_seq)
+    are the batch's, in :func:`ingest_batch`."""
     flags: list[Flag] = []
     if sale.device_flags and INEXACT_DEVICE_VALUE in sale.device_flags:
         flags.append(Flag.INEXACT_DEVICE_VALUE)  # the edge's note on the legal meter's value
@@ -110,13 +116,43 @@ def judge(sale: Sale, refs: StationReferences) -> list[Flag]:
         flags.append(Flag.UNKNOWN_NOZZLE)
     elif ref.grade != sale.grade:
         flags.append(Flag.GRADE_MISMATCH)
+    flags.extend(value_flags(sale))
     if sale.currency != refs.currency:
+        # Amounts in another currency cannot be checked against our rules (quarantined).
         flags.append(Flag.CURRENCY_MISMATCH)
-        return flags  # amounts in another currency cannot be checked against our rules
+        return flags
+    # Each dispenser's own amount resolution and rounding (an unknown fuelling point: 1, ½↑).
     resolution, rounding = refs.amount_rules.get(sale.fuelling_point, (1, Rounding.HALF_UP))
     if not amount_agrees(sale, resolution_minor=resolution, rounding=rounding):
         flags.append(Flag.AMOUNT_MISMATCH)
     return flags
+
+
+def flag_details(
+    flag: Flag, sale: Sale, book: SequenceBook, other: UUID | None = None
+) -> dict[str, Any]:
+    """What an alert of kind ``flag`` says about the sale (beyond its id)."""
+    details: dict[str, Any] = {"station_seq": sale.station_seq}
+    if flag is Flag.ZERO_VOLUME:
+        details["volume_ml"] = sale.volume_ml
+    elif flag is Flag.NEGATIVE_AMOUNT:
+        details.update(amount_minor=sale.amount_minor, dispense_type=sale.dispense_type.value)
+    elif flag is Flag.TOTALIZER_REVERSED:
+        details.update(
+            totalizer_start_ml=sale.totalizer_start_ml, totalizer_end_ml=sale.totalizer_end_ml
+        )
+    elif flag is Flag.ENDED_BEFORE_STARTED:
+        started = sale.started_at.isoformat() if sale.started_at else None
+        details.update(started_at=started, ended_at=sale.ended_at.isoformat())
+    elif flag is Flag.BUSINESS_DATE_FAR:
+        details.update(
+            business_date=sale.business_date.isoformat(), ended_at=sale.ended_at.isoformat()
+        )
+    elif flag is Flag.DUPLICATE_STATION_SEQ:
+        details["other_sale_id"] = str(other) if other else None
+    elif flag is Flag.SEQUENCE_JUMP:
+        details["high_water_mark"] = book.high_water
+    return details
 
 
 def sale_data(sale: Sale) -> dict[str, Any]:
@@ -253,6 +289,12 @@ async def ingest_batch(
         stored_hashes = await store.existing(station_code, [s.sale_id for s in sales])
         keys = [s.natural_key for s in sales if s.natural_key is not None]
         key_hits = await store.natural_key_hits(station_code, keys)
+        book = await store.sequence_book(station_code)
+        # station_seq → the sale holding it: stored ones (one query for the batch's new
+        # sales), then this batch's in order (the later of two is flagged).
+        seq_holders = await store.station_seq_holders(
+            station_code, [s.station_seq for s in sales if s.sale_id not in stored_hashes]
+        )
         changed = [
             (s.sale_id, digest)
             for s, _, digest in judged
@@ -294,7 +336,12 @@ async def ingest_batch(
                 if key in key_hits:
                     flags.append(Flag.NATURAL_KEY_COLLISION)
                 key_hits.add(key)
-            quarantined = any(f in QUARANTINE_FLAGS for f in flags)
+            holder = seq_holders.setdefault(sale.station_seq, sale.sale_id)
+            if holder != sale.sale_id:
+                flags.append(Flag.DUPLICATE_STATION_SEQ)
+            if book.is_jump(sale.station_seq):
+                flags.append(Flag.SEQUENCE_JUMP)
+            quarantined = quarantines(flags)
             flag_names = [f.value for f in flags]
             rows.append(_row(sale, digest, quarantined, flag_names, now))
             seqs.append(sale.station_seq)
@@ -304,20 +351,29 @@ async def ingest_batch(
                 event(SALE_QUARANTINED, sale, data, flags=flag_names)
             else:
                 event(SALE_COMPLETED, sale, data, flags=flag_names)
+            for raised in flags:
+                if raised in ALERTED_FLAGS:
+                    alert(raised.value, sale.sale_id, **flag_details(raised, sale, book, holder))
             if Flag.AMOUNT_MISMATCH in flags:
-                alert("amount_mismatch", sale.sale_id)
                 event(SALE_AMOUNT_MISMATCH, sale, data)
             if Flag.NATURAL_KEY_COLLISION in flags:
-                alert("natural_key_collision", sale.sale_id)
                 event(SALE_NATURAL_KEY_COLLISION, sale, data)
             status = IngestStatus.QUARANTINED if quarantined else IngestStatus.CREATED
             results.append(_result(index, sale, status, flag_names))
+        new_book = book.receive(seqs)
+        if new_book.dropped:  # the gap list is bounded: the oldest gaps are given up
+            alert(
+                "sequence_gaps_dropped",
+                None,
+                ranges=len(new_book.dropped),
+                first=list(new_book.dropped[0]),
+                last=list(new_book.dropped[-1]),
+                missing=sum(b - a + 1 for a, b in new_book.dropped),
+            )
         await store.insert_sales(rows)
         crash_point("hq.mid_batch")
         await store.insert_conflicts(conflicts)
         await store.insert_alerts(alerts)
-        book = await store.sequence_book(station_code)
-        new_book = book.receive(seqs)
         if new_book != book:
             await store.save_sequence_book(station_code, new_book, now)
         await uow.emit_records(events)
@@ -350,6 +406,51 @@ async def ingest_batch(
         high_water_mark=new_book.high_water,
         gaps=list(new_book.gaps),
     )
+
+
+async def sales_summary(
+    db: Database, *, station: str | None, business_date: date | None, grade: str | None
+) -> dict[str, Any]:
+    """The ``/v1/sales/summary`` answer.
+
+    ``groups``: one per station, grade, currency, dispense type and quarantine, so amounts
+    are never added across currencies and pump tests, own use and drive-offs are reported
+    apart from sales (``sales`` counts ``sale`` dispensings only, ``dispensings`` every one).
+    ``totals``: per currency, the sales (dispense type ``sale``, not quarantined) over all
+    groups. A natural-key collision (one meter transaction stored under two sale ids) counts
+    once; ``natural_key_duplicates`` says how many extra rows the station holds.
+    """
+    async with db.connection() as conn:
+        store = SalesStore(conn)
+        rows = await store.summary(station=station, business_date=business_date, grade=grade)
+        duplicates = await store.natural_key_duplicates(station)
+    groups: list[dict[str, Any]] = []
+    totals: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        group = {
+            "station": r.station_code,
+            "grade": r.grade,
+            "currency": r.currency,
+            "dispense_type": r.dispense_type,
+            "quarantined": bool(r.quarantined),
+            "dispensings": int(r.dispensings),
+            "sales": int(r.sales),
+            "volume_ml": int(r.volume_ml),
+            "amount_minor": int(r.amount_minor),
+        }
+        groups.append(group)
+        if group["dispense_type"] == DispenseType.SALE.value and not group["quarantined"]:
+            total = totals.setdefault(
+                r.currency,
+                {"currency": r.currency, "sales": 0, "volume_ml": 0, "amount_minor": 0},
+            )
+            for name in ("sales", "volume_ml", "amount_minor"):
+                total[name] += group[name]
+    return {
+        "groups": groups,
+        "totals": [totals[c] for c in sorted(totals)],
+        "natural_key_duplicates": duplicates,
+    }
 
 
 def _result(index: int, sale: Sale, status: IngestStatus, flags: list[str]) -> dict[str, Any]:

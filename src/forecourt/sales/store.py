@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from forecourt.infra.db import UTCDateTime, asyncpg_connection
-from forecourt.sales.domain import Gap, NaturalKey, SequenceBook
+from forecourt.sales.domain import DispenseType, Flag, Gap, NaturalKey, SequenceBook
 
 md = sa.MetaData(schema="sales")
 
@@ -76,6 +76,7 @@ sequence_t = sa.Table(
     sa.Column("high_water", sa.BigInteger, nullable=False),
     sa.Column("gaps", sa.Text, nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("jumps", sa.Text, nullable=False),  # JSON list (sales_0004)
 )
 alert_t = sa.Table(
     "sales_alert",
@@ -123,6 +124,15 @@ NATURAL_KEY_V2_SQL = (
     " FROM unnest($2::text[], $3::bigint[], $4::int[], $5::int[], $6::bigint[], $7::bigint[])"
     " AS k(dev, epoch, fp, nozzle, txn, tot)"
     ") AS found WHERE hit"
+)
+
+
+# Who holds each station_seq (ix_sale_station_seq, sales_0004): one probe per item, as above.
+SEQ_HOLDERS_SQL = (
+    "SELECT seq, holder FROM ("
+    " SELECT k.seq, (SELECT s.sale_id FROM sales.sale s"
+    "  WHERE s.station_code = $1 AND s.station_seq = k.seq LIMIT 1) AS holder"
+    " FROM unnest($2::bigint[]) AS k(seq)) AS found WHERE holder IS NOT NULL"
 )
 
 
@@ -207,6 +217,25 @@ class SalesStore:
         found = {(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows}
         return found & wanted
 
+    async def station_seq_holders(self, station_code: str, seqs: Sequence[int]) -> dict[int, UUID]:
+        """station_seq → a stored sale of this station holding it, for the given numbers."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return {}
+        if self.pg:
+            apg = await self._asyncpg()
+            records = await apg.fetch(SEQ_HOLDERS_SQL, station_code, wanted)
+            return {r["seq"]: r["holder"] for r in records}
+        rows = await self.conn.execute(
+            sa.select(sale_t.c.station_seq, sale_t.c.sale_id).where(
+                sale_t.c.station_code == station_code, sale_t.c.station_seq.in_(wanted)
+            )
+        )
+        holders: dict[int, UUID] = {}
+        for r in rows:
+            holders.setdefault(r.station_seq, r.sale_id)
+        return holders
+
     async def insert_sales(self, rows: list[tuple[Any, ...]]) -> None:
         """Insert sale rows given as tuples in ``SALE_COLUMNS`` order."""
         if not rows:
@@ -245,16 +274,17 @@ class SalesStore:
         if self.pg:
             apg = await self._asyncpg()
             row = await apg.fetchrow(
-                "SELECT high_water, gaps FROM sales.station_sequence WHERE station_code = $1",
+                "SELECT high_water, gaps, jumps FROM sales.station_sequence"
+                " WHERE station_code = $1",
                 station_code,
             )
         else:
             row = (
                 (
                     await self.conn.execute(
-                        sa.select(sequence_t.c.high_water, sequence_t.c.gaps).where(
-                            sequence_t.c.station_code == station_code
-                        )
+                        sa.select(
+                            sequence_t.c.high_water, sequence_t.c.gaps, sequence_t.c.jumps
+                        ).where(sequence_t.c.station_code == station_code)
                     )
                 )
                 .mappings()
@@ -263,7 +293,8 @@ class SalesStore:
         if row is None:
             return SequenceBook()
         gaps: tuple[Gap, ...] = tuple((int(a), int(b)) for a, b in json.loads(row["gaps"]))
-        return SequenceBook(high_water=row["high_water"], gaps=gaps)
+        jumps = tuple(int(j) for j in json.loads(row["jumps"]))
+        return SequenceBook(high_water=row["high_water"], gaps=gaps, jumps=jumps)
 
     async def save_sequence_book(
         self, station_code: str, book: SequenceBook, now: datetime
@@ -274,15 +305,21 @@ class SalesStore:
             apg = await self._asyncpg()
             await apg.execute(
                 "INSERT INTO sales.station_sequence (station_code, high_water, gaps,"
-                " updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (station_code) DO UPDATE"
-                " SET high_water = $2, gaps = $3, updated_at = $4",
+                " updated_at, jumps) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (station_code)"
+                " DO UPDATE SET high_water = $2, gaps = $3, updated_at = $4, jumps = $5",
                 station_code,
                 book.high_water,
                 json.dumps(book.gaps),
                 now,
+                json.dumps(book.jumps),
             )
             return
-        values = {"high_water": book.high_water, "gaps": json.dumps(book.gaps), "updated_at": now}
+        values = {
+            "high_water": book.high_water,
+            "gaps": json.dumps(book.gaps),
+            "updated_at": now,
+            "jumps": json.dumps(book.jumps),
+        }
         result = await self.conn.execute(
             sequence_t.update().where(sequence_t.c.station_code == station_code).values(**values)
         )
@@ -324,18 +361,33 @@ class SalesStore:
     async def summary(
         self, *, station: str | None, business_date: date | None, grade: str | None
     ) -> list[sa.Row]:
+        """Totals by station, grade, currency, dispense type and quarantine: amounts are
+        never added across currencies, and pump tests, own use and drive-offs are reported
+        apart from sales (``sales`` counts ``sale`` dispensings only; ``dispensings`` all).
+        A sale flagged ``natural_key_collision`` is a meter transaction already stored under
+        another sale_id: left out, so each transaction counts once."""
+        group = (
+            sale_t.c.station_code,
+            sale_t.c.grade,
+            sale_t.c.currency,
+            sale_t.c.dispense_type,
+            sale_t.c.quarantined,
+        )
+        is_sale = sale_t.c.dispense_type == DispenseType.SALE.value
         rows = await self.conn.execute(
             sa.select(
-                sale_t.c.station_code,
-                sale_t.c.grade,
-                sale_t.c.quarantined,
-                sa.func.count().label("sales"),
+                *group,
+                sa.func.count().label("dispensings"),
+                sa.func.sum(sa.case((is_sale, 1), else_=0)).label("sales"),
                 sa.func.coalesce(sa.func.sum(sale_t.c.volume_ml), 0).label("volume_ml"),
                 sa.func.coalesce(sa.func.sum(sale_t.c.amount_minor), 0).label("amount_minor"),
             )
-            .where(*self._filters(station, business_date, grade))
-            .group_by(sale_t.c.station_code, sale_t.c.grade, sale_t.c.quarantined)
-            .order_by(sale_t.c.station_code, sale_t.c.grade)
+            .where(
+                *self._filters(station, business_date, grade),
+                sa.not_(sale_t.c.flags.contains(Flag.NATURAL_KEY_COLLISION.value, autoescape=True)),
+            )
+            .group_by(*group)
+            .order_by(*group)
         )
         return list(rows)
 
