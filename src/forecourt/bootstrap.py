@@ -225,13 +225,23 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         return checks
 
     app = FastAPI(title="Forecourt head office", version=__version__)
-    install_common(app, registry, ready, refresh_metrics=refresh_metrics)
+    install_common(
+        app,
+        registry,
+        ready,
+        refresh_metrics=refresh_metrics,
+        max_body_bytes=settings.max_body_bytes,
+    )
     if "network" in settings.services:
         app.include_router(network_api.build_router(db, directory))
     if "sales" in settings.services:
         app.include_router(
             sales_api.build_router(
-                db, directory, registry, ingest_concurrency=settings.ingest_concurrency
+                db,
+                directory,
+                registry,
+                ingest_concurrency=settings.ingest_concurrency,
+                max_json_depth=settings.max_json_depth,
             )
         )
     hq.app = app

@@ -121,6 +121,11 @@ class Settings(_TomlSettings):
     nats_subject_prefix: str | None = None  # e.g. per environment sharing one NATS server
     workers: int = Field(default=1, ge=1, le=64)  # HTTP processes (PostgreSQL when more than 1)
     ingest_concurrency: int = 2  # uploads processed at once per process (first come first served)
+    # Request limits: a larger body is refused (413) as it streams in (a 5 000-sale v2 batch
+    # is about 3.1 MiB, 16 MiB with every text at its maximum length); JSON nested deeper is
+    # refused (422) before a recursive parser sees it (a valid batch nests 4 deep).
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=64 * 1024)
+    max_json_depth: int = Field(default=32, ge=8, le=200)
     # Consumers this process hosts: names, "default" (every consumer registered as default)
     # or "none" (an HTTP-only worker; ``forecourt worker`` hosts them instead).
     consumers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])

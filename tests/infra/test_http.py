@@ -102,8 +102,9 @@ def assert_envelope(response: httpx.Response) -> dict[str, object]:
     assert re.fullmatch(r"[a-z]+(\.[a-z0-9_]+)+", error["code"]), error
     assert isinstance(error["message"], str)
     assert error["message"]
-    assert set(error) <= {"code", "message", "details"}
-    return error  # type: ignore[no-any-return]
+    assert set(error) <= {"code", "message", "details", "trace_id"}
+    assert re.fullmatch(r"[0-9a-f]{32}", error["trace_id"]), error  # every answer names its trace
+    return {k: v for k, v in error.items() if k != "trace_id"}  # type: ignore[no-any-return]
 
 
 # --- the error envelope ---------------------------------------------------------------------
@@ -340,5 +341,10 @@ async def test_the_openapi_document_describes_validation_errors_as_the_envelope(
         assert "422" not in str(document["paths"])
         return
     assert schema["required"] == ["error"]
-    assert set(schema["properties"]["error"]["properties"]) == {"code", "message", "details"}
+    assert set(schema["properties"]["error"]["properties"]) == {
+        "code",
+        "message",
+        "details",
+        "trace_id",
+    }
     assert "detail" not in schema["properties"]

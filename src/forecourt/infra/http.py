@@ -1,10 +1,12 @@
-"""HTTP plumbing shared by HQ and edge apps: error mapping, trace context, health, metrics,
-and API docs that work without internet."""
+"""HTTP plumbing shared by HQ and edge apps: error mapping, trace context, request limits,
+health, metrics, and API docs that work without internet."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
+from itertools import accumulate
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -12,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -32,6 +35,12 @@ ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 DOCS_ASSETS_PATH = "/docs-assets"
 _DOCS_ASSETS_PACKAGE = ("fastapi_offline", "static")
 
+# Request limits (HQ takes them from its settings: ``max_body_bytes``, ``max_json_depth``).
+# A 5 000-sale v2 batch weighs about 3.1 MiB; with every text field at its maximum length
+# about 16 MiB. Nothing we parse nests deeper than 4.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_JSON_DEPTH = 32
+
 
 def install_common(
     app: FastAPI,
@@ -39,14 +48,15 @@ def install_common(
     ready: ReadyCheck,
     *,
     refresh_metrics: Callable[[], Awaitable[None]] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
-    """Error mapping (the one place errors become HTTP), traceparent, /health /ready /metrics,
-    offline /docs and /redoc. ``refresh_metrics`` runs before every scrape (figures read
-    fresh from the database)."""
+    """Error mapping (the one place errors become HTTP), traceparent, request limits,
+    /health /ready /metrics, offline /docs and /redoc. ``refresh_metrics`` runs before every
+    scrape (figures read fresh from the database)."""
 
     @app.exception_handler(ForecourtError)
     async def _forecourt_error(_request: Request, exc: ForecourtError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+        return error_response(exc.http_status, exc.to_dict())
 
     # Starlette's own errors (no route: 404, wrong method: 405, and any HTTPException a
     # dependency raises) get the same envelope as ours, never FastAPI's ``{"detail": ...}``.
@@ -54,28 +64,22 @@ def install_common(
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code in (204, 304):  # a body is not allowed
             return Response(status_code=exc.status_code, headers=exc.headers)
-        return JSONResponse(
-            status_code=exc.status_code,
-            content={"error": _http_error_body(request, exc)},
-            headers=exc.headers,
-        )
+        return error_response(exc.status_code, _http_error_body(request, exc), exc.headers)
 
-    # A bug still answers in the envelope; Starlette re-raises the exception afterwards, so
-    # the server logs it with its traceback (nothing is swallowed).
+    # A bug still answers in the envelope; Starlette re-raises the exception afterwards, and
+    # AnswerUnexpectedErrors logs it with its traceback (nothing is swallowed).
     @app.exception_handler(Exception)
     async def _unexpected_error(_request: Request, _exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            status_code=500,
-            content={"error": {"code": "internal.error", "message": "internal server error"}},
-        )
+        return _internal_error()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return _invalid_request([_clean(e) for e in exc.errors()])
 
     _describe_errors_in_openapi(app)
-    app.add_middleware(RefuseNulCharacters)
-    app.add_middleware(TraceContextMiddleware)  # added last: outermost, so every answer has it
+    app.add_middleware(LimitRequestBody, max_bytes=max_body_bytes)
+    app.add_middleware(RefuseControlCharacters)
+    _wrap_outermost(app)
     _install_offline_docs(app)
 
     @app.get("/health", include_in_schema=False)
@@ -96,6 +100,81 @@ def install_common(
         if refresh_metrics is not None:
             await refresh_metrics()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- the error envelope -----------------------------------------------------------------------
+
+
+def current_trace_id() -> str:
+    """The trace id of the request being answered (TraceContextMiddleware sets it)."""
+    return trace_id_var.get() or trace_id_of(new_traceparent()) or ""
+
+
+def error_response(
+    status: int, error: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The one error envelope: ``{"error": {code, message, [details], trace_id}}``."""
+    return JSONResponse(
+        status_code=status,
+        content={"error": {**error, "trace_id": current_trace_id()}},
+        headers=headers,
+    )
+
+
+def _internal_error() -> JSONResponse:
+    return error_response(500, {"code": "internal.error", "message": "internal server error"})
+
+
+def _invalid_request(errors: list[object]) -> JSONResponse:
+    return error_response(
+        422,
+        {
+            "code": "request.invalid",
+            "message": "request parameters are invalid",
+            "details": {"errors": errors},
+        },
+    )
+
+
+def _http_error_body(request: Request, exc: HTTPException) -> dict[str, Any]:
+    try:
+        status = HTTPStatus(exc.status_code)
+        phrase, code = status.phrase, f"request.{status.name.lower()}"
+    except ValueError:
+        phrase, code = f"HTTP {exc.status_code}", f"request.http_{exc.status_code}"
+    code = getattr(exc, "code", None) or code
+    path = request.url.path
+    if exc.detail and exc.detail != phrase:
+        message = str(exc.detail)
+    elif exc.status_code == 404:
+        message = f"no route or resource at {path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {path}"
+    else:
+        message = phrase
+    body: dict[str, Any] = {"code": code, "message": message}
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow:
+        body["details"] = {"allowed": [m.strip() for m in allow.split(",") if m.strip()]}
+    if isinstance(exc, RequestTooLarge):
+        body["details"] = {"max_body_bytes": exc.limit}
+    return body
+
+
+# --- middlewares ------------------------------------------------------------------------------
+
+
+def _wrap_outermost(app: FastAPI) -> None:
+    """Put trace context and the last-resort error answer around everything Starlette builds,
+    its ServerErrorMiddleware included: every answer carries the traceparent, and even an
+    exception nothing inside answered (a failing error handler, a middleware bug) is
+    answered with the envelope rather than the server's plain-text 500."""
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return TraceContextMiddleware(AnswerUnexpectedErrors(build()))
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
 class TraceContextMiddleware:
@@ -130,71 +209,208 @@ class TraceContextMiddleware:
             trace_id_var.reset(token)
 
 
-def _invalid_request(errors: list[object]) -> JSONResponse:
-    return JSONResponse(
-        status_code=422,
-        content={
-            "error": {
-                "code": "request.invalid",
-                "message": "request parameters are invalid",
-                "details": {"errors": errors},
-            }
-        },
+class AnswerUnexpectedErrors:
+    """The last resort: an exception that reaches here is logged with its traceback and the
+    trace id, answered ``500 internal.error`` in the envelope if nothing was answered yet,
+    and raised again for the server (and test clients) to see."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception(
+                "http.unexpected_error",
+                method=scope.get("method"),
+                path=scope.get("path"),
+                answered=started,
+            )
+            if not started:
+                await _internal_error()(scope, receive, send)
+            raise
+
+
+class RequestTooLarge(HTTPException):
+    """The request body is larger than the app takes (413 ``request.too_large``).
+
+    An HTTPException, so that whatever reads the body (a route, FastAPI's body parsing)
+    lets it through to the error mapping rather than calling it a malformed body."""
+
+    code = "request.too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413,
+            detail=f"the request body is larger than {limit} bytes",
+            headers={"connection": "close"},  # the rest of the body is not read
+        )
+        self.limit = limit
+
+
+class LimitRequestBody:
+    """Refuse a request body over ``max_bytes`` with 413, before it is held in memory:
+    a ``Content-Length`` over the limit is answered at once, without reading the body; a
+    body without one (chunked) is counted as it arrives and refused once it passes the
+    limit. Every route alike: nothing reads a body before this middleware lets it through."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        declared = _content_length(scope["headers"])
+        if declared is not None and declared > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except RequestTooLarge:
+            if started:
+                raise
+            await _too_large(limit)(scope, receive, send)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _too_large(limit: int) -> JSONResponse:
+    exc = RequestTooLarge(limit)
+    return error_response(
+        413,
+        {"code": exc.code, "message": exc.detail, "details": {"max_body_bytes": limit}},
+        exc.headers,
     )
 
 
-class RefuseNulCharacters:
-    """Refuse a NUL character in the path or the query as an invalid request (422).
+# C0 controls, DEL and C1 controls (Unicode category Cc).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# The cheap test on the raw query: a control character raw, or percent-encoded (C1 ones are
+# %C2%80-%C2%9F in UTF-8; %C2 alone is enough to look closer).
+_MAYBE_CONTROL = re.compile(rb"[\x00-\x1f\x7f-\x9f]|%(?:[01][0-9A-Fa-f]|7[Ff]|[Cc]2)")
 
-    PostgreSQL text cannot hold U+0000: a parameter carrying one would reach the database
-    and fail there, a 500. No code, date or id of ours contains it, so it is refused before
-    any route runs, on every app alike."""
+
+class RefuseControlCharacters:
+    """Refuse a control character (U+0000-U+001F, U+007F-U+009F) in the path or in any query
+    parameter, name or value, raw or percent-encoded, as an invalid request (422).
+
+    PostgreSQL text cannot hold U+0000, so a parameter carrying one would fail in the
+    database, a 500; no code, date, id or name of ours holds any control character. Refused
+    before any route runs, on every app alike."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            errors = _nul_errors(scope["path"], scope.get("query_string", b""))
+            errors = _control_errors(scope["path"], scope.get("query_string", b""))
             if errors:
                 await _invalid_request(errors)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def _nul_errors(path: str, query: bytes) -> list[object]:
-    nul = {"msg": "NUL characters are not allowed", "type": "string_nul"}
+def _control_errors(path: str, query: bytes) -> list[object]:
     errors: list[object] = []
-    if "\x00" in path:
-        errors.append({"loc": ["path"], **nul})
-    if b"%00" in query or b"\x00" in query:  # the cheap test first: almost never true
+    if _CONTROL.search(path):
+        errors.append({"loc": ["path"], **_control_error(path)})
+    if _MAYBE_CONTROL.search(query):  # the cheap test first: almost never true
+        # Decoded as Starlette decodes it for the routes.
         for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-            if "\x00" in name or "\x00" in value:
-                errors.append({"loc": ["query", name.replace("\x00", "")], **nul})
+            if _CONTROL.search(name) or _CONTROL.search(value):
+                shown = _CONTROL.sub("", name)
+                errors.append({"loc": ["query", shown], **_control_error(name + value)})
     return errors
 
 
-def _http_error_body(request: Request, exc: HTTPException) -> dict[str, Any]:
-    try:
-        status = HTTPStatus(exc.status_code)
-        phrase, code = status.phrase, f"request.{status.name.lower()}"
-    except ValueError:
-        phrase, code = f"HTTP {exc.status_code}", f"request.http_{exc.status_code}"
-    path = request.url.path
-    if exc.detail and exc.detail != phrase:
-        message = str(exc.detail)
-    elif exc.status_code == 404:
-        message = f"no route or resource at {path}"
-    elif exc.status_code == 405:
-        message = f"{request.method} is not allowed on {path}"
-    else:
-        message = phrase
-    body: dict[str, Any] = {"code": code, "message": message}
-    allow = (exc.headers or {}).get("Allow")
-    if exc.status_code == 405 and allow:
-        body["details"] = {"allowed": [m.strip() for m in allow.split(",") if m.strip()]}
-    return body
+def _control_error(text: str) -> dict[str, str]:
+    if "\x00" in text:
+        return {"msg": "NUL characters are not allowed", "type": "string_nul"}
+    return {"msg": "control characters are not allowed", "type": "string_control_character"}
 
+
+# --- JSON bodies ------------------------------------------------------------------------------
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_CONTAINERS_AS_LISTS = bytes.maketrans(b"{}", b"[]")
+_STRING = re.compile(rb'"[^"]*"')
+_DEPTH_STEP = bytes.maketrans(b"[]", b"\x01\xff")
+
+
+def json_too_deep(body: bytes, max_depth: int) -> bool:
+    """Whether JSON ``body`` nests arrays and objects deeper than ``max_depth``, told without
+    parsing it (the standard library's parser recurses: 50 000 levels are a RecursionError).
+
+    Only the structure is looked at: escapes are dropped, then everything but quotes and
+    brackets, then the strings (with any bracket inside them); the depth is the highest
+    running count of opening less closing brackets. A body that is not JSON may be judged
+    either way: its parser refuses it before it nests deeper than counted here."""
+    if len(body) <= max_depth:
+        return False
+    if b"\\" in body:  # pairs of backslashes first, then escaped quotes: left to right
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = body.translate(_CONTAINERS_AS_LISTS, _NOT_STRUCTURE)
+    structure = structure.replace(b'""', b"")  # most strings hold no bracket: gone cheaply
+    if b'"' in structure:  # the parity of the quotes before each bracket is unchanged
+        structure = _STRING.sub(b"", structure)
+    # Innermost containers off, a level a pass, while that shrinks the structure a lot (a
+    # batch of sales is gone in 4 passes); then the running count over what is left.
+    passes = 0
+    while structure:
+        if b"[" * (max_depth + 1 - passes) in structure:  # the usual attack, told at once
+            return True
+        reduced = structure.replace(b"[]", b"")
+        shrunk = len(reduced) * 2 <= len(structure)
+        if len(reduced) < len(structure):
+            passes += 1  # each pass takes one level off the deepest nesting
+        structure = reduced
+        if not shrunk:
+            break
+    if not structure:
+        return False
+    steps = memoryview(structure.translate(_DEPTH_STEP)).cast("b")
+    return max(accumulate(steps)) > max_depth - passes
+
+
+# --- OpenAPI ----------------------------------------------------------------------------------
 
 ERROR_ENVELOPE_SCHEMA: dict[str, Any] = {
     "title": "ErrorEnvelope",
@@ -203,7 +419,7 @@ ERROR_ENVELOPE_SCHEMA: dict[str, Any] = {
     "properties": {
         "error": {
             "type": "object",
-            "required": ["code", "message"],
+            "required": ["code", "message", "trace_id"],
             "properties": {
                 "code": {"type": "string", "examples": ["request.invalid"]},
                 "message": {"type": "string"},
@@ -211,22 +427,71 @@ ERROR_ENVELOPE_SCHEMA: dict[str, Any] = {
                     "type": "object",
                     "description": "for request.invalid: errors, a list of {loc, msg, type}",
                 },
+                "trace_id": {
+                    "type": "string",
+                    "description": "the trace id of the request (its traceparent's), as logged",
+                },
             },
         }
     },
 }
+_ENVELOPE_REF = {"$ref": "#/components/schemas/ErrorEnvelope"}
+_ERROR_DESCRIPTIONS = {
+    400: "Bad request",
+    401: "Missing or unknown credential",
+    403: "The credential is not for this station",
+    404: "Not found",
+    409: "Conflict",
+    413: "The request body is larger than the server takes",
+    422: "Invalid request: parameters or body",
+    503: "Unavailable: retry later",
+}
+
+# The station credential, as OpenAPI names it. Routes declare it as a dependency for the
+# document (and Swagger UI's Authorize button); they check the credential themselves.
+STATION_CREDENTIAL = HTTPBearer(
+    scheme_name="StationCredential",
+    description="a station's credential (forecourt credential CODE): Bearer <credential>",
+    auto_error=False,
+)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route for the error statuses it answers, each the envelope."""
+    return {
+        status: {
+            "description": _ERROR_DESCRIPTIONS.get(status, HTTPStatus(status).phrase),
+            "content": {"application/json": {"schema": _ENVELOPE_REF}},
+        }
+        for status in statuses
+    }
 
 
 def _describe_errors_in_openapi(app: FastAPI) -> None:
-    """Make the OpenAPI document describe the 422 that is sent (the envelope), not FastAPI's
-    ``HTTPValidationError`` (``{"detail": [...]}``), which no route of ours answers."""
+    """Make the OpenAPI document describe the errors that are sent (the envelope), not
+    FastAPI's ``HTTPValidationError`` (``{"detail": [...]}``), which no route of ours
+    answers; document the 422 every operation can answer (a control character in the path
+    or the query is refused before any route runs); and move the ``$defs`` of request body
+    schemas given whole (``openapi_extra``) into the components, where their references
+    point."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = generate()  # FastAPI's, cached until the routes change
-        schemas = schema.get("components", {}).get("schemas", {})
-        if "HTTPValidationError" in schemas:
-            schemas["HTTPValidationError"] = ERROR_ENVELOPE_SCHEMA
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
+        # FastAPI's name for its 422 body, kept (as the envelope) for clients that use it.
+        schemas["HTTPValidationError"] = ERROR_ENVELOPE_SCHEMA
+        schemas.pop("ValidationError", None)  # FastAPI's item of it: nothing refers to it
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "responses" not in operation:
+                    continue
+                operation["responses"].setdefault("422", error_responses(422)[422])
+                content = operation.get("requestBody", {}).get("content", {})
+                for media in content.values():
+                    for name, definition in media.get("schema", {}).pop("$defs", {}).items():
+                        schemas.setdefault(name, definition)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
 
 from forecourt.infra.db import Database
-from forecourt.infra.http import bearer_token
+from forecourt.infra.http import STATION_CREDENTIAL, bearer_token, error_responses
 from forecourt.kernel.errors import Forbidden, Unauthorized
 from forecourt.network.contracts import StationDirectory, StationSnapshot
 from forecourt.network.domain import UnknownStation, effective_prices
@@ -18,7 +18,12 @@ from forecourt.network.store import NetworkStore
 def build_router(db: Database, directory: StationDirectory) -> APIRouter:
     router = APIRouter(tags=["network"])
 
-    @router.get("/v1/stations/{code}/snapshot", response_model=StationSnapshot)
+    @router.get(
+        "/v1/stations/{code}/snapshot",
+        response_model=StationSnapshot,
+        dependencies=[Security(STATION_CREDENTIAL)],
+        responses=error_responses(401, 403, 404, 422),
+    )
     async def station_snapshot(code: str, request: Request) -> StationSnapshot:
         """The versioned snapshot an edge node runs from (station credential required)."""
         identity = await directory.authenticate(bearer_token(request))
@@ -52,7 +57,7 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
                 )
             return out
 
-    @router.get("/v1/network/stations/{code}")
+    @router.get("/v1/network/stations/{code}", responses=error_responses(404, 422))
     async def get_station(code: str) -> dict[str, Any]:
         async with db.connection() as conn:
             store = NetworkStore(conn)

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import date
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response, Security
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import TypeAdapter, ValidationError
-from pydantic_core import to_json
+from pydantic import BeforeValidator, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic_core import PydanticSerializationError, to_json
 
 from forecourt.infra.db import Database
-from forecourt.infra.http import bearer_token
+from forecourt.infra.http import (
+    DEFAULT_MAX_JSON_DEPTH,
+    STATION_CREDENTIAL,
+    bearer_token,
+    error_responses,
+    json_too_deep,
+)
 from forecourt.kernel.errors import Unauthorized
 from forecourt.network.contracts import StationDirectory
 from forecourt.sales.contracts import (
     BIG,
+    FIRST_DATE,
+    LAST_DATE,
     SUPPORTED_SCHEMA_VERSIONS,
     AnySale,
     BatchEnvelope,
@@ -27,7 +36,13 @@ from forecourt.sales.contracts import (
     SaleV1,
 )
 from forecourt.sales.domain import SchemaInvalid, StationMismatch, UnsupportedSchemaVersion
-from forecourt.sales.handlers import IngestCounters, RefusedItem, UploadBatch, ingest_batch
+from forecourt.sales.handlers import (
+    IngestCounters,
+    RefusedItem,
+    UploadBatch,
+    ingest_batch,
+    sales_summary,
+)
 from forecourt.sales.store import SalesStore
 
 _BATCH: TypeAdapter[Any] = TypeAdapter(SalesBatch)
@@ -38,20 +53,35 @@ _ITEMS: dict[int, TypeAdapter[Any]] = {
 }
 _UNION_TAGS = frozenset({"1", "2"})  # AnySale's tags, which pydantic puts in error locations
 MAX_ITEM_ERRORS = 50
+# The request body of the upload route, as OpenAPI documents it (the route reads the body
+# itself): either envelope version, items as each allows them. Without the discriminator:
+# OpenAPI's names a string property, ours is an integer, and each version's
+# ``schema_version`` const tells the two apart already.
+BATCH_BODY_SCHEMA = _BATCH.json_schema(ref_template="#/components/schemas/{model}")
+BATCH_BODY_SCHEMA.pop("discriminator", None)
 
 
-def parse_batch(body: bytes) -> UploadBatch:
+def parse_batch(body: bytes, *, max_json_depth: int = DEFAULT_MAX_JSON_DEPTH) -> UploadBatch:
     """Validate an upload body: envelope errors are the batch's (422, naming the fields);
-    an invalid item is refused on its own, at its index, and the valid ones go on."""
+    an invalid item is refused on its own, at its index, and the valid ones go on.
+
+    A body nested deeper than ``max_json_depth`` is refused as the batch's error (a valid
+    batch nests 4 deep, so only a body that fails the fast path is looked at)."""
     try:
-        batch = _BATCH.validate_json(body)
+        batch = _BATCH.validate_json(body)  # its parser stops at 200 levels by itself
     except ValidationError:
-        return _parse_item_by_item(body)
+        return _parse_item_by_item(body, max_json_depth)
     # The fast path: one validation for the whole batch, as before per-item verdicts.
     return UploadBatch(schema_version=batch.schema_version, sales=batch.sales)
 
 
-def _parse_item_by_item(body: bytes) -> UploadBatch:
+def _parse_item_by_item(body: bytes, max_json_depth: int) -> UploadBatch:
+    # The standard library's parser recurses: a deep body would be a RecursionError.
+    if json_too_deep(body, max_json_depth):
+        raise SchemaInvalid(
+            f"body nests arrays and objects deeper than {max_json_depth} levels",
+            errors=[{"loc": [], "msg": "JSON nested too deep", "type": "json_too_deep"}],
+        )
     try:
         document = json.loads(body)
     except ValueError:
@@ -70,16 +100,25 @@ def _parse_item_by_item(body: bytes) -> UploadBatch:
         ) from None
     items = envelope.sales
     adapter = _ITEMS[envelope.schema_version]
+    # Text JSON can carry but Unicode cannot (a lone surrogate escape, "\ud800"): that item
+    # is refused on its own, like any other invalid one.
     problems: dict[int, list[dict[str, Any]]] = {}
     try:
-        adapter.validate_json(to_json(items))
+        payload = to_json(items)
+    except PydanticSerializationError:
+        bad = [i for i, item in enumerate(items) if not _is_unicode(item)]
+        problems = {i: [dict(_NOT_UNICODE)] for i in bad}
+        payload = to_json([item for i, item in enumerate(items) if i not in problems])
+    checked = [i for i in range(len(items)) if i not in problems]
+    try:
+        adapter.validate_json(payload)
     except ValidationError as exc:
         for e in exc.errors():
             index, *loc = e["loc"]
             if loc and loc[0] in _UNION_TAGS:
                 loc = loc[1:]
-            problems.setdefault(int(index), []).append(
-                {"loc": loc, "msg": e["msg"], "type": e["type"]}
+            problems.setdefault(checked[int(index)], []).append(
+                {"loc": [_text(part) for part in loc], "msg": e["msg"], "type": e["type"]}
             )
     indices = [i for i in range(len(items)) if i not in problems]
     # The valid items, validated again on their own: each item's validity is its own.
@@ -98,10 +137,90 @@ def _parse_item_by_item(body: bytes) -> UploadBatch:
     )
 
 
+_NOT_UNICODE = {"loc": [], "msg": "text is not valid Unicode", "type": "string_unicode"}
+
+
+def _is_unicode(item: Any) -> bool:
+    try:
+        to_json(item)
+    except PydanticSerializationError:
+        return False
+    return True
+
+
+def _text(part: Any) -> Any:
+    """An error location's part as it can be answered (a key may hold a lone surrogate)."""
+    if isinstance(part, str):
+        return part.encode("utf-8", "backslashreplace").decode("utf-8")
+    return part
+
+
 def _errors(exc: ValidationError, limit: int) -> list[dict[str, Any]]:
-    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()][
-        :limit
-    ]
+    return [
+        {"loc": [_text(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors()
+    ][:limit]
+
+
+# --- query parameters: strict, so that a typo is an error rather than another query ---------
+
+QUERY_DATES = (FIRST_DATE, LAST_DATE)  # the business dates an upload can carry
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DECIMAL = re.compile(r"-?[0-9]{1,18}")
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def _query_date(value: Any) -> Any:
+    """YYYY-MM-DD, a day of the calendar within QUERY_DATES (not ``0``, a Unix time)."""
+    if not isinstance(value, str):
+        return value
+    if not _ISO_DATE.fullmatch(value):
+        raise ValueError("a date is written YYYY-MM-DD")
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise ValueError("not a day of the calendar") from None
+    low, high = QUERY_DATES
+    if not low <= day <= high:
+        raise ValueError(f"a date from {low} to {high}")
+    return day
+
+
+def _query_int(value: Any) -> Any:
+    """Decimal digits only (not ``1.0``, ``1_000``, `` 1``)."""
+    if isinstance(value, str):
+        if not _DECIMAL.fullmatch(value):
+            raise ValueError("an integer is written in decimal digits")
+        return int(value)
+    return value
+
+
+def _query_uuid(value: Any) -> Any:
+    """The canonical 8-4-4-4-12 form a sale id is answered in."""
+    if isinstance(value, str):
+        if not _CANONICAL_UUID.fullmatch(value):
+            raise ValueError("a sale id is written as 8-4-4-4-12 hexadecimal digits")
+        return UUID(value)
+    return value
+
+
+QueryDate = Annotated[
+    date,
+    BeforeValidator(_query_date),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date",
+            "description": f"YYYY-MM-DD, {QUERY_DATES[0]} to {QUERY_DATES[1]}",
+        }
+    ),
+]
+QueryInt = Annotated[int, BeforeValidator(_query_int)]
+QuerySaleId = Annotated[
+    UUID, BeforeValidator(_query_uuid), WithJsonSchema({"type": "string", "format": "uuid"})
+]
+CODE_LENGTH = 40  # station codes and grades, as the network stores them
+QueryCode = Annotated[str, Query(max_length=CODE_LENGTH)]
 
 
 def _readable_uuid(item: Any) -> UUID | None:
@@ -125,6 +244,7 @@ def build_router(
     registry: CollectorRegistry,
     *,
     ingest_concurrency: int = 2,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
 ) -> APIRouter:
     router = APIRouter(tags=["sales"])
     # Uploads are CPU-bound in this process: letting every one in at once shares the CPU
@@ -152,7 +272,18 @@ def build_router(
         on_flag=lambda f, n: flagged.labels(f).inc(n),
     )
 
-    @router.post("/v1/stations/{code}/sales:batch", response_model=BatchResult)
+    @router.post(
+        "/v1/stations/{code}/sales:batch",
+        response_model=BatchResult,
+        dependencies=[Security(STATION_CREDENTIAL)],
+        responses=error_responses(401, 403, 404, 413, 422),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": BATCH_BODY_SCHEMA}},
+            }
+        },
+    )
     async def upload_sales(code: str, request: Request) -> Response:
         """Upload journaled sales. The station is the credential's, never the body's."""
         identity = await directory.authenticate(bearer_token(request))
@@ -162,7 +293,7 @@ def build_router(
             raise StationMismatch(f"credential is for {identity.code}, not {code}")
         body = await request.body()
         async with admission:
-            batch = parse_batch(body)
+            batch = parse_batch(body, max_json_depth=max_json_depth)
             with batch_seconds.time():
                 result = await ingest_batch(
                     db,
@@ -176,13 +307,13 @@ def build_router(
         # than the rest of the answer.
         return Response(result.to_json(), media_type="application/json")
 
-    @router.get("/v1/sales")
+    @router.get("/v1/sales", responses=error_responses(422))
     async def list_sales(
-        station: str | None = None,
-        business_date: date | None = None,
-        grade: str | None = None,
-        after: UUID | None = None,
-        limit: int = Query(default=500, ge=1, le=5000),
+        station: QueryCode | None = None,
+        business_date: QueryDate | None = None,
+        grade: QueryCode | None = None,
+        after: QuerySaleId | None = None,
+        limit: Annotated[QueryInt, Query(ge=1, le=5000)] = 500,
     ) -> dict[str, Any]:
         async with db.connection() as conn:
             rows = await SalesStore(conn).list_sales(
@@ -191,31 +322,16 @@ def build_router(
         items = [_sale_json(r) for r in rows]
         return {"items": items, "next_after": items[-1]["sale_id"] if len(items) == limit else None}
 
-    @router.get("/v1/sales/summary")
+    @router.get("/v1/sales/summary", responses=error_responses(422))
     async def summary(
-        station: str | None = None, business_date: date | None = None, grade: str | None = None
+        station: QueryCode | None = None,
+        business_date: QueryDate | None = None,
+        grade: QueryCode | None = None,
     ) -> dict[str, Any]:
-        async with db.connection() as conn:
-            store = SalesStore(conn)
-            rows = await store.summary(station=station, business_date=business_date, grade=grade)
-            duplicates = await store.natural_key_duplicates(station)
-        return {
-            "groups": [
-                {
-                    "station": r.station_code,
-                    "grade": r.grade,
-                    "quarantined": bool(r.quarantined),
-                    "sales": int(r.sales),
-                    "volume_ml": int(r.volume_ml),
-                    "amount_minor": int(r.amount_minor),
-                }
-                for r in rows
-            ],
-            "natural_key_duplicates": duplicates,
-        }
+        return await sales_summary(db, station=station, business_date=business_date, grade=grade)
 
-    @router.get("/v1/stations/{code}/sequence")
-    async def sequence(code: str) -> dict[str, Any]:
+    @router.get("/v1/stations/{code}/sequence", responses=error_responses(422))
+    async def sequence(code: Annotated[str, Path(max_length=CODE_LENGTH)]) -> dict[str, Any]:
         async with db.connection() as conn:
             book = await SalesStore(conn).sequence_book(code)
         return {
@@ -225,9 +341,10 @@ def build_router(
             "missing": book.missing_count(),
         }
 
-    @router.get("/v1/sales/alerts")
+    @router.get("/v1/sales/alerts", responses=error_responses(422))
     async def alerts(
-        station: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+        station: QueryCode | None = None,
+        limit: Annotated[QueryInt, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
         async with db.connection() as conn:
             rows = await SalesStore(conn).alerts(station, limit)
