@@ -80,6 +80,7 @@ from forecourt.kernel.events import Envelope, trace_id_of
 log = get_logger("forecourt.consumers")
 
 EffectHandler = Callable[[Envelope, UnitOfWork], Awaitable[None]]
+BatchEffectHandler = Callable[[Sequence[Envelope], UnitOfWork], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class Consumer:
     batch_size: int = 100
     default: bool = True
     description: str = ""
+    # Optional: the effect of many events at once (e.g. one multi-row insert), used for
+    # every batch instead of ``handle`` per event; it must equal ``handle`` applied to each.
+    handle_many: BatchEffectHandler | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 100:
@@ -485,39 +489,27 @@ class ConsumerHost:
         applied: list[Envelope] = []
         try:
             async with self.db.begin() as uow:
-                ids = list({env.id for _, _, env in items})
-                seen = set(
-                    (
-                        await uow.conn.execute(
-                            sa.select(inbox_table.c.event_id).where(
-                                inbox_table.c.consumer == name, inbox_table.c.event_id.in_(ids)
-                            )
-                        )
-                    ).scalars()
-                )
                 if any(
                     self.attempts_used(consumer, d) >= consumer.max_deliver for _, d, _ in items
                 ):
                     crash_point("consumer.last_delivery")
+                unique: dict[str, Envelope] = {}
                 for _, _delivery, envelope in items:
-                    if envelope.id in seen:
-                        continue
-                    seen.add(envelope.id)
-                    token = trace_id_var.set(trace_id_of(envelope.traceparent))
-                    try:
-                        await consumer.handle(envelope, uow)
-                    finally:
-                        trace_id_var.reset(token)
-                    applied.append(envelope)
-                if applied:
-                    now = self.db.clock.now()
-                    await uow.conn.execute(
-                        inbox_table.insert(),
-                        [
-                            {"consumer": name, "event_id": e.id, "processed_at": now}
-                            for e in applied
-                        ],
-                    )
+                    unique.setdefault(envelope.id, envelope)
+                # The inbox rows first, in one statement: the ids it did not already hold are
+                # the events to apply (a concurrent delivery's row makes this one wait for
+                # its commit, then skip). No lookup that scans the inbox.
+                claimed = await self._claim(uow, name, list(unique))
+                applied = [env for event_id, env in unique.items() if event_id in claimed]
+                if applied and consumer.handle_many is not None:
+                    await consumer.handle_many(applied, uow)
+                else:
+                    for envelope in applied:
+                        token = trace_id_var.set(trace_id_of(envelope.traceparent))
+                        try:
+                            await consumer.handle(envelope, uow)
+                        finally:
+                            trace_id_var.reset(token)
         except IntegrityError:
             # A concurrent delivery of one of these events (redelivery, another instance)
             # committed its inbox row first: retry the batch, which now skips it.
@@ -537,6 +529,20 @@ class ConsumerHost:
                 self.metrics.lag.labels(name).observe(max(0.0, (wall - env.time).total_seconds()))
         if self.outage:
             self._outage_over()
+
+    async def _claim(self, uow: UnitOfWork, name: str, ids: list[str]) -> set[str]:
+        """Insert the inbox rows of ``ids`` that are not there yet; returns those ids."""
+        if not ids:
+            return set()
+        now = self.db.clock.now()
+        insert = sqlite_insert if self.db.is_sqlite else pg_insert
+        stmt = (
+            insert(inbox_table)
+            .values([{"consumer": name, "event_id": i, "processed_at": now} for i in ids])
+            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+            .returning(inbox_table.c.event_id)
+        )
+        return set((await uow.conn.execute(stmt)).scalars())
 
     def _settled(self, consumer: Consumer, items: Sequence[tuple[int, Delivery, Envelope]]) -> None:
         for _, delivery, _ in items:

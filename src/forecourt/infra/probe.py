@@ -9,6 +9,8 @@ dead-letter store. ``forecourt chaos delivery`` and the ingest benchmark run it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from forecourt.infra.consumers import Consumer
 from forecourt.infra.db import UnitOfWork, probe_effect_table
 from forecourt.kernel.events import Envelope
@@ -33,6 +35,21 @@ async def apply_probe(envelope: Envelope, uow: UnitOfWork) -> None:
     )
 
 
+async def apply_probe_many(envelopes: Sequence[Envelope], uow: UnitOfWork) -> None:
+    """:func:`apply_probe` for a batch, in one multi-row insert."""
+    for envelope in envelopes:
+        if envelope.data.get("shift_id") == FAIL_MARKER:
+            raise ProbeRefused(f"event {envelope.id} is marked {FAIL_MARKER!r}")
+    now = uow.db.clock.now()
+    await uow.conn.execute(
+        probe_effect_table.insert(),
+        [
+            {"consumer": "probe", "event_id": e.id, "event_time": e.time, "applied_at": now}
+            for e in envelopes
+        ],
+    )
+
+
 PROBE = Consumer(
     "probe",
     ("forecourt.sales.>",),
@@ -41,4 +58,5 @@ PROBE = Consumer(
     batch_size=200,
     default=False,
     description="diagnostic: one platform.probe_effect row per sales event applied",
+    handle_many=apply_probe_many,
 )

@@ -360,12 +360,15 @@ class _Puller:
             keepalive.cancel()
         self.unsettled = []
         await asyncio.gather(*(self._apply(m, v) for m, v in zip(msgs, verdicts, strict=True)))
+        # One round trip for the whole batch's acks (a lost ack only means a redelivery,
+        # which the consumer's inbox absorbs).
+        timeout = max(1, int(self.bus.publish_timeout))
+        await _settle(lambda: self.bus.nc.flush(timeout=timeout), self.durable, "flush")
         return True
 
     async def _apply(self, msg: Msg, verdict: Verdict) -> None:
         if verdict is None:
-            timeout = self.bus.publish_timeout
-            await _settle(lambda: msg.ack_sync(timeout=timeout), self.durable, "ack")
+            await _settle(msg.ack, self.durable, "ack")
         else:
             delay = max(0.0, float(verdict))
             await _settle(lambda: msg.nak(delay=delay), self.durable, "nak")
