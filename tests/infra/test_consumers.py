@@ -516,3 +516,14 @@ async def test_the_host_alarms_before_a_lagging_consumer_reaches_retention(db: D
     bus.usage, bus.behind = 0.5, 10
     await running.sample()
     assert running.alarms == {}
+
+
+async def test_one_event_twice_in_a_batch_takes_effect_once(db: Database) -> None:
+    effects = Effects("twin")
+    spec = consumer("twin", effects)
+    running = host(db, NoBus(), [spec])  # type: ignore[arg-type]
+    e = event(80)
+    # A repeat stored on the stream after the duplicate window can arrive in the same fetch.
+    assert await running.handle_batch(spec, [delivery(e, 1), delivery(e, 1)]) == [None, None]
+    assert await applied(db, e.id) == 1
+    assert effects.calls == 1
