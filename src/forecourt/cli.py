@@ -659,11 +659,14 @@ def _quiet_closed_loop_errors() -> None:
 
 
 async def _interruptible(
-    work: Coroutine[Any, Any, T], *, on_overdue: Callable[[int], None]
+    work: Coroutine[Any, Any, T],
+    *,
+    on_overdue: Callable[[int], None],
+    stop_s: float = DEMO_STOP_S,
 ) -> tuple[T | None, int | None]:
     """Run ``work`` as a task that the first SIGINT/SIGTERM cancels (its own ``finally``
     stops what it started); (result, None) or (None, the signal). ``on_overdue(signal)`` is
-    called if the task has not ended :data:`DEMO_STOP_S` after the signal."""
+    called if the task has not ended ``stop_s`` seconds after the signal."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
     received: list[int] = []
@@ -675,7 +678,7 @@ async def _interruptible(
         err.print("stopping…", highlight=False)
         task.cancel()
         # call_later runs while asyncio.run waits for cancelled tasks too.
-        loop.call_later(DEMO_STOP_S, on_overdue, signum)
+        loop.call_later(stop_s, on_overdue, signum)
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)

@@ -16,15 +16,11 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-T = TypeVar("T")
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLEANUP_S = 45.0  # an interrupted run stops its processes and drops its data within this
 
 
@@ -95,6 +91,7 @@ def delivery(
     was observed; 1 otherwise.
     """
     from forecourt.chaos.delivery import DeliveryOptions, run_delivery, verdict
+    from forecourt.cli import _interruptible
 
     opts = DeliveryOptions(
         embedded=embedded,
@@ -111,7 +108,9 @@ def delivery(
             click.echo(line, err=True)
 
     try:
-        result, interrupted_by = asyncio.run(_interruptible(run_delivery(opts, progress)))
+        result, interrupted_by = asyncio.run(
+            _interruptible(run_delivery(opts, progress), on_overdue=_overdue, stop_s=CLEANUP_S)
+        )
     except Exception as exc:
         if os.environ.get("FORECOURT_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
@@ -134,54 +133,23 @@ def delivery(
         sys.exit(1)
 
 
+def _overdue(signum: int) -> None:
+    """The cleanup of an interrupted run took too long: kill every process of the run."""
+    from forecourt.chaos.delivery import kill_everything
+
+    kill_everything()
+    click.echo(f"chaos run interrupted; its cleanup took over {CLEANUP_S:.0f} s", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
 def _failure(exc: Exception) -> click.ClickException:
     """One line for the operator, as every forecourt command gives."""
     from forecourt.cli import Failure, explain
 
     message, code = explain(exc, {})
     return Failure(message, code)
-
-
-async def _interruptible(work: Coroutine[Any, Any, T]) -> tuple[T | None, int | None]:
-    """Run ``work`` as a task that the first SIGINT/SIGTERM cancels (its own cleanup stops
-    what it started); (result, None) or (None, the signal). A cleanup still running
-    :data:`CLEANUP_S` after the signal is cut short: every process of the run is killed."""
-    from forecourt.chaos.delivery import kill_everything
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(work)
-    received: list[int] = []
-
-    def overdue(signum: int) -> None:
-        kill_everything()
-        click.echo(f"chaos run interrupted; its cleanup took over {CLEANUP_S:.0f} s", err=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + signum)
-
-    def on_signal(signum: int) -> None:
-        if received:
-            return  # already stopping: a second cancel would cut the cleanup short
-        received.append(signum)
-        click.echo("stopping…", err=True)
-        task.cancel()
-        loop.call_later(CLEANUP_S, overdue, signum)
-
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        return await task, None
-    except asyncio.CancelledError:
-        if received:
-            return None, received[0]
-        raise
-    except Exception:
-        if received:  # failed while being stopped: the interruption is the news
-            return None, received[0]
-        raise
-    finally:
-        for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
 
 
 def _print_summary(result: dict[str, Any]) -> None:
