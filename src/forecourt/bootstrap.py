@@ -209,7 +209,7 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     published.set_function(lambda: relay.published)
 
     async def refresh_metrics() -> None:
-        from forecourt.infra.consumers import count_parked
+        from forecourt.infra.relay import count_parked
 
         with contextlib.suppress(Exception):
             backlog.set(await relay.backlog())

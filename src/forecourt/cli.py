@@ -1472,8 +1472,9 @@ def status(as_json: bool, database_url: str | None, bus_url: str | None) -> None
     import sqlalchemy as sa
 
     from forecourt.bootstrap import build_bus, known_consumers, open_bus
-    from forecourt.infra.consumers import count_dead_letters, count_parked
+    from forecourt.infra.consumers import count_dead_letters
     from forecourt.infra.db import outbox_table
+    from forecourt.infra.relay import count_parked
 
     settings = _hq_settings(database_url, bus_url=bus_url)
     registered = sorted(known_consumers())

@@ -61,7 +61,6 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 
 from forecourt.infra.bus import Bus, Delivery, Subscription, Verdict
 from forecourt.infra.crash import crash_point
@@ -71,7 +70,6 @@ from forecourt.infra.db import (
     dead_letter_table,
     idempotency_table,
     inbox_table,
-    outbox_parked_table,
 )
 from forecourt.infra.logging import get_logger, trace_id_var
 from forecourt.kernel.errors import InvalidValue
@@ -214,13 +212,6 @@ async def request_replay(
     async with db.begin() as uow:
         result = await uow.conn.execute(stmt)
     return int(result.rowcount or 0)
-
-
-async def count_parked(db: Database) -> int:
-    """Outbox rows the broker refused for good (kept in ``platform.outbox_parked``)."""
-    async with db.connection() as conn:
-        value = await conn.scalar(sa.select(sa.func.count()).select_from(outbox_parked_table))
-    return int(value or 0)
 
 
 # --- the host ---------------------------------------------------------------------------
@@ -486,38 +477,26 @@ class ConsumerHost:
     ) -> None:
         """Apply every new event of ``items`` with its inbox row, in one transaction."""
         name = consumer.name
-        applied: list[Envelope] = []
-        try:
-            async with self.db.begin() as uow:
-                if any(
-                    self.attempts_used(consumer, d) >= consumer.max_deliver for _, d, _ in items
-                ):
-                    crash_point("consumer.last_delivery")
-                unique: dict[str, Envelope] = {}
-                for _, _delivery, envelope in items:
-                    unique.setdefault(envelope.id, envelope)
-                # The inbox rows first, in one statement: the ids it did not already hold are
-                # the events to apply (a concurrent delivery's row makes this one wait for
-                # its commit, then skip). No lookup that scans the inbox.
-                claimed = await self._claim(uow, name, list(unique))
-                applied = [env for event_id, env in unique.items() if event_id in claimed]
-                if applied and consumer.handle_many is not None:
-                    await consumer.handle_many(applied, uow)
-                else:
-                    for envelope in applied:
-                        token = trace_id_var.set(trace_id_of(envelope.traceparent))
-                        try:
-                            await consumer.handle(envelope, uow)
-                        finally:
-                            trace_id_var.reset(token)
-        except IntegrityError:
-            # A concurrent delivery of one of these events (redelivery, another instance)
-            # committed its inbox row first: retry the batch, which now skips it.
-            if len(items) > 1 or not await self._seen(name, items[0][2].id):
-                raise
-            self.skipped[name] += 1
-            self._settled(consumer, items)
-            return
+        async with self.db.begin() as uow:
+            if any(self.attempts_used(consumer, d) >= consumer.max_deliver for _, d, _ in items):
+                crash_point("consumer.last_delivery")
+            unique: dict[str, Envelope] = {}
+            for _, _delivery, envelope in items:
+                unique.setdefault(envelope.id, envelope)
+            # The inbox rows first, in one statement: the ids it did not already hold are the
+            # events to apply (a concurrent delivery's row makes this one wait for its commit,
+            # then skip). No lookup that scans the inbox.
+            claimed = await self._claim(uow, name, list(unique))
+            applied = [env for event_id, env in unique.items() if event_id in claimed]
+            if applied and consumer.handle_many is not None:
+                await consumer.handle_many(applied, uow)
+            else:
+                for envelope in applied:
+                    token = trace_id_var.set(trace_id_of(envelope.traceparent))
+                    try:
+                        await consumer.handle(envelope, uow)
+                    finally:
+                        trace_id_var.reset(token)
         crash_point("consumer.after_effect")
         self._settled(consumer, items)
         self.processed[name] += len(applied)
@@ -548,15 +527,6 @@ class ConsumerHost:
         for _, delivery, _ in items:
             self._outage_misses.pop((consumer.name, delivery.event_id), None)
             self._drop_misses.pop((consumer.name, delivery.event_id), None)
-
-    async def _seen(self, name: str, event_id: str) -> bool:
-        async with self.db.connection() as conn:
-            count = await conn.scalar(
-                sa.select(sa.func.count())
-                .select_from(inbox_table)
-                .where(inbox_table.c.consumer == name, inbox_table.c.event_id == event_id)
-            )
-        return bool(count)
 
     async def _failed(
         self, consumer: Consumer, delivery: Delivery, envelope: Envelope, exc: Exception

@@ -23,16 +23,7 @@ class ProbeRefused(RuntimeError):
 
 
 async def apply_probe(envelope: Envelope, uow: UnitOfWork) -> None:
-    if envelope.data.get("shift_id") == FAIL_MARKER:
-        raise ProbeRefused(f"event {envelope.id} is marked {FAIL_MARKER!r}")
-    await uow.conn.execute(
-        probe_effect_table.insert().values(
-            consumer="probe",
-            event_id=envelope.id,
-            event_time=envelope.time,
-            applied_at=uow.db.clock.now(),
-        )
-    )
+    await apply_probe_many([envelope], uow)
 
 
 async def apply_probe_many(envelopes: Sequence[Envelope], uow: UnitOfWork) -> None:

@@ -286,11 +286,8 @@ class OutboxRelay(BackgroundService):
         return int(value or 0)
 
     async def parked_count(self) -> int:
-        """Rows in ``platform.outbox_parked`` (refused by the broker, waiting for an
-        operator)."""
-        async with self.db.connection() as conn:
-            value = await conn.scalar(sa.select(sa.func.count()).select_from(outbox_parked_table))
-        return int(value or 0)
+        """Rows in ``platform.outbox_parked`` (see :func:`count_parked`)."""
+        return await count_parked(self.db)
 
     async def requeue_parked(self, ids: list[int] | None = None) -> int:
         """Move parked rows back into the outbox (see :func:`requeue_parked`)."""
@@ -354,3 +351,11 @@ async def requeue_parked(db: Database, ids: list[int] | None = None) -> int:
         log.info("relay.parked_requeued", events=moved)
         db.outbox_signal.set()
     return moved
+
+
+async def count_parked(db: Database) -> int:
+    """Outbox rows the broker refused for good (kept in ``platform.outbox_parked``, waiting
+    for an operator)."""
+    async with db.connection() as conn:
+        value = await conn.scalar(sa.select(sa.func.count()).select_from(outbox_parked_table))
+    return int(value or 0)
