@@ -59,14 +59,19 @@ def worker(tmp_path: Path, env: dict[str, str], name: str, **extra: str) -> Runn
     return proc
 
 
-async def publish(env: dict[str, str], *events: object) -> None:
-    """Write the events to the outbox and relay them, as HQ does."""
-    settings = Settings(
+def settings_of(env: dict[str, str]) -> Settings:
+    """The HQ settings the worker processes run with."""
+    return Settings(
         database_url=env["FORECOURT_DATABASE_URL"],
         bus_url=env["FORECOURT_BUS_URL"],
         nats_stream=env.get("FORECOURT_NATS_STREAM", "FORECOURT"),
         nats_subject_prefix=env.get("FORECOURT_NATS_SUBJECT_PREFIX"),
     )
+
+
+async def publish(env: dict[str, str], *events: object) -> None:
+    """Write the events to the outbox and relay them, as HQ does."""
+    settings = settings_of(env)
     db = Database(settings.database_url)
     await db.connect()
     await upgrade(db)
@@ -99,12 +104,7 @@ async def count(env: dict[str, str], table: sa.Table, *where: object) -> int:
 
 async def settled(env: dict[str, str]) -> bool:
     """Nothing pending for the probe on the bus (the killed delivery came back, settled)."""
-    settings = Settings(
-        database_url=env["FORECOURT_DATABASE_URL"],
-        bus_url=env["FORECOURT_BUS_URL"],
-        nats_stream=env.get("FORECOURT_NATS_STREAM", "FORECOURT"),
-        nats_subject_prefix=env.get("FORECOURT_NATS_SUBJECT_PREFIX"),
-    )
+    settings = settings_of(env)
     db = Database(settings.database_url)
     await db.connect()
     bus = build_bus(settings, db)
