@@ -12,10 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from forecourt.infra.consumers import Consumer
-from forecourt.infra.db import UnitOfWork, probe_effect_table
+from forecourt.infra.db import UnitOfWork, asyncpg_connection, probe_effect_table
 from forecourt.kernel.events import Envelope
 
 FAIL_MARKER = "probe:fail"
+
+_INSERT_SQL = (
+    "INSERT INTO platform.probe_effect (consumer, event_id, event_time, applied_at) "
+    "SELECT 'probe', e.id, e.time, $3 "
+    "FROM unnest($1::varchar[], $2::timestamptz[]) AS e(id, time)"
+)
 
 
 class ProbeRefused(RuntimeError):
@@ -32,6 +38,15 @@ async def apply_probe_many(envelopes: Sequence[Envelope], uow: UnitOfWork) -> No
         if envelope.data.get("shift_id") == FAIL_MARKER:
             raise ProbeRefused(f"event {envelope.id} is marked {FAIL_MARKER!r}")
     now = uow.db.clock.now()
+    if not uow.db.is_sqlite:  # one prepared statement whatever the batch size
+        apg = await asyncpg_connection(uow.conn)
+        await apg.execute(
+            _INSERT_SQL,
+            [e.id for e in envelopes],
+            [e.time for e in envelopes],
+            now,
+        )
+        return
     await uow.conn.execute(
         probe_effect_table.insert(),
         [
