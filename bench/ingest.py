@@ -639,6 +639,8 @@ class ProbeWorker:
             "FORECOURT_LOG_LEVEL": "WARNING",
         }
         args = [*shlex.split(self.command), "--consumers", "probe", "--metrics-port", "0"]
+        # Only what this start writes counts (the log may hold an earlier run's lines).
+        offset = self.logfile.stat().st_size if self.logfile.exists() else 0
         with self.logfile.open("ab") as out:
             self.proc = subprocess.Popen(
                 args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -646,9 +648,11 @@ class ProbeWorker:
         self.starts += 1
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            text = self.logfile.read_text(errors="replace")
+            with self.logfile.open("rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
             urls = re.findall(r"metrics on (http://[0-9.:\[\]]+/metrics)", text)
-            if text.count("consumers running: probe") >= self.starts and len(urls) >= self.starts:
+            if "consumers running: probe" in text and urls:
                 self.metrics_url = urls[-1]
                 return
             if self.proc.poll() is not None:

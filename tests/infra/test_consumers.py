@@ -527,3 +527,52 @@ async def test_one_event_twice_in_a_batch_takes_effect_once(db: Database) -> Non
     assert await running.handle_batch(spec, [delivery(e, 1), delivery(e, 1)]) == [None, None]
     assert await applied(db, e.id) == 1
     assert effects.calls == 1
+
+
+class Overlap(Effects):
+    """Effects that take a while and count how many run at once."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.running = 0
+        self.most = 0
+
+    async def __call__(self, envelope: Envelope, uow: UnitOfWork) -> None:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0.05)
+            await super().__call__(envelope, uow)
+        finally:
+            self.running -= 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_a_consumer_runs_as_many_batches_at_once_as_asked_each_event_once(
+    db: Database, bus: Bus, concurrency: int
+) -> None:
+    effects = Overlap("side_by_side")
+    spec = consumer("side_by_side", effects, batch_size=1, concurrency=concurrency)
+    running = host(db, bus, [spec])
+    await running.start()
+    try:
+        events = [event(200 + n) for n in range(12)]
+        for e in events:
+            await bus.publish(e)
+
+        async def all_applied() -> bool:
+            return all([await applied(db, e.id) == 1 for e in events])
+
+        await eventually(all_applied, what="every event applied", timeout=20)
+        if db.is_sqlite:
+            assert effects.most == 1  # one writer: the batches queue for the write lock
+        else:
+            assert effects.most == concurrency
+    finally:
+        await running.stop()
+    assert all([await applied(db, e.id) == 1 for e in events])
+
+
+def test_a_consumer_needs_at_least_one_batch_at_a_time() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        consumer("none_at_once", Effects("x"), concurrency=0)

@@ -109,14 +109,20 @@ class Consumer:
     # Optional: the effect of many events at once (e.g. one multi-row insert), used for
     # every batch instead of ``handle`` per event; it must equal ``handle`` applied to each.
     handle_many: BatchEffectHandler | None = None
+    # Batches in flight at once in one host process (each its own subscription sharing the
+    # durable): while one waits for the database, the next is fetched and prepared. The
+    # handler must be safe under that, as it is across processes (the inbox makes it so).
+    concurrency: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 100:
             raise ValueError("a consumer needs a name of 1 to 100 characters")
         if not self.subjects:
             raise ValueError(f"consumer {self.name!r} takes no subjects")
-        if self.max_deliver < 1 or self.batch_size < 1:
-            raise ValueError(f"consumer {self.name!r}: max_deliver and batch_size must be >= 1")
+        if self.max_deliver < 1 or self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError(
+                f"consumer {self.name!r}: max_deliver, batch_size and concurrency must be >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -362,11 +368,15 @@ class ConsumerHost:
     async def start(self) -> None:
         for consumer in self.consumers.values():
             handler = self._batch_handler(consumer)
-            self._subs.append(
-                await self.bus.subscribe(
-                    consumer.name, list(consumer.subjects), handler, batch_size=consumer.batch_size
+            for _ in range(consumer.concurrency):
+                self._subs.append(
+                    await self.bus.subscribe(
+                        consumer.name,
+                        list(consumer.subjects),
+                        handler,
+                        batch_size=consumer.batch_size,
+                    )
                 )
-            )
         loops = (
             ("consumer-replay", self._replay_loop),
             ("consumer-monitor", self._monitor_loop),

@@ -61,8 +61,9 @@ PROBE = Consumer(
     ("forecourt.sales.>",),
     apply_probe,
     max_deliver=5,
-    batch_size=200,
+    batch_size=500,
     default=False,
     description="diagnostic: one platform.probe_effect row per sales event applied",
     handle_many=apply_probe_many,
+    concurrency=2,
 )
