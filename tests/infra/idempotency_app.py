@@ -38,6 +38,7 @@ from forecourt.infra.idempotency import (
     IdempotencyRecord,
     RecoveryHook,
     StoredResponse,
+    error_outcome,
     idempotent,
     install_idempotency,
 )
@@ -82,6 +83,7 @@ class Knobs:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     fail_at: str | None = None  # "before_start" | "after_start" | "bug_after_start"
     runs: int = 0  # handler bodies entered
+    provider_down: bool = False  # the recovery hook cannot tell what happened (None)
     recoveries: list[str] = field(default_factory=list)
 
     async def step(self, name: str) -> None:
@@ -115,6 +117,8 @@ def provider_query(db: Database, knobs: Knobs) -> RecoveryHook:
 
     async def recover(record: IdempotencyRecord) -> StoredResponse | None:
         knobs.recoveries.append(record.key)
+        if knobs.provider_down:
+            return None
         async with db.connection() as conn:
             row = (
                 await conn.execute(
@@ -123,21 +127,21 @@ def provider_query(db: Database, knobs: Knobs) -> RecoveryHook:
             ).first()
         if row is not None:
             return StoredResponse(201, _charged(row))
-        return StoredResponse(
+        return error_outcome(
             502,
-            {
-                "error": {
-                    "code": "charge.not_made",
-                    "message": "the provider has no charge for this request: nothing was "
-                    "charged; send it again with a new Idempotency-Key",
-                }
-            },
+            "charge.not_made",
+            "the provider has no charge for this request: nothing was charged; send it "
+            "again with a new Idempotency-Key",
         )
 
     return recover
 
 
-def build_app(db: Database, *, lease: timedelta, recovery: bool = True) -> FastAPI:
+def build_app(
+    db: Database, *, lease: timedelta, recovery: bool = True, common: bool = True
+) -> FastAPI:
+    """The app; ``common=False`` leaves out ``install_common`` (the idempotency errors must
+    still answer the one envelope)."""
     app = FastAPI()
     knobs = Knobs()
     app.state.knobs = knobs
@@ -146,7 +150,8 @@ def build_app(db: Database, *, lease: timedelta, recovery: bool = True) -> FastA
     async def ready() -> dict[str, bool]:
         return {"database": True}
 
-    install_common(app, CollectorRegistry(), ready)
+    if common:
+        install_common(app, CollectorRegistry(), ready)
     install_idempotency(app)
     charge_key = idempotent(
         SCOPE,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,7 +37,9 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from forecourt.infra.consumers import ConsumerHost
 from forecourt.infra.db import Database, idempotency_table
 from forecourt.infra.idempotency import (
     COMPLETED,
@@ -45,13 +48,22 @@ from forecourt.infra.idempotency import (
     IdempotencyKey,
     IdempotencyRecord,
     InProgress,
+    LeaseLost,
     Recovering,
     StoredResponse,
     idempotent,
     purge_expired,
     request_hash,
 )
-from tests.infra.idempotency_app import SCOPE, build_app, charge_count, charges_table, prepare
+from forecourt.infra.logging import trace_id_var
+from tests.infra.idempotency_app import (
+    SCOPE,
+    ProviderError,
+    build_app,
+    charge_count,
+    charges_table,
+    prepare,
+)
 from tests.support import eventually
 
 CHARGE = {"amount_minor": 6120, "card": "tok_visa"}
@@ -86,6 +98,12 @@ async def db(db_url: str, clock: ManualClock) -> AsyncIterator[Database]:
         await database.dispose()
 
 
+class NoBus:
+    """The consumer host's retention needs no bus."""
+
+    transactional = False
+
+
 def client_of(app: FastAPI) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app, raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://test")
@@ -112,8 +130,30 @@ async def charge(
     return await client.post("/charge", json=body, headers={"Idempotency-Key": key})
 
 
+TRACE_ID = re.compile(r"[0-9a-f]{32}")
+ENVELOPE_FIELDS = {"code", "message", "details", "trace_id"}
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    """The error an answer carries, checked to be the one envelope: ``{"error": {code,
+    message, [details], trace_id}}`` as JSON; a fresh answer's trace id is its own
+    ``traceparent``'s (a replay's is the first request's, stored with it)."""
+    assert response.headers["content-type"] == "application/json", response.headers
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error: dict[str, Any] = body["error"]
+    assert {"code", "message", "trace_id"} <= set(error) <= ENVELOPE_FIELDS, error
+    assert isinstance(error["code"], str), error
+    assert isinstance(error["message"], str), error
+    assert TRACE_ID.fullmatch(error["trace_id"]), error
+    traceparent = response.headers.get("traceparent")
+    if traceparent and "idempotency-replayed" not in response.headers:
+        assert error["trace_id"] == traceparent.split("-")[1], (error, traceparent)
+    return error
+
+
 def code_of(response: httpx.Response) -> str:
-    return str(response.json()["error"]["code"])
+    return str(error_of(response)["code"])
 
 
 async def record(db: Database, key: str = "k-1") -> Any:
@@ -215,6 +255,81 @@ async def test_a_missing_or_malformed_key_is_refused(
     assert code_of(refused) == code
     assert await charge_count(db) == 0
     assert (await charge(client, key="k" * 255)).status_code == 201  # the longest key
+
+
+@pytest.mark.parametrize("common", [True, False], ids=["app", "bare_app"])
+async def test_every_idempotency_error_answers_the_one_envelope_with_a_trace_id(
+    db: Database, clock: ManualClock, common: bool
+) -> None:
+    # With install_common's handlers or without them: install_idempotency renders its own
+    # errors with the one envelope (error_of checks code, message, trace_id).
+    app = build_app(db, lease=LEASE, common=common)
+    knobs = app.state.knobs
+    async with client_of(app) as client:
+        for key, code in ((None, "idempotency.key_missing"), ("", "idempotency.key_invalid")):
+            refused = await charge(client, key=key)
+            assert (refused.status_code, code_of(refused)) == (400, code)
+
+        knobs.hold_at = "before_start"
+        slow = asyncio.create_task(charge(client))
+        await asyncio.wait_for(knobs.entered.wait(), 5)
+        busy = await charge(client)
+        assert (busy.status_code, code_of(busy)) == (409, "idempotency.in_progress")
+        assert error_of(busy)["details"]["retry_after"] == int(busy.headers["retry-after"])
+        reused = await charge(client, body={**CHARGE, "card": "tok_amex"})
+        assert (reused.status_code, code_of(reused)) == (422, "idempotency.key_reused")
+        clock.advance(LEASE + timedelta(seconds=1))
+        assert (await charge(client)).status_code == 201  # taken over
+        knobs.release.set()
+        late = await asyncio.wait_for(slow, 5)
+        assert (late.status_code, code_of(late)) == (409, "idempotency.lease_lost")
+
+        await seed(db, key="k-2", state=STARTED, lease_until=clock.now())
+        knobs.provider_down = True
+        waiting = await charge(client, key="k-2")
+        assert (waiting.status_code, code_of(waiting)) == (409, "idempotency.recovering")
+        assert int(waiting.headers["retry-after"]) >= 1
+        knobs.provider_down = False
+        not_made = await charge(client, key="k-2")  # the hook's outcome, in the envelope
+        assert (not_made.status_code, code_of(not_made)) == (502, "charge.not_made")
+        replayed = await charge(client, key="k-2")
+        assert replayed.headers["idempotency-replayed"] == "true"
+        assert replayed.content == not_made.content  # byte for byte, its first trace id
+        assert error_of(replayed)["trace_id"] == error_of(not_made)["trace_id"]
+
+    await seed(db, key="k-3", state=STARTED, lease_until=clock.now())
+    async with client_of(build_app(db, lease=LEASE, recovery=False, common=common)) as client:
+        unknown = await charge(client, key="k-3")
+        assert (unknown.status_code, code_of(unknown)) == (409, "idempotency.outcome_unknown")
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (ProviderError("the provider answered 500"), 502, "charge.provider_error"),
+        (RuntimeError("a bug"), 500, "internal.error"),
+    ],
+)
+async def test_a_failure_stored_without_the_apps_answer_is_the_envelope_too(
+    db: Database, error: Exception, status: int, code: str
+) -> None:
+    # finish_after_error without the rendered answer stores what the handlers would answer:
+    # the envelope with the trace id of the request it failed in.
+    key = IdempotencyKey(db, SCOPE, "k-1", HASH, lease=LEASE)
+    await key.acquire()
+    await key.mark_started()
+    token = trace_id_var.set("ab" * 16)
+    try:
+        await key.finish_after_error(error)
+    finally:
+        trace_id_var.reset(token)
+    row = await record(db)
+    assert (row.state, row.status_code) == (COMPLETED, status)
+    stored = json.loads(row.response)
+    assert set(stored) == {"error"}
+    assert stored["error"]["code"] == code
+    assert stored["error"]["trace_id"] == "ab" * 16
+    assert {"code", "message", "trace_id"} <= set(stored["error"]) <= ENVELOPE_FIELDS
 
 
 @pytest.mark.parametrize("hold_at", ["before_start", "after_start"])
@@ -455,9 +570,100 @@ async def test_purge_deletes_expired_records_and_never_a_started_one(
     assert reused.status_code == 201  # a purged key is a new key
 
 
+async def test_the_hosts_hourly_retention_purges_expired_records_and_never_a_started_one(
+    client: httpx.AsyncClient, db: Database, clock: ManualClock
+) -> None:
+    # The schedule: every running consumer host purges each retention_interval (an hour).
+    running = ConsumerHost(db, NoBus(), [], registry=CollectorRegistry())  # type: ignore[arg-type]
+    assert running.retention_interval == 3600.0
+    assert (await charge(client, key="done")).status_code == 201
+    await seed(db, key="unknown", state=STARTED, lease_until=clock.now())
+    clock.advance(timedelta(hours=23, minutes=59))
+    assert (await running.purge_once())["idempotency"] == 0  # kept at least 24 h
+    clock.advance(timedelta(minutes=1))
+    assert (await running.purge_once())["idempotency"] == 1
+    clock.advance(timedelta(days=365))
+    assert (await running.purge_once())["idempotency"] == 0
+    assert (await record(db, "done")) is None
+    assert (await record(db, "unknown")).state == STARTED
+
+
 def test_records_are_kept_at_least_a_day() -> None:
-    with pytest.raises(ValueError, match="at least"):
-        idempotent("s", lambda request: request.app.state.db, ttl=timedelta(hours=1))
+    for too_short in (timedelta(hours=1), timedelta(hours=24) - timedelta(seconds=1)):
+        with pytest.raises(ValueError, match="at least"):
+            idempotent("s", lambda request: request.app.state.db, ttl=too_short)
+    idempotent("s", lambda request: request.app.state.db, ttl=timedelta(hours=24))
+    with pytest.raises(ValueError, match="positive"):
+        idempotent("s", lambda request: request.app.state.db, lease=timedelta(0))
+
+
+async def test_a_record_is_purged_at_its_expiry_not_a_moment_later(
+    client: httpx.AsyncClient, db: Database, clock: ManualClock
+) -> None:
+    assert (await charge(client)).status_code == 201
+    expires_at = (await record(db)).expires_at
+    clock.advance(timedelta(hours=24) - timedelta(microseconds=1))
+    assert await purge_expired(db) == 0
+    clock.advance(timedelta(microseconds=1))
+    assert clock.now() == expires_at.replace(tzinfo=UTC)
+    assert await purge_expired(db) == 1
+
+
+async def test_renew_extends_the_lease_and_fails_once_the_record_is_lost(
+    db: Database, clock: ManualClock
+) -> None:
+    owner = IdempotencyKey(db, SCOPE, "k-1", HASH, lease=LEASE)
+    await owner.acquire()
+    await owner.mark_started()
+    clock.advance(timedelta(seconds=20))
+    await owner.renew()  # the outside call takes long: the lease runs 30 s from now
+    assert (await record(db)).lease_until.replace(tzinfo=UTC) == clock.now() + LEASE
+    clock.advance(timedelta(seconds=20))  # 40 s after start, 20 s after the renewal
+    retry = IdempotencyKey(db, SCOPE, "k-1", HASH, lease=LEASE)
+    with pytest.raises(InProgress):  # still the owner's: not recovered, not unknown
+        await retry.acquire()
+    assert (await record(db)).owner == owner.owner
+
+    # A reservation taken over after its lease expired: the slow owner may not renew it.
+    slow = IdempotencyKey(db, SCOPE, "k-2", HASH, lease=LEASE)
+    await slow.acquire()
+    clock.advance(LEASE)
+    taker = IdempotencyKey(db, SCOPE, "k-2", HASH, lease=LEASE)
+    await taker.acquire()
+    assert taker.taken_over
+    with pytest.raises(LeaseLost):
+        await slow.renew()
+    assert (await record(db, "k-2")).owner == taker.owner
+
+
+@pytest.mark.parametrize(("hold_at", "left"), [("before_start", None), ("after_start", STARTED)])
+async def test_a_cancelled_request_frees_its_key_only_before_start(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    db: Database,
+    clock: ManualClock,
+    hold_at: str,
+    left: str | None,
+) -> None:
+    # The client went away (or the server stops) while the handler was inside its work.
+    knobs = app.state.knobs
+    knobs.hold_at = hold_at
+    first = asyncio.create_task(charge(client))
+    await asyncio.wait_for(knobs.entered.wait(), 5)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    row = await record(db)
+    assert (row.state if row is not None else None) == left
+    clock.advance(LEASE)
+    retried = await charge(client)
+    if left is None:  # nothing outside was called: the retry runs the work
+        assert retried.status_code == 201
+        assert knobs.runs == 2
+    else:  # the outside call may have happened: never again, recovery asks the provider
+        assert (retried.status_code, code_of(retried)) == (502, "charge.not_made")
+        assert knobs.recoveries == ["k-1"]
+        assert knobs.runs == 1
 
 
 @given(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import httpx
@@ -451,3 +452,70 @@ async def test_a_batch_field_named_with_a_lone_surrogate_is_refused_422_not_500(
     response = await client.post(BATCH_ROUTE, content=batch.encode(), headers=auth)
     error = assert_envelope(response, 422, "sales.schema_invalid")
     assert error["details"]["errors"][0]["type"] == "string_unicode"  # type: ignore[index]
+
+
+HUGE = 300 * 1024 * 1024  # the observed attack: a 300 MiB string field in one sale
+CHUNK = 1024 * 1024
+
+
+async def test_a_300_mib_string_field_is_refused_413_reading_no_more_than_the_limit(
+    hq: tuple[httpx.AsyncClient, dict[str, str]],
+) -> None:
+    # It cost 1.3 GiB once (read whole, then parsed). Now the body is refused once past the
+    # limit, so the server reads (and holds) at most the limit and a chunk of it.
+    client, auth = hq
+    sale = json.dumps(make_sale_v2(grade="GRADE")).encode()
+    head, tail = sale.split(b'"GRADE"')
+    prefix = b'{"schema_version": 2, "sales": [' + head + b'"'
+    suffix = b'"' + tail + b"]}"
+    pulled = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        pulled += 1
+        yield prefix
+        for _ in range(HUGE // CHUNK):
+            pulled += 1
+            yield b"9" * CHUNK
+        yield suffix
+
+    tracemalloc.start()
+    try:
+        chunked = await client.post(BATCH_ROUTE, content=chunks(), headers=auth)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_envelope(chunked, 413, "request.too_large")
+    assert pulled <= DEFAULT_MAX_BODY_BYTES // CHUNK + 2  # not 300 chunks: reading stopped
+    assert peak < 4 * DEFAULT_MAX_BODY_BYTES < HUGE, peak  # the body was never held whole
+
+    pulled = 0
+    declared = await client.post(
+        BATCH_ROUTE,
+        content=chunks(),
+        headers={**auth, "content-length": str(len(prefix) + HUGE + len(suffix))},
+    )
+    assert_envelope(declared, 413, "request.too_large")
+    assert pulled <= 1  # told by its Content-Length, before its body is read
+    assert await stored(client) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/nowhere", 404, "request.not_found"),
+        ("POST", "/v1/stations/S001/nothing", 404, "request.not_found"),
+        ("DELETE", "/v1/sales", 405, "request.method_not_allowed"),
+        ("GET", BATCH_ROUTE, 405, "request.method_not_allowed"),
+    ],
+)
+async def test_hq_answers_unknown_routes_and_methods_with_the_envelope_not_detail(
+    hq: tuple[httpx.AsyncClient, dict[str, str]], method: str, path: str, status: int, code: str
+) -> None:
+    client, _ = hq
+    response = await client.request(method, path)
+    error = assert_envelope(response, status, code)
+    assert "detail" not in response.json()
+    assert path in str(error["message"])
+    if status == 405:
+        assert error["details"]["allowed"] == response.headers["allow"].split(", ")  # type: ignore[index]

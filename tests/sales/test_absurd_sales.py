@@ -274,6 +274,24 @@ async def test_a_control_character_in_device_raw_refuses_that_item_only(hq: Hq) 
     assert await count(hq, sale_t) == 1
 
 
+async def test_a_nul_anywhere_in_an_item_refuses_that_item_only_never_a_500(hq: Hq) -> None:
+    # PostgreSQL text cannot hold U+0000: a NUL in a value, in a field's name, or in a
+    # value HQ keeps aside (the refusal's alert) once made the whole batch a 500.
+    items = [
+        make_sale_v2(grade="\x00"),
+        make_sale_v2(shift_id="2026-11-25/1\x00"),
+        {**make_sale_v2(), "gr\x00ade": "92"},
+        make_sale_v2(device_raw={"\x00": "\x00"}),
+        {**make_sale_v2(), "sale_id": "\x00"},
+    ]
+    response = await hq.upload("S001", [*items, make_sale_v2()], schema_version=2)
+    assert response.status_code == 200, response.text
+    statuses = [r["status"] for r in response.json()["results"]]
+    assert statuses == ["refused"] * len(items) + ["created"]
+    assert await count(hq, sale_t) == 1
+    assert len(await alerts(hq, "refused")) == len(items)
+
+
 async def test_started_after_ended_is_no_refusal_and_ordinary_offsets_are_taken(hq: Hq) -> None:
     sales = [
         make_sale(started_at="2026-11-25T09:10:00+08:00", ended_at="2026-11-25T09:02:00+08:00"),

@@ -71,12 +71,12 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
 from sqlalchemy.dialects import postgresql, sqlite
 from starlette.exceptions import HTTPException
 
 from forecourt.infra.crash import crash_point
 from forecourt.infra.db import Database, UnitOfWork, idempotency_table
+from forecourt.infra.http import current_trace_id, error_response
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.errors import ForecourtError
 
@@ -218,16 +218,10 @@ def install_idempotency(app: FastAPI) -> None:
     """Render replays and idempotency errors (envelope plus ``Retry-After``). Call it once,
     before the app serves; the dependency refuses to run without it."""
 
-    async def _error(request: Request, exc: Exception) -> Response:
-        # The app's own envelope (install_common's ForecourtError handler), plus Retry-After.
+    async def _error(_request: Request, exc: Exception) -> Response:
+        # The one error envelope (code, message, details, trace_id), plus Retry-After.
         assert isinstance(exc, IdempotencyError)
-        base = _handler_for(request.app, ForecourtError)
-        if base is None:
-            response: Response = JSONResponse({"error": exc.to_dict()}, exc.http_status)
-        else:
-            response = await _call(base, request, exc)
-        response.headers.update(exc.headers())
-        return response
+        return error_response(exc.http_status, exc.to_dict(), exc.headers())
 
     app.add_exception_handler(Replay, _replay_handler)
     app.add_exception_handler(IdempotencyError, _error)
@@ -268,6 +262,16 @@ async def rendered_error(request: Request, exc: BaseException) -> StoredResponse
             }
             return StoredResponse(response.status_code, body, kept)
     return _error_response(exc)
+
+
+def error_outcome(status_code: int, code: str, message: str, **details: Any) -> StoredResponse:
+    """An error outcome in the one envelope (code, message, details, the trace id of the
+    request being answered): what a recovery hook returns when the provider says the work
+    failed or never happened."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return StoredResponse(status_code, _envelope(error))
 
 
 def _encode(body: Any) -> str:
@@ -355,7 +359,7 @@ def _record(row: Any) -> IdempotencyRecord:
 def _error_response(exc: BaseException) -> StoredResponse:
     """The answer the error handlers give for ``exc`` (stored when it happened after start)."""
     if isinstance(exc, ForecourtError):
-        return StoredResponse(exc.http_status, {"error": exc.to_dict()})
+        return StoredResponse(exc.http_status, _envelope(exc.to_dict()))
     if isinstance(exc, HTTPException):
         try:
             status = HTTPStatus(exc.status_code)
@@ -363,10 +367,16 @@ def _error_response(exc: BaseException) -> StoredResponse:
         except ValueError:
             code, phrase = f"request.http_{exc.status_code}", f"HTTP {exc.status_code}"
         message = str(exc.detail) if exc.detail and exc.detail != phrase else phrase
-        return StoredResponse(exc.status_code, {"error": {"code": code, "message": message}})
+        return StoredResponse(exc.status_code, _envelope({"code": code, "message": message}))
     return StoredResponse(
-        500, {"error": {"code": "internal.error", "message": "internal server error"}}
+        500, _envelope({"code": "internal.error", "message": "internal server error"})
     )
+
+
+def _envelope(error: dict[str, Any]) -> dict[str, Any]:
+    """The body :func:`~forecourt.infra.http.error_response` answers for ``error``: the one
+    envelope, with the trace id of the request being answered."""
+    return {"error": {**error, "trace_id": current_trace_id()}}
 
 
 # --- the key of one request -------------------------------------------------------------------

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from functools import cached_property
-from typing import Protocol
+from typing import Annotated, Protocol
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from forecourt.kernel.money import Rounding
 from forecourt.network.domain import Price, PriceScope, business_date, effective_prices, shift_id
@@ -54,6 +54,31 @@ class StationDirectory(Protocol):
 
 
 # --- the station snapshot an edge node pulls, persists and starts from --------------------
+
+
+def _wall_clock(value: time) -> time:
+    if value.tzinfo is not None:
+        raise ValueError("a station's local time has no UTC offset: it is in its own time zone")
+    return value
+
+
+# A wall-clock time at the station, in the station's own time zone (``timezone``): no UTC
+# offset, so not OpenAPI's ``format: time`` (RFC 3339 full-time, which has one). Answered as
+# Python writes a naive time, HH:MM:SS (with .ffffff when it has microseconds).
+LOCAL_TIME_PATTERN = r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?$"
+LocalTime = Annotated[
+    time,
+    AfterValidator(_wall_clock),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": LOCAL_TIME_PATTERN,
+            "description": "a local wall-clock time at the station, in the station's own "
+            "time zone (its timezone), without a UTC offset: HH:MM[:SS]",
+            "examples": ["06:00:00"],
+        }
+    ),
+]
 
 
 class _Model(BaseModel):
@@ -107,8 +132,8 @@ class SnapshotStation(_Model):
     name: str
     region: str
     timezone: str
-    business_day_cutoff: time
-    shift_starts: list[time]
+    business_day_cutoff: LocalTime
+    shift_starts: list[LocalTime]
 
 
 class StationSnapshot(_Model):
