@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -70,6 +71,41 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+# A pooled PostgreSQL connection idle for longer than this is pinged before it is handed
+# out (a dead one is replaced at once, so the first request after an outage does not fail).
+IDLE_BEFORE_PING_S = 1.0
+
+
+def _ping_when_idle(engine: AsyncEngine, idle_s: float) -> None:
+    """Pessimistic disconnect handling, but only for connections that sat idle.
+
+    SQLAlchemy's ``pool_pre_ping`` pings on every checkout, and on asyncpg a ping is three
+    round trips (BEGIN, an empty query, ROLLBACK): under load that was about 5 % of the HQ
+    workers' CPU for connections used a few milliseconds earlier. A connection in use that
+    breaks is still recognised by SQLAlchemy, which then replaces every connection of the
+    pool that is older than the failure.
+    """
+    pool_events = engine.sync_engine.pool
+
+    @event.listens_for(pool_events, "connect")
+    def _connected(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(pool_events, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(pool_events, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is not None and time.monotonic() - since <= idle_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # noqa: BLE001 - any failure: the pool takes a new one
+            raise sa.exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
+
+
 class Database:
     """One database (SQLite file or PostgreSQL server) and its engine."""
 
@@ -123,9 +159,9 @@ class Database:
                 self.url,
                 pool_size=self._pool_size,
                 max_overflow=self._pool_size,
-                pool_pre_ping=True,
                 connect_args={"server_settings": {"application_name": self.application_name}},
             )
+            _ping_when_idle(engine, IDLE_BEFORE_PING_S)
         self._engine = engine
 
     async def dispose(self) -> None:
