@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 import sqlalchemy as sa
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from forecourt import __version__
 from forecourt.infra.bus import Bus, make_bus
@@ -145,6 +147,23 @@ def build_consumer_host(
     )
 
 
+class LiveFigures(Collector):
+    """Gauges whose values are set just before a scrape (``values``: name → value) and
+    served as they are by whichever process answers, never added up across processes."""
+
+    def __init__(
+        self, documentation: dict[str, str], read: dict[str, Callable[[], float]] | None = None
+    ) -> None:
+        self.documentation = documentation
+        self.values: dict[str, float] = dict.fromkeys(documentation, 0.0)
+        self.read = read or {}  # figures read at every collection instead
+
+    def collect(self) -> Iterable[Metric]:
+        for name, doc in self.documentation.items():
+            value = self.read[name]() if name in self.read else self.values[name]
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
 @dataclass
 class HeadOffice:
     settings: Settings
@@ -198,22 +217,24 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     hq = HeadOffice(settings, db, bus, relay, directory, registry, host)
 
     # Database-wide figures, read at every scrape: every worker process serves the same
-    # true value (a value cached per process would alternate between stale views).
-    backlog = Gauge("forecourt_outbox_backlog", "Events waiting in the outbox", registry=registry)
-    parked = Gauge(
-        "forecourt_outbox_parked", "Events the broker refused, parked", registry=registry
+    # true value (a value cached per process would alternate between stale views), and
+    # they are never added up across processes.
+    figures = LiveFigures(
+        {
+            "forecourt_outbox_backlog": "Events waiting in the outbox",
+            "forecourt_outbox_parked": "Events the broker refused, parked",
+            "forecourt_outbox_published": "Events published by this process's relay",
+        },
+        read={"forecourt_outbox_published": lambda: float(relay.published)},
     )
-    published = Gauge(
-        "forecourt_outbox_published", "Events published by this process's relay", registry=registry
-    )
-    published.set_function(lambda: relay.published)
+    registry.register(figures)
 
     async def refresh_metrics() -> None:
         from forecourt.infra.relay import count_parked
 
         with contextlib.suppress(Exception):
-            backlog.set(await relay.backlog())
-            parked.set(await count_parked(db))
+            figures.values["forecourt_outbox_backlog"] = float(await relay.backlog())
+            figures.values["forecourt_outbox_parked"] = float(await count_parked(db))
 
     async def ready() -> dict[str, bool]:
         checks = {"bus": hq.bus_ready and await bus.ready()}
@@ -230,6 +251,7 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         registry,
         ready,
         refresh_metrics=refresh_metrics,
+        live=figures,
         max_body_bytes=settings.max_body_bytes,
     )
     if "network" in settings.services:

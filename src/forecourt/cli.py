@@ -943,6 +943,30 @@ WORKERS_START_S = 120.0  # every HTTP worker listens within this, or the supervi
 WORKERS_STOP_S = 20.0  # then they are killed
 
 
+def _metrics_directory() -> tuple[Path, bool]:
+    """The directory the worker processes write their metrics to, and whether it is ours
+    to remove: ``PROMETHEUS_MULTIPROC_DIR`` when the operator set it (emptied of an earlier
+    run's files, as the client library requires), else a new temporary one."""
+    import tempfile
+
+    from forecourt.infra.http import MULTIPROCESS_ENV
+
+    given = os.environ.get(MULTIPROCESS_ENV)
+    if not given:
+        return Path(tempfile.mkdtemp(prefix="forecourt-metrics-")), True
+    directory = Path(given)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+    except OSError as exc:
+        raise Failure(
+            f"cannot use {MULTIPROCESS_ENV}={given}: {exc.strerror or exc} (point it at a "
+            "directory this user can write, or unset it)"
+        ) from None
+    return directory, False
+
+
 def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
     """Start ``settings.workers`` single-worker HQ processes on the same port, a relay
     process and (unless the consumers are ``none``) a ``forecourt worker`` process hosting
@@ -958,6 +982,7 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
     import subprocess
     import tempfile
 
+    from forecourt.infra.http import MULTIPROCESS_ENV
     from forecourt.infra.listener import bound_socket, port_of, remove_port_file, write_port_file
 
     asyncio.run(_check_services(settings))
@@ -975,7 +1000,13 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
     # (inside busy HTTP workers it would starve and the outbox backlog would grow).
     args = [sys.executable, "-m", "forecourt.cli", "serve", "--workers", "1", "--reuse-port"]
     args += ["--port", str(chosen)]
-    http_env = {**os.environ, "FORECOURT_RELAY": "false", "FORECOURT_CONSUMERS": "none"}
+    # One metrics directory for the HTTP workers and the relay (the client library's
+    # multiprocess mode): a scrape reaching any worker answers every process's counts.
+    metrics_dir, own_metrics_dir = _metrics_directory()
+    shared_env = {**os.environ, MULTIPROCESS_ENV: str(metrics_dir)}
+    http_env = {**shared_env, "FORECOURT_RELAY": "false", "FORECOURT_CONSUMERS": "none"}
+    # The consumer worker serves its own metrics on its own port: not added in twice.
+    worker_env = {k: v for k, v in os.environ.items() if k != MULTIPROCESS_ENV}
     children: list[subprocess.Popen[bytes]] = []
     stopping: list[int] = []
 
@@ -993,10 +1024,14 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
     try:
         for path in worker_files:
             children.append(subprocess.Popen([*args, "--port-file", str(path)], env=http_env))
-        children.append(subprocess.Popen([sys.executable, "-m", "forecourt.cli", "relay"]))
+        children.append(
+            subprocess.Popen([sys.executable, "-m", "forecourt.cli", "relay"], env=shared_env)
+        )
         if _hosts_consumers(settings):
             # The consumers get a process of their own too (FORECOURT_CONSUMERS as given).
-            children.append(subprocess.Popen([sys.executable, "-m", "forecourt.cli", "worker"]))
+            children.append(
+                subprocess.Popen([sys.executable, "-m", "forecourt.cli", "worker"], env=worker_env)
+            )
         started_by = time.monotonic() + WORKERS_START_S
         starting = True
         failed = False
@@ -1034,6 +1069,8 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
             signal.signal(sig, handler)
         reserved.close()
         shutil.rmtree(ready_dir, ignore_errors=True)
+        if own_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     codes = max((abs(c.returncode or 0) for c in children), default=0)
     return codes or int(failed)
 

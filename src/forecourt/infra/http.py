@@ -3,6 +3,7 @@ health, metrics, and API docs that work without internet."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
@@ -17,6 +18,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,11 +51,14 @@ def install_common(
     ready: ReadyCheck,
     *,
     refresh_metrics: Callable[[], Awaitable[None]] | None = None,
+    live: Collector | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Error mapping (the one place errors become HTTP), traceparent, request limits,
     /health /ready /metrics, offline /docs and /redoc. ``refresh_metrics`` runs before every
-    scrape (figures read fresh from the database)."""
+    scrape (figures read fresh from the database); ``live`` (registered in ``registry``
+    too) gives the figures that are read at the scrape rather than added up across
+    processes (see :func:`metrics_text`)."""
 
     @app.exception_handler(ForecourtError)
     async def _forecourt_error(_request: Request, exc: ForecourtError) -> JSONResponse:
@@ -99,7 +105,32 @@ def install_common(
     async def _metrics() -> Response:
         if refresh_metrics is not None:
             await refresh_metrics()
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics_text(registry, live), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- metrics across worker processes ---------------------------------------------------------
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_text(registry: CollectorRegistry, live: Collector | None = None) -> bytes:
+    """The ``/metrics`` answer.
+
+    One process: ``registry`` as it is. Several processes sharing a port (``forecourt serve
+    --workers N`` sets ``PROMETHEUS_MULTIPROC_DIR`` for them): counters and histograms of
+    every process, added up from the directory where each writes its own (the client
+    library's multiprocess mode), so any scrape answers the totals whichever process it
+    reaches; plus ``live``, the figures this process has just read (from the database,
+    true for all of them), which must not be added up.
+    """
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if not directory:
+        return generate_latest(registry)
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=directory)
+    if live is not None:
+        merged.register(live)
+    return generate_latest(merged)
 
 
 # --- the error envelope -----------------------------------------------------------------------
