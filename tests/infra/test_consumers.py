@@ -385,25 +385,33 @@ async def proxied_pg(pg_url: str) -> AsyncIterator[tuple[Database, FaultProxy]]:
     await proxy.stop()
 
 
-async def test_a_dead_letter_that_cannot_be_stored_leaves_the_message_pending(
+async def test_an_outage_during_the_last_attempt_is_waited_out_and_spends_no_attempt(
     proxied_pg: tuple[Database, FaultProxy],
 ) -> None:
     db, proxy = proxied_pg
-    effects = Effects("pending", fail=lambda e: True)
+    def failing(envelope: Envelope) -> bool:
+        if effects.calls == 2:  # the database goes away under the last attempt
+            proxy.cut()
+        return True  # and the handler fails on its own every time
+
+    effects = Effects("pending", fail=failing)
     spec = consumer("pending", effects, max_deliver=2)
     running = host(db, NoBus(), [spec])  # type: ignore[arg-type]
     e = event(60)
     assert (await running.handle_batch(spec, [delivery(e, 1)]))[0] is not None
-    proxy.cut()
-    (verdict,) = await running.handle_batch(spec, [delivery(e, 2)])
-    assert verdict is not None, "settled although nothing could be stored"
-    assert running.outage
+    # The last attempt: the database is down when its failure is looked at, so the batch is
+    # held (no verdict yet), and the attempt is made again once the database answers.
+    last = asyncio.create_task(running.handle_batch(spec, [delivery(e, 2)]))
+    await eventually(lambda: running.outage, what="the outage noticed")
+    await eventually(lambda: running._outages_in_a_row >= 3, what="a few checks in the outage")
+    assert not last.done(), "a verdict during the outage (a redelivery would count)"
     proxy.pass_through()
-    # The outage delivery does not count: attempt 3 is the budget's second.
-    assert await running.handle_batch(spec, [delivery(e, 3)]) == [None]
+    assert await asyncio.wait_for(last, 20) == [None]  # dead-lettered, then settled
     assert not running.outage
+    assert effects.calls == 2 + 1  # attempt 1, attempt 2 in the outage, attempt 2 again
     (letter,) = await list_dead_letters(db)
     assert letter.event_id == e.id
+    assert letter.deliveries == 2
 
 
 async def test_a_delivery_past_its_budget_stays_pending_while_its_dead_letter_cannot_be_stored(
@@ -457,6 +465,10 @@ async def test_a_database_outage_longer_than_the_retry_budget_loses_and_dead_let
         assert await list_dead_letters(db) == []
         assert not running.outage
         await eventually(lambda: _pending_is_zero(bus, "outage"), what="nothing pending")
+        # Nothing was handed back for the outage's sake: no event was delivered twice, so
+        # a host restarted now would find every budget as the handler left it.
+        info = await bus.js.consumer_info(unique_stream, "outage")
+        assert info.num_redelivered == 0
     finally:
         await running.stop()
         await bus.close()
@@ -466,11 +478,8 @@ async def _pending_is_zero(bus: Bus, name: str) -> bool:
     return await bus.pending(name) == 0
 
 
-async def test_a_lost_connection_mid_batch_costs_no_attempt(db: Database) -> None:
-    drops = {"left": 1}
-
-    def dropping(envelope: Envelope) -> bool:
-        return False
+async def test_a_lost_connection_mid_batch_is_tried_again_in_place(db: Database) -> None:
+    drops = {"left": 3}
 
     class Dropping(Effects):
         async def __call__(self, envelope: Envelope, uow: UnitOfWork) -> None:
@@ -479,16 +488,36 @@ async def test_a_lost_connection_mid_batch_costs_no_attempt(db: Database) -> Non
                 raise ConnectionResetError("connection was closed in the middle of operation")
             await super().__call__(envelope, uow)
 
-    spec = consumer("drop", Dropping("drop", dropping), max_deliver=2)
+    spec = consumer("drop", Dropping("drop"), max_deliver=2)
     running = host(db, NoBus(), [spec])  # type: ignore[arg-type]
     batch = [event(n) for n in range(3)]
-    verdicts = await running.handle_batch(spec, [delivery(e, 2) for e in batch])
-    assert all(v is not None and v > 0 for v in verdicts)  # handed back, none dead-lettered
+    # The last allowed attempt: three drops are ridden out, none counts, nothing handed back.
+    assert await running.handle_batch(spec, [delivery(e, 2) for e in batch]) == [None] * 3
     assert await list_dead_letters(db) == []
-    assert all(running.attempts_used(spec, delivery(e, 3)) == 2 for e in batch)
-    assert await running.handle_batch(spec, [delivery(e, 3) for e in batch]) == [None] * 3
     for e in batch:
         assert await applied(db, e.id) == 1
+
+
+async def test_a_connection_that_keeps_dropping_counts_as_the_handler_failing(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forecourt.infra import consumers as consumers_module
+
+    monkeypatch.setattr(consumers_module, "DROPS_RIDDEN_OUT", 2)
+
+    class AlwaysDropping(Effects):
+        async def __call__(self, envelope: Envelope, uow: UnitOfWork) -> None:
+            self.calls += 1
+            raise ConnectionResetError("connection was closed in the middle of operation")
+
+    effects = AlwaysDropping("dropping")
+    spec = consumer("dropping", effects, max_deliver=1)
+    running = host(db, NoBus(), [spec])  # type: ignore[arg-type]
+    e = event(90)
+    assert await running.handle_batch(spec, [delivery(e, 1)]) == [None]  # dead-lettered
+    assert effects.calls == 1 + 2  # the attempt and the two drops ridden out
+    (letter,) = await list_dead_letters(db)
+    assert "ConnectionResetError" in letter.error
 
 
 class FillingBus(NoBus):

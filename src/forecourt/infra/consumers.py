@@ -19,17 +19,23 @@ Budget and dead letters
     stored in ``platform.dead_letter`` (headers, body, error, deliveries), *then* settled.
     The attempt is the bus's delivery count (crashes included: a consumer killed during its
     last allowed attempt is redelivered past its budget and dead-lettered without running
-    again) less the deliveries this process saw fail because its database was unreachable,
-    which do not count. A message is settled only once its effect or its dead letter is
+    again). The database's own failures never add to it: they are waited out in place (see
+    Outages), so the count a restarted host finds is the handler's attempts and the
+    crashes, never an outage's. A message is settled only once its effect or its dead letter is
     durable: when the dead-letter store cannot be written the message stays pending and
     comes back later. A malformed message (headers or body that are not an event) is
     dead-lettered as it arrived.
 
 Outages
     A failure after which the database does not answer is an outage, not a handler error:
-    the batch is handed back with a growing delay (up to ``outage_backoff[1]``), the host
-    raises its alarm (``outage`` in :meth:`ConsumerHost.health`, ``consumer.outage`` in the
-    log once per episode) and checks the database before taking more work.
+    the host keeps the batch in hand (the bus keeps it alive: progress acks on JetStream,
+    lease extensions on the in-process bus), raises its alarm (``outage`` in
+    :meth:`ConsumerHost.health`, ``consumer.outage`` in the log once per episode), checks
+    the database with a growing pause (up to ``outage_backoff[1]``) and, once it answers,
+    applies the batch; no other batch is started meanwhile. A connection that dropped under
+    the handler while the database answers at once is tried again in place, up to
+    ``DROPS_RIDDEN_OUT`` times. Either way nothing is redelivered for the database's sake,
+    so a long outage followed by a crash does not dead-letter events that never failed.
 
 Replay
     ``forecourt events replay ID|--all`` marks dead letters; the host takes marked rows of
@@ -231,11 +237,11 @@ async def request_replay(
 # --- the host ---------------------------------------------------------------------------
 
 
-# Deliveries of one event lost to a dropped connection (the database answering again at
-# once) that the budget forgives; beyond this they count, so a handler whose own connection
-# keeps failing still ends in the dead-letter store. Deliveries during an outage (the
-# database does not answer) never count.
-OUTAGE_MISSES_FORGIVEN = 50
+# A batch whose connection dropped under it (the database answering again at once) is tried
+# again in place this many times; beyond this it counts as the handler failing, so a handler
+# whose own connection keeps failing still ends in the dead-letter store. An outage (the
+# database does not answer) is waited out however long it lasts.
+DROPS_RIDDEN_OUT = 50
 
 _CONNECTION_ERRORS = (
     "ConnectionDoesNotExistError",
@@ -357,8 +363,6 @@ class ConsumerHost:
         self.last_error: dict[str, str | None] = dict.fromkeys(names)
         self.outage = False
         self._outages_in_a_row = 0
-        self._outage_misses: dict[tuple[str, str], int] = {}  # the database did not answer
-        self._drop_misses: dict[tuple[str, str], int] = {}  # a connection dropped mid-work
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.alarms: dict[str, str] = {}
@@ -435,20 +439,19 @@ class ConsumerHost:
 
         return on_batch
 
-    def attempts_used(self, consumer: Consumer, delivery: Delivery) -> int:
-        """The delivery's attempt as the budget counts it: the bus's count less the
-        deliveries this process saw fail for want of a database."""
-        key = (consumer.name, delivery.event_id)
-        drops = min(self._drop_misses.get(key, 0), OUTAGE_MISSES_FORGIVEN)
-        return delivery.attempt - self._outage_misses.get(key, 0) - drops
+    def attempts_used(self, consumer: Consumer, delivery: Delivery) -> int:  # noqa: ARG002
+        """The delivery's attempt as the budget counts it: the bus's count. Outages and
+        dropped connections add nothing to it, as they are waited out in place (the batch
+        stays in hand, kept alive on the bus) instead of being handed back."""
+        return delivery.attempt
 
     async def handle_batch(
         self, consumer: Consumer, deliveries: Sequence[Delivery]
     ) -> list[Verdict]:
         """The verdict for each delivery of a batch (the bus settles or redelivers)."""
         verdicts: list[Verdict] = [None] * len(deliveries)
-        if self.outage and not await self._database_answers():
-            return [self._outage_verdict(consumer, d) for d in deliveries]
+        if self.outage:
+            await self._ride_out_outage()  # no more work before the database answers
         todo: list[tuple[int, Delivery, Envelope]] = []
         for i, delivery in enumerate(deliveries):
             try:
@@ -466,29 +469,48 @@ class ConsumerHost:
             todo.append((i, delivery, envelope))
         if not todo:
             return verdicts
-        try:
-            await self._apply(consumer, todo)
-        except Exception as exc:  # noqa: BLE001 - classified below, never lost
-            failure = await self._database_failed(exc)
-            if failure is not None:
-                for i, delivery, _ in todo:  # the database failed, not the events
-                    verdicts[i] = self._outage_verdict(consumer, delivery, failure)
-                return verdicts
-            if len(todo) == 1:
-                i, delivery, envelope = todo[0]
-                verdicts[i] = await self._failed(consumer, delivery, envelope, exc)
-                return verdicts
-            for n, item in enumerate(todo):  # one poison event costs only itself
-                try:
-                    await self._apply(consumer, [item])
-                except Exception as one_exc:  # noqa: BLE001
-                    failure = await self._database_failed(one_exc)
-                    if failure is not None:
-                        for i, delivery, _ in todo[n:]:
-                            verdicts[i] = self._outage_verdict(consumer, delivery, failure)
-                        return verdicts
-                    verdicts[item[0]] = await self._failed(consumer, item[1], item[2], one_exc)
+        failure = await self._apply_riding_out(consumer, todo)
+        if failure is None:
+            return verdicts
+        if len(todo) == 1:
+            i, delivery, envelope = todo[0]
+            verdicts[i] = await self._failed(consumer, delivery, envelope, failure)
+            return verdicts
+        for item in todo:  # one poison event costs only itself
+            one = await self._apply_riding_out(consumer, [item])
+            if one is not None:
+                verdicts[item[0]] = await self._failed(consumer, item[1], item[2], one)
         return verdicts
+
+    async def _apply_riding_out(
+        self, consumer: Consumer, items: Sequence[tuple[int, Delivery, Envelope]]
+    ) -> Exception | None:
+        """:meth:`_apply`, with the database's failures waited out in place: an outage for
+        as long as it lasts, a dropped connection up to ``DROPS_RIDDEN_OUT`` times. Returns
+        the handler's own failure, or None once applied. The batch is never handed back for
+        the database's sake, so its delivery count (the budget) does not grow meanwhile."""
+        drops = 0
+        while True:
+            try:
+                await self._apply(consumer, items)
+                return None
+            except Exception as exc:  # noqa: BLE001 - classified below, never lost
+                failure = await self._database_failed(exc)
+                if failure == "outage":
+                    await self._ride_out_outage()
+                    continue
+                if failure == "dropped" and drops < DROPS_RIDDEN_OUT:
+                    drops += 1
+                    if self.metrics is not None:
+                        self.metrics.retries.labels(consumer.name).inc()
+                    await asyncio.sleep(_backoff(*self.outage_backoff, drops))
+                    continue
+                return exc
+
+    async def _ride_out_outage(self) -> None:
+        """Return once the database answers (checked with a growing pause meanwhile)."""
+        while not await self._database_answers():
+            pass
 
     async def _apply(
         self, consumer: Consumer, items: Sequence[tuple[int, Delivery, Envelope]]
@@ -516,7 +538,6 @@ class ConsumerHost:
                     finally:
                         trace_id_var.reset(token)
         crash_point("consumer.after_effect")
-        self._settled(consumer, items)
         self.processed[name] += len(applied)
         self.skipped[name] += len(items) - len(applied)
         if self.metrics is not None and applied:
@@ -546,11 +567,6 @@ class ConsumerHost:
         )
         return set((await uow.conn.execute(stmt)).scalars())
 
-    def _settled(self, consumer: Consumer, items: Sequence[tuple[int, Delivery, Envelope]]) -> None:
-        for _, delivery, _ in items:
-            self._outage_misses.pop((consumer.name, delivery.event_id), None)
-            self._drop_misses.pop((consumer.name, delivery.event_id), None)
-
     async def _failed(
         self, consumer: Consumer, delivery: Delivery, envelope: Envelope, exc: Exception
     ) -> Verdict:
@@ -575,29 +591,13 @@ class ConsumerHost:
         return delay
 
     async def _database_failed(self, exc: Exception) -> Literal["outage", "dropped"] | None:
-        """Whether a failure was the database's: it does not answer now (an outage: the
-        deliveries cost no attempt), or the connection dropped under the handler though
-        the database answers again (forgiven ``OUTAGE_MISSES_FORGIVEN`` times per event)."""
+        """Whether a failure was the database's: it does not answer now (an outage), or the
+        connection dropped under the handler though the database answers again."""
         if not await self._database_answers():
             return "outage"
         if _lost_connection(exc):
             return "dropped"
         return None
-
-    def _outage_verdict(
-        self,
-        consumer: Consumer,
-        delivery: Delivery,
-        failure: Literal["outage", "dropped"] = "outage",
-    ) -> Verdict:
-        key = (consumer.name, delivery.event_id)
-        if failure == "dropped":
-            self._drop_misses[key] = self._drop_misses.get(key, 0) + 1
-            return _backoff(*self.outage_backoff, 1)
-        self._outage_misses[key] = self._outage_misses.get(key, 0) + 1
-        if self.metrics is not None:
-            self.metrics.retries.labels(consumer.name).inc()
-        return _backoff(*self.outage_backoff, self._outages_in_a_row)
 
     async def _database_answers(self) -> bool:
         """Whether the database takes a write now; the first failure starts an outage."""
@@ -667,9 +667,9 @@ class ConsumerHost:
                 error=f"{type(exc).__name__}: {exc}",
             )
             await self._database_answers()
-            return self._outage_verdict(consumer, delivery)
-        self._outage_misses.pop((name, delivery.event_id), None)
-        self._drop_misses.pop((name, delivery.event_id), None)
+            # Handed back with a pause: the budget is already spent, so the redelivery is
+            # dead-lettered again without running.
+            return _backoff(*self.outage_backoff, max(1, self._outages_in_a_row))
         self.dead[name] += 1
         if self.metrics is not None:
             self.metrics.dead.labels(name).inc()
