@@ -389,6 +389,7 @@ async def test_an_outage_during_the_last_attempt_is_waited_out_and_spends_no_att
     proxied_pg: tuple[Database, FaultProxy],
 ) -> None:
     db, proxy = proxied_pg
+
     def failing(envelope: Envelope) -> bool:
         if effects.calls == 2:  # the database goes away under the last attempt
             proxy.cut()
