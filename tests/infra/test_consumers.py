@@ -595,7 +595,7 @@ async def test_a_consumer_runs_as_many_batches_at_once_as_asked_each_event_once(
 
         await eventually(all_applied, what="every event applied", timeout=20)
         if db.is_sqlite:
-            assert effects.most == 1  # one writer: the batches queue for the write lock
+            assert effects.most == 1  # one writer: one batch at a time
         else:
             assert effects.most == concurrency
     finally:

@@ -116,8 +116,9 @@ class Consumer:
     # every batch instead of ``handle`` per event; it must equal ``handle`` applied to each.
     handle_many: BatchEffectHandler | None = None
     # Batches in flight at once in one host process (each its own subscription sharing the
-    # durable): while one waits for the database, the next is fetched and prepared. The
-    # handler must be safe under that, as it is across processes (the inbox makes it so).
+    # durable): while one waits for the database, the next is fetched and prepared (always
+    # one on SQLite). The handler must be safe under that, as it is across processes (the
+    # inbox makes it so).
     concurrency: int = 1
 
     def __post_init__(self) -> None:
@@ -372,7 +373,8 @@ class ConsumerHost:
     async def start(self) -> None:
         for consumer in self.consumers.values():
             handler = self._batch_handler(consumer)
-            for _ in range(consumer.concurrency):
+            # SQLite has one writer: batches side by side would only queue for its lock.
+            for _ in range(1 if self.db.is_sqlite else consumer.concurrency):
                 self._subs.append(
                     await self.bus.subscribe(
                         consumer.name,
