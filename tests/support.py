@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -32,3 +35,31 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def start_workers(
+    tmp_path: Path, env: dict[str, str], workers: int = 2
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``forecourt serve --workers N --port 0 --port-file``, its log in ``tmp_path/hq.log``:
+    the supervisor and the port it names once every worker serves."""
+    port_file = tmp_path / "hq.port"
+    args = ["serve", "--workers", str(workers), "--port", "0", "--port-file", str(port_file)]
+    with (tmp_path / "hq.log").open("wb") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "forecourt.cli", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def announced() -> bool:
+        assert supervisor.poll() is None, (tmp_path / "hq.log").read_text()
+        return port_file.exists()
+
+    try:
+        await eventually(announced, 60, interval=0.05, what="the port file")
+    except BaseException:
+        supervisor.kill()
+        supervisor.wait()
+        raise
+    return supervisor, int(port_file.read_text())

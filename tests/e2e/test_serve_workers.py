@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import eventually
+from tests.support import start_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -31,23 +29,8 @@ async def test_workers_on_port_zero_share_the_port_the_file_names_once_all_serve
 ) -> None:
     port_file = tmp_path / "hq.port"
     env = {**os.environ, "FORECOURT_DATABASE_URL": pg_url, "FORECOURT_LOG_LEVEL": "WARNING"}
-    args = ["serve", "--workers", "2", "--port", "0", "--port-file", str(port_file)]
-    with (tmp_path / "hq.log").open("wb") as log:
-        supervisor = subprocess.Popen(
-            [sys.executable, "-m", "forecourt.cli", *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    port = 0
+    supervisor, port = await start_workers(tmp_path, env)
     try:
-
-        def announced() -> bool:
-            assert supervisor.poll() is None, (tmp_path / "hq.log").read_text()
-            return port_file.exists()
-
-        await eventually(announced, 60, interval=0.05, what="the port file")
-        port = int(port_file.read_text())
         # Both workers listen on it (the supervisor's own socket only holds the number).
         assert listeners_on(port) == 2
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.settings import Settings
 from tests.infra.support import sale_event
-from tests.support import eventually
+from tests.support import start_workers
 
 
 def gauge(text: str, name: str) -> float:
@@ -101,7 +99,6 @@ async def test_every_scrape_of_two_worker_processes_answers_the_totals_of_both(
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_99999.db").write_bytes(b"an earlier run's file")
-    port_file = tmp_path / "hq.port"
     env = {
         **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
         "FORECOURT_DATABASE_URL": pg_url,
@@ -110,22 +107,9 @@ async def test_every_scrape_of_two_worker_processes_answers_the_totals_of_both(
     }
     if operator_dir:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    args = ["serve", "--workers", "2", "--port", "0", "--port-file", str(port_file)]
-    with (tmp_path / "hq.log").open("wb") as log:
-        supervisor = subprocess.Popen(
-            [sys.executable, "-m", "forecourt.cli", *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    supervisor, port = await start_workers(tmp_path, env)
     try:
-
-        def announced() -> bool:
-            assert supervisor.poll() is None, (tmp_path / "hq.log").read_text()
-            return port_file.exists()
-
-        await eventually(announced, 60, interval=0.05, what="the port file")
-        url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        url = f"http://127.0.0.1:{port}"
         # The operator's directory is emptied at start; otherwise it is not used at all.
         assert (metrics_dir / "counter_99999.db").exists() is not operator_dir
         uploaded = 0
