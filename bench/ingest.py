@@ -624,7 +624,6 @@ class ProbeWorker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_url = ""
         self.base = (0, 0)
-        self.starts = 0
 
     async def start(self) -> None:
         """Only while nothing is in the outbox (the ingest phases drain it)."""
@@ -645,7 +644,6 @@ class ProbeWorker:
             self.proc = subprocess.Popen(
                 args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.starts += 1
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with self.logfile.open("rb") as f:

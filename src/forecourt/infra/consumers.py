@@ -441,12 +441,6 @@ class ConsumerHost:
 
         return on_batch
 
-    def attempts_used(self, consumer: Consumer, delivery: Delivery) -> int:  # noqa: ARG002
-        """The delivery's attempt as the budget counts it: the bus's count. Outages and
-        dropped connections add nothing to it, as they are waited out in place (the batch
-        stays in hand, kept alive on the bus) instead of being handed back."""
-        return delivery.attempt
-
     async def handle_batch(
         self, consumer: Consumer, deliveries: Sequence[Delivery]
     ) -> list[Verdict]:
@@ -461,7 +455,7 @@ class ConsumerHost:
             except InvalidValue as exc:
                 verdicts[i] = await self._dead_letter(consumer, delivery, None, f"malformed: {exc}")
                 continue
-            if self.attempts_used(consumer, delivery) > consumer.max_deliver:
+            if delivery.attempt > consumer.max_deliver:
                 why = (
                     f"delivery budget of {consumer.max_deliver} used up without an outcome "
                     "(the consumer stopped during an earlier attempt)"
@@ -520,7 +514,7 @@ class ConsumerHost:
         """Apply every new event of ``items`` with its inbox row, in one transaction."""
         name = consumer.name
         async with self.db.begin() as uow:
-            if any(self.attempts_used(consumer, d) >= consumer.max_deliver for _, d, _ in items):
+            if any(d.attempt >= consumer.max_deliver for _, d, _ in items):
                 crash_point("consumer.last_delivery")
             unique: dict[str, Envelope] = {}
             for _, _delivery, envelope in items:
@@ -576,7 +570,7 @@ class ConsumerHost:
         name = consumer.name
         error = f"{type(exc).__name__}: {exc}"
         self.last_error[name] = error
-        attempt = self.attempts_used(consumer, delivery)
+        attempt = delivery.attempt
         if attempt >= consumer.max_deliver:
             return await self._dead_letter(consumer, delivery, envelope, error)
         delay = _backoff(*self.retry_backoff, attempt)

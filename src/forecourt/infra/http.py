@@ -145,11 +145,13 @@ def error_response(
     status: int, error: dict[str, Any], headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     """The one error envelope: ``{"error": {code, message, [details], trace_id}}``."""
-    return JSONResponse(
-        status_code=status,
-        content={"error": {**error, "trace_id": current_trace_id()}},
-        headers=headers,
-    )
+    return JSONResponse(status_code=status, content=error_envelope(error), headers=headers)
+
+
+def error_envelope(error: dict[str, Any]) -> dict[str, Any]:
+    """The body of :func:`error_response`: ``error`` with the trace id of the request being
+    answered."""
+    return {"error": {**error, "trace_id": current_trace_id()}}
 
 
 def _internal_error() -> JSONResponse:

@@ -76,7 +76,7 @@ from starlette.exceptions import HTTPException
 
 from forecourt.infra.crash import crash_point
 from forecourt.infra.db import Database, UnitOfWork, idempotency_table
-from forecourt.infra.http import current_trace_id, error_response
+from forecourt.infra.http import error_envelope, error_response
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.errors import ForecourtError
 
@@ -271,7 +271,7 @@ def error_outcome(status_code: int, code: str, message: str, **details: Any) -> 
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
         error["details"] = details
-    return StoredResponse(status_code, _envelope(error))
+    return StoredResponse(status_code, error_envelope(error))
 
 
 def _encode(body: Any) -> str:
@@ -359,7 +359,7 @@ def _record(row: Any) -> IdempotencyRecord:
 def _error_response(exc: BaseException) -> StoredResponse:
     """The answer the error handlers give for ``exc`` (stored when it happened after start)."""
     if isinstance(exc, ForecourtError):
-        return StoredResponse(exc.http_status, _envelope(exc.to_dict()))
+        return StoredResponse(exc.http_status, error_envelope(exc.to_dict()))
     if isinstance(exc, HTTPException):
         try:
             status = HTTPStatus(exc.status_code)
@@ -367,16 +367,10 @@ def _error_response(exc: BaseException) -> StoredResponse:
         except ValueError:
             code, phrase = f"request.http_{exc.status_code}", f"HTTP {exc.status_code}"
         message = str(exc.detail) if exc.detail and exc.detail != phrase else phrase
-        return StoredResponse(exc.status_code, _envelope({"code": code, "message": message}))
+        return StoredResponse(exc.status_code, error_envelope({"code": code, "message": message}))
     return StoredResponse(
-        500, _envelope({"code": "internal.error", "message": "internal server error"})
+        500, error_envelope({"code": "internal.error", "message": "internal server error"})
     )
-
-
-def _envelope(error: dict[str, Any]) -> dict[str, Any]:
-    """The body :func:`~forecourt.infra.http.error_response` answers for ``error``: the one
-    envelope, with the trace id of the request being answered."""
-    return {"error": {**error, "trace_id": current_trace_id()}}
 
 
 # --- the key of one request -------------------------------------------------------------------

@@ -153,11 +153,8 @@ def _header_block(headers: dict[str, Any]) -> bytes:
         key = k.strip()
         if not key:
             continue
-        if key not in _GOOD_KEYS:
-            if not _HEADER_KEY_RE.fullmatch(key):
-                raise nats.errors.BadHeaderError(key)
-            if len(_GOOD_KEYS) < 1024:
-                _GOOD_KEYS.add(key)
+        if not _HEADER_KEY_RE.fullmatch(key):
+            raise nats.errors.BadHeaderError(key)
         value = v.strip()
         if "\r" in value or "\n" in value:
             value = value.replace("\r", " ").replace("\n", " ")
@@ -167,7 +164,6 @@ def _header_block(headers: dict[str, Any]) -> bytes:
 
 
 _HEADER_KEY_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_GOOD_KEYS: set[str] = set()
 
 
 class _Client(NatsClient):
