@@ -185,7 +185,7 @@ def explain(exc: BaseException, meta: Mapping[str, Any]) -> tuple[str, int]:
         return _database_problem(meta.get(_DATABASE_URL), chain), EXIT_FAILURE
     for item in chain:
         if isinstance(item, ForecourtError):
-            hint = _HINTS.get(item.code)
+            hint = _HINTS.get(item.code) or item.details.get("hint")
             return item.message + (f" — {hint}" if hint else ""), EXIT_FAILURE
     for item in chain:
         if isinstance(item, OSError) and item.strerror:
@@ -1856,8 +1856,12 @@ def edge(
 
 def _register_chaos() -> None:
     from forecourt.chaos.cli import chaos
+    from forecourt.protocols.cli import device, protocol, simulate
 
     main.add_command(chaos)
+    main.add_command(protocol)
+    main.add_command(simulate)
+    main.add_command(device)
 
 
 _register_chaos()

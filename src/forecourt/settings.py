@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -188,6 +188,39 @@ class Settings(_TomlSettings):
         return _log_level(value)
 
 
+class DeviceLine(BaseModel):
+    """One device line of a station (``[[edge.devices]]``): which driver, where, for what.
+
+    ``pumps`` maps a station fuelling-point number to the protocol's address for it (a list
+    means the same numbers on both sides); ``tanks`` likewise for a gauge. ``options`` are the
+    driver's own settings (see docs/devices.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+    protocol: str = Field(min_length=1, max_length=40)
+    transport: str = Field(min_length=1, max_length=400)
+    pumps: dict[int, int] = Field(default_factory=dict)
+    tanks: dict[int, int] = Field(default_factory=dict)
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("pumps", "tanks", mode="before")
+    @classmethod
+    def _list_is_identity(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return {n: n for n in value}
+        return value
+
+    @field_validator("pumps", "tanks")
+    @classmethod
+    def _positive(cls, value: dict[int, int]) -> dict[int, int]:
+        if any(k < 1 or v < 0 for k, v in value.items()):
+            raise ValueError("station numbers start at 1 and addresses are not negative")
+        if len(set(value.values())) != len(value):
+            raise ValueError("two station numbers map to one device address")
+        return value
+
+
 class EdgeSettings(_TomlSettings):
     """Edge node settings (one process per station)."""
 
@@ -229,6 +262,32 @@ class EdgeSettings(_TomlSettings):
     auto_settle: bool = True
     log_level: str = "INFO"
     log_json: bool = True
+    # The station's devices ([[edge.devices]] in the file; JSON in FORECOURT_EDGE_DEVICES).
+    # None: one jsonPTS controller at controller_url with the controller_* settings.
+    devices: list[DeviceLine] | None = None
+    gauge_interval_s: float = Field(default=60.0, gt=0)  # tank gauges read this often
+
+    @field_validator("devices")
+    @classmethod
+    def _one_device_per_pump(cls, value: list[DeviceLine] | None) -> list[DeviceLine] | None:
+        if value is None:
+            return value
+        names: set[str] = set()
+        pumps: dict[int, str] = {}
+        tanks: dict[int, str] = {}
+        for line in value:
+            if line.name in names:
+                raise ValueError(f"two devices are named {line.name!r}")
+            names.add(line.name)
+            for number, owners, what in ((line.pumps, pumps, "pump"), (line.tanks, tanks, "tank")):
+                for station_number in number:
+                    if station_number in owners:
+                        raise ValueError(
+                            f"{what} {station_number} is on both {owners[station_number]!r} "
+                            f"and {line.name!r}"
+                        )
+                    owners[station_number] = line.name
+        return value
 
     @field_validator("credential")
     @classmethod

@@ -13,7 +13,7 @@ import uvicorn
 
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.demo import DemoOptions, serve_until_started, simulator_config
-from forecourt.edge.node import EdgeNode, build_edge_node, jsonpts_factory
+from forecourt.edge.node import EdgeNode, build_edge_node
 from forecourt.infra.listener import listening_socket
 from forecourt.kernel.clock import SimulatedClock
 from forecourt.network.handlers import (
@@ -91,7 +91,7 @@ class Station:
             snapshot_refresh_s=0.5,
             **overrides,
         )
-        return build_edge_node(settings, self.clock, jsonpts_factory(settings))
+        return build_edge_node(settings, self.clock)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ What it guarantees, whatever the device does:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ from forecourt.edge.alarms import AlarmBoard
 from forecourt.edge.domain import FpState, FuellingPointMachine, Refusal
 from forecourt.edge.drivers import (
     FLAG_INEXACT,
+    DeviceEvent,
     DeviceIdentity,
     DeviceRejected,
     DeviceTransaction,
@@ -54,6 +56,14 @@ from forecourt.infra.crash import crash_point
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
 from forecourt.network.contracts import StationSnapshot
+from forecourt.protocols.model import (
+    DeviceHealthState,
+    FrameRefused,
+    HealthChanged,
+    IdentityChanged,
+    PumpStatusChanged,
+    TransactionFinished,
+)
 
 log = get_logger("forecourt.edge.controller")
 
@@ -119,6 +129,8 @@ class ForecourtController(BackgroundService):
         authorisation_timeout: timedelta = timedelta(minutes=2),
         report_lookback: timedelta = timedelta(days=1),
         monotonic: Callable[[], float] = time.monotonic,
+        serves: frozenset[int] | None = None,
+        device: str | None = None,
     ) -> None:
         self.driver: ForecourtDriver = driver  # type: ignore[assignment]  # set before start
         self.journal = journal
@@ -138,6 +150,14 @@ class ForecourtController(BackgroundService):
         self.report_lookback = report_lookback
         self.monotonic = monotonic
         self.machines: dict[int, FuellingPointMachine] = {}
+        #: the station's fuelling points this controller drives (None: all of the snapshot's)
+        self.serves = serves
+        #: the configured device line it drives (None: the station's only one)
+        self.device = device
+        if device is not None:
+            self.task_name = f"edge-controller-{device}"
+        self.wake = asyncio.Event()  # set by the driver's events: poll now, not at the tick
+        self._identity_stale = False  # the driver says who answers changed: ask again
         self.identity: DeviceIdentity | None = None
         self._last_identity: DeviceIdentity | None = None  # kept while the device is away
         self.epoch = 0
@@ -152,7 +172,36 @@ class ForecourtController(BackgroundService):
 
     def pumps(self) -> list[int]:
         snap = self.snapshot()
-        return [fp.number for fp in snap.fuelling_points] if snap else []
+        if snap is None:
+            return []
+        return [
+            fp.number
+            for fp in snap.fuelling_points
+            if self.serves is None or fp.number in self.serves
+        ]
+
+    def on_event(self, event: DeviceEvent) -> None:
+        """The driver saw something: a state change or a finished sale is handled at once;
+        refused frames and health changes are logged (the driver counts them)."""
+        if isinstance(event, PumpStatusChanged | TransactionFinished):
+            self.wake.set()
+        elif isinstance(event, IdentityChanged):
+            log.warning("edge.device_identity_changed", device=event.device, reason=event.reason)
+            self._identity_stale = True
+            self.wake.set()
+        elif isinstance(event, FrameRefused):
+            log.warning(
+                "edge.frame_refused", device=event.device, reason=event.reason, detail=event.detail
+            )
+        elif isinstance(event, HealthChanged):
+            if event.health.state is DeviceHealthState.ONLINE:
+                self._identity_stale = True  # back: it may have restarted meanwhile
+            log.info(
+                "edge.device_health",
+                device=event.device,
+                state=event.health.state,
+                reason=event.health.reason,
+            )
 
     def machine(self, pump: int) -> FuellingPointMachine:
         if pump not in self.machines:
@@ -198,12 +247,18 @@ class ForecourtController(BackgroundService):
             )
 
     async def _check_identity(self) -> bool:
-        """Ask the controller who it is; a new boot marker or a new device is a new epoch."""
+        """Ask the controller who it is; a new boot marker or a new device is a new epoch.
+
+        With several device lines at the station the device is named by its line as well
+        (``line:device``): two lines never share an epoch book, whatever their devices say."""
+        self._identity_stale = False
         try:
             identity = await self.driver.identity()
         except DriverUnavailable as exc:
             self._unreachable(exc)
             return False
+        if self.device is not None:
+            identity = replace(identity, device_id=f"{self.device}:{identity.device_id}")
         previous = self._last_identity
         epoch, restarted = await self.journal.observe_device(
             identity.device_id, identity.boot_marker
@@ -274,7 +329,7 @@ class ForecourtController(BackgroundService):
         self.stats.polls += 1
         if not self._open_loaded:
             await self._load_open_sales()
-        if self.identity is None and not await self._check_identity():
+        if (self.identity is None or self._identity_stale) and not await self._check_identity():
             return
         try:
             statuses = await self.driver.pump_status(pumps)
@@ -626,6 +681,9 @@ class ForecourtController(BackgroundService):
     async def run(self) -> None:
         self._needs_recovery.update(self.pumps())
         while True:
+            # What the driver reported before this poll is seen by it; a report during it wakes
+            # the next one early.
+            self.wake.clear()
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
@@ -633,7 +691,8 @@ class ForecourtController(BackgroundService):
             except Exception as exc:  # noqa: BLE001 - a bad poll must not stop the forecourt
                 self.stats.driver_errors += 1
                 log.exception("edge.poll_failed", error=str(exc))
-            await asyncio.sleep(self.poll_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.poll_interval_s)
 
     def states(self) -> dict[int, str]:
         return {n: m.state.value for n, m in sorted(self.machines.items())}

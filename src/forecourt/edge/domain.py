@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from forecourt.edge.drivers import PumpState
+from forecourt.protocols.model import PumpState
 
 
 class FpState(enum.StrEnum):

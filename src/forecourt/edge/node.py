@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from forecourt import __version__
 from forecourt.edge.controller import ForecourtController
-from forecourt.edge.drivers import ForecourtDriver
+from forecourt.edge.drivers import DeviceConfig, ForecourtDriver, PumpDriver
+from forecourt.edge.gauges import GaugeReader
 from forecourt.edge.journal import Journal
 from forecourt.edge.retention import JournalRetention
 from forecourt.edge.sync import HqClient, SnapshotKeeper, SyncAgent
@@ -22,9 +23,34 @@ from forecourt.infra.http import install_common
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
 from forecourt.network.contracts import StationSnapshot
+from forecourt.protocols.driver import (
+    DeviceConfigError,
+    DriverContext,
+    create_gauge_driver,
+    create_pump_driver,
+    gauge_protocols,
+    pump_protocols,
+)
+from forecourt.protocols.model import DriverUnavailable
+from forecourt.protocols.store import FileDriverStore
 from forecourt.settings import EdgeSettings
 
 DriverFactory = Callable[[StationSnapshot], ForecourtDriver]
+
+
+@dataclass
+class PumpLine:
+    """One pump device line of the station: its configuration, driver and controller."""
+
+    config: DeviceConfig | None  # None: the one controller given by a driver factory
+    factory: DriverFactory
+    controller: ForecourtController
+    driver: ForecourtDriver | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name if self.config else "controller"
+
 
 log = get_logger("forecourt.edge")
 
@@ -45,14 +71,68 @@ class EdgeNode:
     started: bool = False
     retention: JournalRetention | None = None
     snapshot_refresh: SupervisedTask = field(init=False)
+    lines: list[PumpLine] = field(default_factory=list)
+    gauge_configs: list[DeviceConfig] = field(default_factory=list)
+    gauges: list[GaugeReader] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.snapshot_refresh = SupervisedTask("edge-snapshots", self._refresh_snapshots)
+        if not self.lines:
+            self.lines = [PumpLine(None, self.driver_factory, self.controller)]
+
+    @property
+    def controllers(self) -> list[ForecourtController]:
+        return [line.controller for line in self.lines]
 
     def services(self) -> list[BackgroundService]:
         """Every supervised background task of the node."""
-        tasks: list[BackgroundService] = [self.controller, self.sync, self.snapshot_refresh]
+        tasks: list[BackgroundService] = [
+            *self.controllers,
+            self.sync,
+            self.snapshot_refresh,
+            *self.gauges,
+        ]
         return tasks if self.retention is None else [*tasks, self.retention]
+
+    def _driver_store(self, name: str) -> FileDriverStore:
+        journal = self.settings.journal_path
+        return FileDriverStore(journal.parent / f"{journal.name}.drivers" / name)
+
+    async def _open_pump_lines(self, snapshot: StationSnapshot) -> None:
+        for line in self.lines:
+            driver = line.factory(snapshot)
+            line.driver = driver
+            if isinstance(driver, PumpDriver):
+                driver.subscribe(line.controller.on_event)
+            try:
+                await driver.open()
+            except DriverUnavailable as exc:
+                # Its controller reports it offline and it is asked again at every poll.
+                log.warning("edge.device_unavailable_at_start", device=line.name, error=str(exc))
+            line.controller.driver = driver
+        self.driver = self.lines[0].driver
+
+    async def _open_gauges(self, snapshot: StationSnapshot) -> None:
+        for config in self.gauge_configs:
+            context = DriverContext(
+                clock=self.clock,
+                store=self._driver_store(config.name),
+                timezone=snapshot.station.timezone,
+                currency=snapshot.currency,
+            )
+            driver = create_gauge_driver(config, context)
+            try:
+                await driver.open()
+            except DriverUnavailable as exc:
+                log.warning("edge.device_unavailable_at_start", device=config.name, error=str(exc))
+            reader = GaugeReader(
+                driver,
+                self.clock,
+                interval_s=self.settings.gauge_interval_s,
+                tanks=dict(config.tanks),
+            )
+            self.gauges.append(reader)
+            reader.start()
 
     async def start(self) -> None:
         """Open the journal, take the snapshot (from HQ, else the newest persisted one),
@@ -64,12 +144,12 @@ class EdgeNode:
             log.warning("edge.waiting_for_first_snapshot", error=self.snapshots.last_error)
             await asyncio.sleep(1.0)
             snapshot = await self.snapshots.load()
-        self.driver = self.driver_factory(snapshot)
-        await self.driver.open()
-        self.controller.driver = self.driver
+        await self._open_pump_lines(snapshot)
         # No waiting for the forecourt: pumps that do not answer yet are recovered (their
         # unclosed and closed-elsewhere sales journaled) by the controller loop when they do.
-        self.controller.start()
+        for controller in self.controllers:
+            controller.start()
+        await self._open_gauges(snapshot)
         self.sync.start()
         self.snapshot_refresh.start()
         if self.retention is not None:
@@ -84,7 +164,8 @@ class EdgeNode:
 
     async def stop_selling(self) -> None:
         """Stop polling the forecourt (used at shutdown after pumps are idle)."""
-        await self.controller.stop()
+        for controller in self.controllers:
+            await controller.stop()
 
     async def drain(self, timeout_s: float) -> bool:
         """Upload until the outbox is empty or the timeout passes; True when empty."""
@@ -102,10 +183,17 @@ class EdgeNode:
         await self.snapshot_refresh.stop()
         if self.retention is not None:
             await self.retention.stop()
-        await self.controller.stop()
+        for controller in self.controllers:
+            await controller.stop()
+        for gauge in self.gauges:
+            await gauge.stop()
         await self.sync.stop()
-        if self.driver is not None:
-            await self.driver.close()
+        for line in self.lines:
+            if line.driver is not None:
+                await line.driver.close()
+        for gauge in self.gauges:
+            await gauge.driver.close()
+        self.gauges.clear()
         await self.hq.close()
         await self.journal.close()
         self.started = False
@@ -117,7 +205,7 @@ class EdgeNode:
             "station": self.settings.station,
             "snapshot_version": snap.version if snap else None,
             "snapshot_source": self.snapshots.source,
-            "fuelling_points": self.controller.states(),
+            "fuelling_points": self.fuelling_points(),
             "outbox": {
                 "pending": pending,
                 "bytes": size,
@@ -134,15 +222,55 @@ class EdgeNode:
                     self.controller.identity.boot_marker if self.controller.identity else None
                 ),
             },
+            "devices": [self._line_status(line) for line in self.lines],
+            "tanks": [gauge.as_json() for gauge in self.gauges],
             "alarms": self.alarms(),
             "uploads": dict(self.sync.stats.__dict__),
             "storage": self._storage_status(),
             "tasks": {s.task_name: s.health() for s in self.services()},
         }
 
+    def fuelling_points(self) -> dict[int, str]:
+        merged: dict[int, str] = {}
+        for controller in self.controllers:
+            merged.update(controller.states())
+        return dict(sorted(merged.items()))
+
+    def _line_status(self, line: PumpLine) -> dict[str, Any]:
+        controller = line.controller
+        driver = line.driver
+        health = driver.health() if isinstance(driver, PumpDriver) else None
+        return {
+            "name": line.name,
+            "protocol": line.config.protocol if line.config else None,
+            "transport": line.config.transport if line.config else None,
+            "pumps": controller.pumps(),
+            "device_id": controller.device_id or None,
+            "epoch": controller.epoch,
+            "reachable": controller.reachable,
+            "boot_marker": controller.identity.boot_marker if controller.identity else None,
+            "health": (
+                {
+                    "state": health.state.value,
+                    "reason": health.reason,
+                    "frames_refused": health.frames_refused,
+                    "timeouts": health.timeouts,
+                }
+                if health
+                else None
+            ),
+            "stats": dict(controller.stats.__dict__),
+        }
+
     def alarms(self) -> list[dict[str, Any]]:
         """Every active alarm of this edge, one list: forecourt, uploads, storage, tasks."""
-        found = list(self.controller.alarms.as_json())
+        found: list[dict[str, Any]] = []
+        several = len(self.lines) > 1 or bool(self.gauges)
+        for line in self.lines:
+            for alarm in line.controller.alarms.as_json():
+                found.append(alarm | {"device": line.name} if several else alarm)
+        for gauge in self.gauges:
+            found.extend(alarm | {"device": gauge.driver.name} for alarm in gauge.alarms.as_json())
         sync = self.sync
         if self.snapshots.last_error and "credential rejected" in self.snapshots.last_error:
             found.append({"name": "credential", "message": self.snapshots.last_error})
@@ -196,8 +324,12 @@ class EdgeNode:
 
 
 def build_edge_node(
-    settings: EdgeSettings, clock: Clock, driver_factory: DriverFactory
+    settings: EdgeSettings, clock: Clock, driver_factory: DriverFactory | None = None
 ) -> EdgeNode:
+    """The station's edge node. Its devices come from ``settings.devices`` through the driver
+    registry (one forecourt controller per pump device line, one reader per gauge), or, when
+    no devices are configured, from one jsonPTS controller at ``controller_url``;
+    ``driver_factory`` (tests) gives the one pump driver instead."""
     journal = Journal(settings.journal_path, clock)
     hq = HqClient(settings.hq_url, settings.station, settings.credential.get_secret_value())
     snapshots = SnapshotKeeper(journal, hq)
@@ -225,21 +357,44 @@ def build_edge_node(
         min_free_bytes=settings.min_free_disk_bytes,
         on_disk_low=retention.request,
     )
-    controller = ForecourtController(
-        None,
-        journal,
-        lambda: snapshots.current,
-        clock,
-        poll_interval_s=settings.poll_interval_s,
-        auto_settle=settings.auto_settle,
-        on_journaled=sync.wake.set,
-        actor=f"edge:{settings.station}",
-    )
+
+    def new_controller(serves: frozenset[int] | None, device: str | None) -> ForecourtController:
+        return ForecourtController(
+            None,
+            journal,
+            lambda: snapshots.current,
+            clock,
+            poll_interval_s=settings.poll_interval_s,
+            auto_settle=settings.auto_settle,
+            on_journaled=sync.wake.set,
+            actor=f"edge:{settings.station}",
+            serves=serves,
+            device=device,
+        )
+
+    pump_configs, gauge_configs = station_devices(settings)
+    if driver_factory is not None or not pump_configs:
+        lines = [
+            PumpLine(None, driver_factory or jsonpts_factory(settings), new_controller(None, None))
+        ]
+    else:
+        several = len(pump_configs) > 1
+        lines = [
+            PumpLine(
+                config,
+                registry_factory(config, settings, clock),
+                new_controller(
+                    frozenset(config.pumps) if several else None, config.name if several else None
+                ),
+            )
+            for config in pump_configs
+        ]
+    controller = lines[0].controller
     registry = CollectorRegistry()
     node = EdgeNode(
         settings,
         clock,
-        driver_factory,
+        lines[0].factory,
         journal,
         hq,
         snapshots,
@@ -247,11 +402,13 @@ def build_edge_node(
         sync,
         registry,
         retention=retention,
+        lines=lines,
+        gauge_configs=gauge_configs,
     )
 
     Gauge(
         "forecourt_edge_journaled", "Sales journaled by this edge since start", registry=registry
-    ).set_function(lambda: controller.stats.journaled)
+    ).set_function(lambda: sum(c.stats.journaled for c in node.controllers))
     Gauge(
         "forecourt_edge_uploaded", "Sales answered by HQ since start", registry=registry
     ).set_function(lambda: sync.stats.uploaded)
@@ -296,7 +453,7 @@ def build_edge_node(
         restarts.labels(task=service.task_name).set_function(partial(getattr, service, "restarts"))
     Gauge(
         "forecourt_edge_alarms_active", "Edge alarms raised and not cleared", registry=registry
-    ).set_function(lambda: len(controller.alarms.active))
+    ).set_function(lambda: len(node.alarms()))
     for stat, text in (
         ("epoch_changes", "Controller epochs begun (restart, swap, wrap) since start"),
         ("refused_moves", "Fuelling-point moves refused as impossible since start"),
@@ -305,7 +462,9 @@ def build_edge_node(
         ("totalizer_gaps", "Nozzle totalizer gaps between journaled sales since start"),
     ):
         Gauge(f"forecourt_edge_{stat}", text, registry=registry).set_function(
-            lambda stat=stat: getattr(controller.stats, stat)  # type: ignore[misc]
+            lambda stat=stat: sum(  # type: ignore[misc]
+                getattr(c.stats, stat) for c in node.controllers
+            )
         )
     outbox_pending = Gauge(
         "forecourt_edge_outbox_pending", "Sales waiting for upload", registry=registry
@@ -326,6 +485,11 @@ def build_edge_node(
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
         return await node.status()
+
+    @app.get("/v1/tanks")
+    async def tanks() -> list[dict[str, Any]]:
+        """The latest reading of every tank gauge (inventory, deliveries, alarms, health)."""
+        return [gauge.as_json() for gauge in node.gauges]
 
     @app.get("/v1/journal/summary")
     async def journal_summary() -> list[dict[str, Any]]:
@@ -353,5 +517,63 @@ def jsonpts_factory(settings: EdgeSettings) -> DriverFactory:
             price_decimals=settings.controller_price_decimals,
             auth_scheme=settings.controller_auth,
         )
+
+    return make
+
+
+def station_devices(settings: EdgeSettings) -> tuple[list[DeviceConfig], list[DeviceConfig]]:
+    """The station's pump and gauge device lines (empty when none are configured); a protocol
+    no driver is registered for is refused here, before anything starts."""
+    if settings.devices is None:
+        return [], []
+    pumps: list[DeviceConfig] = []
+    gauges: list[DeviceConfig] = []
+    pump_drivers, gauge_drivers = set(pump_protocols()), set(gauge_protocols())
+    for line in settings.devices:
+        config = DeviceConfig(
+            name=line.name,
+            protocol=line.protocol,
+            transport=line.transport,
+            pumps=dict(line.pumps),
+            tanks=dict(line.tanks),
+            options=dict(line.options),
+        )
+        is_gauge = line.protocol in gauge_drivers and (
+            line.protocol not in pump_drivers or (line.tanks and not line.pumps)
+        )
+        if is_gauge:
+            gauges.append(config)
+        elif line.protocol in pump_drivers:
+            pumps.append(config)
+        else:
+            known = ", ".join(sorted(pump_drivers | gauge_drivers))
+            raise DeviceConfigError(
+                f"device {line.name!r}: no driver for protocol {line.protocol!r} (known: {known})",
+                hint="fix [[edge.devices]] protocol",
+            )
+    if len(pumps) > 1:
+        for config in pumps:
+            if not config.pumps:
+                raise DeviceConfigError(
+                    f"device {config.name!r} names no pumps; with several pump devices each "
+                    "names the fuelling points it drives",
+                    hint="pumps = {1 = 0x50, 2 = 0x51} or pumps = [1, 2]",
+                )
+    return pumps, gauges
+
+
+def registry_factory(config: DeviceConfig, settings: EdgeSettings, clock: Clock) -> DriverFactory:
+    """A driver factory for one device line: the driver registered for its protocol, with the
+    station's time zone and currency and a store of its own beside the journal."""
+    journal = settings.journal_path
+
+    def make(snapshot: StationSnapshot) -> ForecourtDriver:
+        context = DriverContext(
+            clock=clock,
+            store=FileDriverStore(journal.parent / f"{journal.name}.drivers" / config.name),
+            timezone=snapshot.station.timezone,
+            currency=snapshot.currency,
+        )
+        return create_pump_driver(config, context)
 
     return make

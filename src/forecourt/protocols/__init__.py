@@ -1,1 +1,1 @@
-"""Device protocol adapters: each vendor wire protocol → the standard model in edge.drivers."""
+"""Device protocol adapters: each vendor wire protocol → the standard model (protocols.model)."""

@@ -82,21 +82,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
-from forecourt.edge.drivers import (
-    FLAG_EXTRA_DECIMALS,
-    FLAG_INEXACT,
-    FLAG_NO_TOTALIZER,
-    DeviceIdentity,
-    DeviceRejected,
-    DeviceTransaction,
-    DriverUnavailable,
-    NozzleTotals,
-    Preset,
-    PresetType,
-    PumpState,
-    PumpStatus,
-)
 from forecourt.kernel.errors import ForecourtError, InvalidValue
+from forecourt.protocols.driver import (
+    DeviceConfig,
+    DriverContext,
+    EventSink,
+    PumpDriver,
+    ignore_event,
+)
 from forecourt.protocols.jsonpts.codec import (
     JsonPtsMalformed,
     NumberFormat,
@@ -115,6 +108,27 @@ from forecourt.protocols.jsonpts.codec import (
     parse_packet,
     raw_packet_id,
 )
+from forecourt.protocols.model import (
+    FLAG_EXTRA_DECIMALS,
+    FLAG_INEXACT,
+    FLAG_NO_TOTALIZER,
+    Capability,
+    DeviceHealth,
+    DeviceHealthState,
+    DeviceIdentity,
+    DeviceRejected,
+    DeviceTransaction,
+    DriverUnavailable,
+    FrameRefused,
+    HealthChanged,
+    NozzleTotals,
+    Preset,
+    PresetType,
+    PumpState,
+    PumpStatus,
+    PumpStatusChanged,
+)
+from forecourt.protocols.renumber import renumbered
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +170,27 @@ class _BootReading:
     marker: str
 
 
+CAPABILITIES = frozenset(
+    {
+        Capability.PRESET_VOLUME,
+        Capability.PRESET_AMOUNT,
+        Capability.PRICE_WITH_AUTHORISE,
+        Capability.TOTALS,
+        Capability.DEVICE_TRANSACTION_NUMBERS,
+        Capability.TRANSACTION_REPORT,
+        Capability.SUSPEND,
+    }
+)
+
+
 class JsonPtsDriver:
-    """A :class:`forecourt.edge.drivers.ForecourtDriver` for one PTS-2 controller."""
+    """A :class:`forecourt.protocols.driver.PumpDriver` for one PTS-2 controller.
+
+    The controller is request/response over HTTP: every pull method is one exchange, and the
+    driver yields events for what those exchanges showed (a pump's state changed, a reply it
+    could not read, the controller answering again or not)."""
+
+    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -176,6 +209,7 @@ class JsonPtsDriver:
         auth_scheme: str = "auto",
         boot_marker_resolution_s: int = 60,
         transport: httpx.AsyncBaseTransport | None = None,
+        name: str = "pts",
     ) -> None:
         try:
             self.tz = ZoneInfo(timezone)
@@ -210,6 +244,37 @@ class JsonPtsDriver:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._ids = itertools.count(1)
+        self.name = name
+        self._sink: EventSink = ignore_event
+        self._health = DeviceHealth(name, DeviceHealthState.OFFLINE, reason="not polled yet")
+        self._timeouts = 0
+        self._refused = 0
+        self._last_status: dict[int, PumpStatus] = {}
+
+    # ----------------------------------------------------------------- v2: events, health
+
+    def subscribe(self, sink: EventSink) -> None:
+        self._sink = sink
+
+    def health(self) -> DeviceHealth:
+        return self._health
+
+    def _set_health(self, state: DeviceHealthState, reason: str | None = None) -> None:
+        if self._health.state is state and self._health.reason == reason:
+            return
+        self._health = DeviceHealth(
+            self.name,
+            state,
+            since=datetime.now(UTC),
+            reason=reason,
+            frames_refused=self._refused,
+            timeouts=self._timeouts,
+        )
+        self._sink(HealthChanged(self.name, self._health))
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self._refused += 1
+        self._sink(FrameRefused(self.name, reason=reason, detail=detail))
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -279,13 +344,17 @@ class JsonPtsDriver:
                 self._switched_to_digest = True
                 response = await client.post("/jsonPTS", content=body, auth=self._auth)
         except httpx.TimeoutException as exc:
+            self._timeouts += 1
+            self._set_health(DeviceHealthState.OFFLINE, "timeout")
             raise DriverUnavailable(
                 f"jsonPTS controller at {self.base_url} timed out: {exc!r}", code="jsonpts.timeout"
             ) from exc
         except httpx.HTTPError as exc:
+            self._set_health(DeviceHealthState.OFFLINE, "unreachable")
             raise DriverUnavailable(
                 f"jsonPTS controller at {self.base_url} unreachable: {exc!r}"
             ) from exc
+        self._set_health(DeviceHealthState.ONLINE)
         return response
 
     async def _post(
@@ -321,6 +390,7 @@ class JsonPtsDriver:
             try:
                 packet = parse_packet(item)
             except JsonPtsMalformed as exc:
+                self._refuse("malformed_packet", exc.message)
                 by_id.setdefault(raw_packet_id(item), _BadReply(exc.message))
                 continue
             by_id[packet.id] = packet
@@ -474,9 +544,14 @@ class JsonPtsDriver:
 
     async def pump_status(self, pumps: Sequence[int]) -> list[PumpStatus]:
         replies = await self._status_replies(pumps)
-        return [
+        statuses = [
             self._status_or_error(pump, reply) for pump, reply in zip(pumps, replies, strict=True)
         ]
+        for status in statuses:
+            if self._last_status.get(status.pump) != status:
+                self._last_status[status.pump] = status
+                self._sink(PumpStatusChanged(self.name, status))
+        return statuses
 
     async def _status_replies(self, pumps: Sequence[int]) -> list[Packet | _BadReply]:
         """PumpGetStatus for every pump, in as few POSTs as allowed."""
@@ -784,3 +859,93 @@ def _reading() -> Iterator[None]:
         raise DriverUnavailable(
             f"unreadable jsonPTS reply: {exc.message}", code="jsonpts.malformed_reply"
         ) from exc
+
+
+def create(config: DeviceConfig, context: DriverContext) -> PumpDriver:
+    """A jsonPTS driver from a station's device line (``protocol = "jsonpts"``).
+
+    ``transport`` is the controller's base URL (``http://HOST:PORT``); options ``user``,
+    ``password``, ``auth`` (auto|basic|digest), ``volume_decimals``, ``amount_decimals``,
+    ``price_decimals``, ``timeout_s``. The controller's pump numbers are the station's unless
+    ``pumps`` maps them (see :class:`forecourt.protocols.renumber.RenumberedPumps`)."""
+    password = config.option("password")
+    if not password:
+        raise InvalidValue(
+            f"device {config.name!r}: the jsonPTS controller password is not set",
+            hint="set options.password (the controller's own credential)",
+        )
+    driver = JsonPtsDriver(
+        config.transport,
+        str(config.option("user", "admin")),
+        str(password),
+        timezone=context.timezone,
+        currency=context.currency,
+        volume_decimals=int(config.option("volume_decimals", 2)),
+        amount_decimals=int(config.option("amount_decimals", 2)),
+        price_decimals=int(config.option("price_decimals", 2)),
+        timeout=float(config.option("timeout_s", 5.0)),
+        auth_scheme=str(config.option("auth", "auto")),
+        name=config.name,
+    )
+    return renumbered(driver, config.pumps)
+
+
+async def poll_once(endpoint: str, options: Mapping[str, str]) -> dict[str, Any]:
+    """Ask one PTS-2 controller who it is and how its pumps are, once (``device poll``).
+
+    ``options``: ``user``, ``password`` (required), ``pumps`` (``1-8`` or ``1,3,5``; default
+    1-8), ``timezone`` (default UTC), ``auth``."""
+    password = options.get("password")
+    if not password:
+        raise InvalidValue("the controller's password is needed", hint="--option password=SECRET")
+    pumps = _pump_list(options.get("pumps", "1-8"))
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    async with JsonPtsDriver(
+        url,
+        options.get("user", "admin"),
+        password,
+        timezone=options.get("timezone", "UTC"),
+        auth_scheme=options.get("auth", "auto"),
+        timeout=float(options.get("timeout_s", 5.0)),
+    ) as driver:
+        identity = await driver.identity()
+        statuses = await driver.pump_status(pumps)
+    return {
+        "protocol": "jsonpts",
+        "endpoint": url,
+        "identity": {
+            "device_id": identity.device_id,
+            "boot_marker": identity.boot_marker,
+            "firmware": identity.firmware,
+        },
+        "pumps": [
+            {
+                "pump": s.pump,
+                "state": s.state.value,
+                "nozzle": s.nozzle,
+                "volume_ml": s.volume_ml,
+                "amount_minor": s.amount_minor,
+                "unit_price_mmu": s.unit_price_mmu,
+                "transaction": s.transaction,
+                "error": s.error,
+            }
+            for s in statuses
+        ],
+    }
+
+
+def _pump_list(text: str) -> list[int]:
+    """``1-8`` or ``1,3,5`` (or a mix) as a list of pump numbers."""
+    pumps: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                first, last = (int(x) for x in part.split("-", 1))
+                pumps.extend(range(first, last + 1))
+            elif part.strip():
+                pumps.append(int(part))
+    except ValueError:
+        raise InvalidValue(f"not a list of pumps: {text!r}", hint="pumps=1-8 or 1,3,5") from None
+    if not pumps or any(p < 1 or p > 99 for p in pumps):
+        raise InvalidValue(f"pumps must be 1-99: {text!r}", hint="pumps=1-8 or 1,3,5")
+    return pumps

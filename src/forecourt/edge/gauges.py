@@ -1,0 +1,137 @@
+"""Tank gauges at the edge: each configured gauge read on a schedule into the standard model.
+
+The latest inventory, deliveries and alarms of every tank are kept in memory and served by
+the edge's API (``/v1/tanks``); a gauge that stops answering raises an alarm and is read again
+at the next tick (it comes back by itself). Gauges are never on the sales path: a gauge that
+is down blocks no pump and no upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from forecourt.edge.alarms import AlarmBoard
+from forecourt.infra.background import BackgroundService
+from forecourt.infra.logging import get_logger
+from forecourt.kernel.clock import Clock
+from forecourt.protocols.driver import GaugeDriver
+from forecourt.protocols.model import (
+    DeviceAlarm,
+    DeviceEvent,
+    DeviceRejected,
+    DriverUnavailable,
+    FrameRefused,
+    TankDelivery,
+    TankMeasurement,
+)
+
+log = get_logger("forecourt.edge.gauges")
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value
+
+
+class GaugeReader(BackgroundService):
+    """Reads one gauge every ``interval_s``: inventory and alarms each time, deliveries every
+    ``deliveries_every`` reads."""
+
+    def __init__(
+        self,
+        driver: GaugeDriver,
+        clock: Clock,
+        *,
+        interval_s: float = 60.0,
+        deliveries_every: int = 10,
+        tanks: dict[int, int] | None = None,
+    ) -> None:
+        self.driver = driver
+        self.clock = clock
+        self.task_name = f"edge-gauge-{driver.name}"
+        self.interval_s = interval_s
+        self.deliveries_every = max(1, deliveries_every)
+        self.tanks = sorted(tanks or {})
+        self.alarms = AlarmBoard(clock)
+        self.measurements: dict[int, TankMeasurement] = {}
+        self.deliveries: dict[int, list[TankDelivery]] = {}
+        self.device_alarms: list[DeviceAlarm] = []
+        self.reads = 0
+        self.failures = 0
+        self.last_read: datetime | None = None
+        self.read_error: str | None = None
+        self.reachable = False
+        self.frames_refused = 0
+        driver.subscribe(self.on_event)
+
+    def on_event(self, event: DeviceEvent) -> None:
+        if isinstance(event, FrameRefused):
+            self.frames_refused += 1
+            log.warning(
+                "edge.gauge_frame_refused",
+                device=event.device,
+                reason=event.reason,
+                detail=event.detail,
+            )
+
+    async def read_once(self) -> bool:
+        """One read of the gauge; False (and an alarm) when it does not answer."""
+        try:
+            found = await self.driver.measurements(self.tanks)
+            alarms = await self.driver.alarms(self.tanks)
+            if self.reads % self.deliveries_every == 0:
+                deliveries = await self.driver.deliveries(self.tanks)
+                by_tank: dict[int, list[TankDelivery]] = {}
+                for delivery in deliveries:
+                    by_tank.setdefault(delivery.tank, []).append(delivery)
+                self.deliveries = by_tank
+        except (DriverUnavailable, DeviceRejected) as exc:
+            self.failures += 1
+            self.read_error = str(exc)
+            if self.reachable or self.failures == 1:
+                log.warning("edge.gauge_unreachable", device=self.driver.name, error=str(exc))
+            self.reachable = False
+            self.alarms.raise_("gauge_unreachable", "a tank gauge does not answer", error=str(exc))
+            return False
+        if not self.reachable:
+            log.info("edge.gauge_reachable", device=self.driver.name, tanks=len(found))
+        self.reachable = True
+        self.alarms.clear("gauge_unreachable")
+        self.reads += 1
+        self.last_read = self.clock.now()
+        self.read_error = None
+        for measurement in found:
+            self.measurements[measurement.tank] = measurement
+        self.device_alarms = alarms
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await self.read_once()
+            await asyncio.sleep(self.interval_s)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "device": self.driver.name,
+            "reachable": self.reachable,
+            "last_read": self.last_read.isoformat() if self.last_read else None,
+            "read_error": self.read_error,
+            "reads": self.reads,
+            "failures": self.failures,
+            "frames_refused": self.frames_refused,
+            "health": _json(asdict(self.driver.health())),
+            "tanks": {str(n): _json(asdict(m)) for n, m in sorted(self.measurements.items())},
+            "deliveries": {
+                str(n): [_json(asdict(d)) for d in found]
+                for n, found in sorted(self.deliveries.items())
+            },
+            "alarms": [_json(asdict(a)) for a in self.device_alarms],
+        }

@@ -1,0 +1,1 @@
+"""Wayne DART (Dart Pump Interface rev 2.11): line codec, application codec, simulator, driver."""
