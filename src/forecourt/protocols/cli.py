@@ -121,14 +121,44 @@ def protocol() -> None:
     default=None,
     help="Who sent it (default: told from the frame where the protocol shows it).",
 )
-def decode(name: str, hex_text: str | None, text: str | None, direction: str | None) -> None:
+@click.option(
+    "--decimals",
+    default=None,
+    metavar="VOLUME,AMOUNT,PRICE",
+    help="DART: the pump's decimals (e.g. 2,2,3), to show scaled values; default unknown.",
+)
+@click.option("--currency", default="CNY", show_default=True, help="The currency amounts are in.")
+def decode(
+    name: str,
+    hex_text: str | None,
+    text: str | None,
+    direction: str | None,
+    decimals: str | None,
+    currency: str,
+) -> None:
     """Decode one captured frame or message into the standard model, as JSON.
 
     A frame that does not decode exits 1 with the reason (bad checksum, truncated…)."""
     if (hex_text is None) == (text is None):
         raise click.UsageError("give the frame once: --hex HEX or --text TEXT")
+    if decimals is not None and name != "dart":
+        raise click.UsageError("--decimals is for DART frames (the others carry their scale)")
     frame = parse_hex(hex_text) if hex_text is not None else parse_text(text or "")
-    _print(_function(_DECODERS[name])(frame, direction))
+    if name == "dart":
+        from forecourt.protocols.dart.application import Decimals
+
+        scale = None
+        if decimals is not None:
+            parts = decimals.split(",")
+            if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+                raise click.BadParameter("three integers, e.g. 2,2,3", param_hint="--decimals")
+            volume, amount, price = (int(p) for p in parts)
+            scale = Decimals(volume, amount, price, currency)
+        _print(_function(_DECODERS[name])(frame, direction, scale))
+    elif name == "jsonpts":
+        _print(_function(_DECODERS[name])(frame, direction, currency=currency))
+    else:
+        _print(_function(_DECODERS[name])(frame, direction))
 
 
 # --- simulate -------------------------------------------------------------------------------
