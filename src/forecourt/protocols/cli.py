@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
-from collections.abc import Callable
+import signal
+from collections.abc import Awaitable, Callable
 from importlib import import_module
 from importlib.resources import files
 from typing import Any
@@ -164,6 +166,28 @@ def decode(
 # --- simulate -------------------------------------------------------------------------------
 
 
+def serve_until_stopped(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a simulator until SIGINT or SIGTERM, then stop it in order (exit status 0).
+
+    The signals cancel the serving task from inside the event loop, so a client connected at
+    that moment never sees a half-torn loop (and nothing prints a traceback)."""
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(main())
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(runner())
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -210,7 +234,7 @@ def _fault_help(module: str) -> str:
     show_default=True,
     help="HOST:PORT to listen on (PORT 0: any free one), or 'pty' for a pseudo-terminal.",
 )
-@click.option("--tanks", type=click.IntRange(1, 99), default=None, help="Tanks (default 4).")
+@click.option("--tanks", type=click.IntRange(1, 99), default=None, help="Tanks (default 3).")
 @click.option(
     "--config",
     "config_path",
@@ -233,10 +257,11 @@ def simulate_tls(
 
     if listen != "pty":
         _listen_address(listen)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            simulator.run(listen, faults, tanks=tanks, config_path=config_path, announce=click.echo)
+    serve_until_stopped(
+        lambda: simulator.run(
+            listen, faults, tanks=tanks, config_path=config_path, announce=click.echo
         )
+    )
 
 
 @simulate.command("dart")
@@ -273,8 +298,26 @@ def simulate_tls(
     default=0.0,
     help="Simulated customers arriving per pump per hour (0: none).",
 )
-@click.option("--speed", type=click.FloatRange(0.01, 1000), default=1.0, show_default=True)
+@click.option(
+    "--speed",
+    type=click.FloatRange(0.01, 10_000),
+    default=1.0,
+    show_default=True,
+    help="Simulated seconds per wall second (meters and customers).",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the bound TCP port to this file once the line serves.",
+)
+@click.option(
+    "--control-port-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the bound control port to this file once it serves (needs --control).",
+)
 def simulate_dart(
     listen: str,
     pumps: int,
@@ -285,36 +328,56 @@ def simulate_dart(
     customers_per_hour: float,
     speed: float,
     seed: int,
+    port_file: str | None,
+    control_port_file: str | None,
 ) -> None:
     """A line of Wayne DART pumps (addresses 0x50 up), strict like the pumps (Ctrl-C stops)."""
+    import os
+    from pathlib import Path
+
     from forecourt.protocols.dart import simulator
 
     pty = listen == "pty"
     if not pty:
         _listen_address(listen)
+    elif port_file is not None:
+        raise click.UsageError("--port-file needs a TCP --listen HOST:PORT, not pty")
     if control is not None:
         _listen_address(control)
+    elif control_port_file is not None:
+        raise click.UsageError("--control-port-file needs --control HOST:PORT")
+
+    def announce(path: str, address: str) -> None:
+        # Written whole under another name and renamed: a reader never sees half a number.
+        target = Path(path)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text(address.rpartition(":")[2] + "\n", encoding="ascii")
+        os.replace(partial, target)
 
     def ready(endpoints: dict[str, str]) -> None:
+        # The control port first: whoever waits for the line's port finds both in place.
+        if control_port_file is not None:
+            announce(control_port_file, endpoints["control"])
+        if port_file is not None:
+            announce(port_file, endpoints["tcp"])
         for kind, where in endpoints.items():
             click.echo(f"DART simulator {kind} on {where}")
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            simulator.serve(
-                None if pty else listen,
-                pumps=pumps,
-                nozzles=nozzles,
-                faults=faults,
-                record=record,
-                pty=pty,
-                control=control,
-                speed=speed,
-                customers_per_hour=customers_per_hour,
-                seed=seed,
-                ready=ready,
-            )
+    serve_until_stopped(
+        lambda: simulator.serve(
+            None if pty else listen,
+            pumps=pumps,
+            nozzles=nozzles,
+            faults=faults,
+            record=record,
+            pty=pty,
+            control=control,
+            speed=speed,
+            customers_per_hour=customers_per_hour,
+            seed=seed,
+            ready=ready,
         )
+    )
 
 
 # --- device poll ----------------------------------------------------------------------------
@@ -352,5 +415,11 @@ def _options(pairs: tuple[str, ...]) -> dict[str, str]:
 def poll(name: str, connect: str, pairs: tuple[str, ...], as_json: bool) -> None:
     """Poll one device once: who it is and its state, as JSON."""
     del as_json  # JSON is the only output
-    result = asyncio.run(_function(_POLLERS[name])(connect, _options(pairs)))
+    # One device, once: what went wrong is the one error line (or in the JSON), not a
+    # driver's log lines about its retries.
+    logging.disable(logging.CRITICAL)
+    try:
+        result = asyncio.run(_function(_POLLERS[name])(connect, _options(pairs)))
+    finally:
+        logging.disable(logging.NOTSET)
     _print(result)
