@@ -539,6 +539,13 @@ _CONSUMERS_OPTION_HELP = (
     "station journals and controller state an earlier demo left in --workdir. Without it "
     "the demo refuses a database holding sales or a work folder holding journals.",
 )
+@click.option(
+    "--protocols",
+    default="jsonpts,dart,tls",
+    show_default=True,
+    help="Device protocols at every station: jsonpts and/or dart share the pumps in order, "
+    "tls adds a tank gauge; 'jsonpts' alone is one PTS-2 controller per station.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def demo(
     duration: float,
@@ -550,6 +557,7 @@ def demo(
     workdir: Path | None,
     seed: int,
     reset: bool,
+    protocols: str,
     as_json: bool,
 ) -> None:
     """HQ + N simulated stations (4 dispensers each), then a three-way reconciliation.
@@ -561,8 +569,14 @@ def demo(
     import shutil
     import tempfile
 
-    from forecourt.demo import DemoOptions, run_demo
+    from forecourt.demo import DemoOptions, parse_protocols, run_demo
+    from forecourt.kernel.errors import ForecourtError
     from forecourt.settings import Settings, load_settings
+
+    try:
+        chosen = parse_protocols(protocols)
+    except ForecourtError as exc:
+        raise click.BadParameter(exc.message, param_hint="--protocols") from None
 
     own_workdir = workdir is None
     # The CLI owns the temporary folder (not the demo): it removes it only once every process
@@ -604,6 +618,7 @@ def demo(
             bus_url=bus_url,
             workdir=folder,
             seed=seed,
+            protocols=chosen,
         )
 
         def progress(line: str) -> None:
@@ -612,8 +627,9 @@ def demo(
 
         if not as_json:
             err.print(
-                f"Forecourt demo: {stations} stations, {duration:.0f} s at {speed:.0f}x, "
-                f"database {'PostgreSQL' if database_url else 'SQLite'}, bus {bus_url}",
+                f"Forecourt demo: {stations} stations ({', '.join(chosen)}), {duration:.0f} s "
+                f"at {speed:.0f}x, database {'PostgreSQL' if database_url else 'SQLite'}, "
+                f"bus {bus_url}",
                 highlight=False,
             )
         _quiet_closed_loop_errors()

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from forecourt.demo import DemoChain, DemoOptions, Figures, Reconciliation, report
 from forecourt.sales.store import sale_t
+from tests.e2e.test_demo import names_the_sale
 
 
 def _agreeing(
@@ -41,6 +42,34 @@ def test_the_report_does_not_agree_when_hq_holds_a_duplicate() -> None:
     result = report(rec, 1, True, 0.0)
     assert result["duplicates"] == 1
     assert result["agree"] is False
+
+
+def test_the_report_does_not_agree_when_a_sale_moves_to_another_grade_or_pump_line() -> None:
+    """The totals match, yet one sale sits under another grade (or another pump protocol) at
+    HQ than at the dispensers: that is a disagreement."""
+    for cells in ("per_station_grade", "per_station_protocol"):
+        rec = _agreeing()
+        if cells == "per_station_protocol":
+            rec.per_station_protocol = {
+                ("S001", p): {w: Figures() for w in ("dispensers", "edges", "hq")}
+                for p in ("jsonpts", "dart")
+            }
+            rec.per_station_protocol[("S001", "jsonpts")]["dispensers"].add(3, 90_000, 70_000)
+            rec.per_station_protocol[("S001", "jsonpts")]["edges"].add(3, 90_000, 70_000)
+            rec.per_station_protocol[("S001", "jsonpts")]["hq"].add(2, 60_000, 50_000)
+            rec.per_station_protocol[("S001", "dart")]["hq"].add(1, 30_000, 20_000)
+        else:
+            one_sale = Figures(1, 30_000, 20_000)
+            rec.per_station_grade[("S001", "92")]["hq"] = Figures(2, 60_000, 50_000)
+            rec.per_station_grade[("S001", "95")] = {
+                "dispensers": Figures(),
+                "edges": Figures(),
+                "hq": one_sale,
+            }
+        result = report(rec, 1, True, 0.0)
+        assert result["sales_at_dispensers"] == result["sales_at_hq"], cells
+        assert result["amount_fen_at_dispensers"] == result["amount_fen_at_hq"], cells
+        assert result["agree"] is False, cells
 
 
 async def test_a_sale_lost_at_the_second_station_cannot_hide_behind_the_first(
@@ -76,7 +105,7 @@ async def test_a_sale_lost_at_the_second_station_cannot_hide_behind_the_first(
         result = report(await demo.reconcile(), len(demo.stations), True, 0.0)
         assert result["lost"] == 1
         assert [s["station"] for s in result["lost_sales"]] == [second]
-        assert result["lost_sales"][0]["device_txn"] == moved["device_txn"]
+        assert names_the_sale(result["lost_sales"][0], {**moved, "station_code": second})
         assert result["quarantined"] == 2
         assert result["duplicates"] == 0
         assert result["agree"] is False

@@ -9,9 +9,10 @@ is down blocks no pump and no upload.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from forecourt.edge.alarms import AlarmBoard
 from forecourt.infra.background import BackgroundService
@@ -29,6 +30,7 @@ from forecourt.protocols.model import (
 )
 
 log = get_logger("forecourt.edge.gauges")
+T = TypeVar("T")
 
 
 def _json(value: Any) -> Any:
@@ -70,6 +72,7 @@ class GaugeReader(BackgroundService):
         self.read_error: str | None = None
         self.reachable = False
         self.frames_refused = 0
+        self.unsupported: set[str] = set()  # reports the console refused ("deliveries", …)
         driver.subscribe(self.on_event)
 
     def on_event(self, event: DeviceEvent) -> None:
@@ -83,16 +86,16 @@ class GaugeReader(BackgroundService):
             )
 
     async def read_once(self) -> bool:
-        """One read of the gauge; False (and an alarm) when it does not answer."""
+        """One read of the gauge; False (and an alarm) when it does not answer.
+
+        A report the console does not know (an older TLS answers ``9999FF1B`` to ``i202``) is
+        left out from then on, logged once: the gauge answers, it only lacks that report."""
         try:
             found = await self.driver.measurements(self.tanks)
-            alarms = await self.driver.alarms(self.tanks)
+            alarms = await self._optional("alarms", self.driver.alarms)
+            deliveries = None
             if self.reads % self.deliveries_every == 0:
-                deliveries = await self.driver.deliveries(self.tanks)
-                by_tank: dict[int, list[TankDelivery]] = {}
-                for delivery in deliveries:
-                    by_tank.setdefault(delivery.tank, []).append(delivery)
-                self.deliveries = by_tank
+                deliveries = await self._optional("deliveries", self.driver.deliveries)
         except (DriverUnavailable, DeviceRejected) as exc:
             self.failures += 1
             self.read_error = str(exc)
@@ -110,8 +113,33 @@ class GaugeReader(BackgroundService):
         self.read_error = None
         for measurement in found:
             self.measurements[measurement.tank] = measurement
-        self.device_alarms = alarms
+        if alarms is not None:
+            self.device_alarms = alarms
+        if deliveries is not None:
+            by_tank: dict[int, list[TankDelivery]] = {}
+            for delivery in deliveries:
+                by_tank.setdefault(delivery.tank, []).append(delivery)
+            self.deliveries = by_tank
         return True
+
+    async def _optional(
+        self, report: str, read: Callable[[Sequence[int]], Awaitable[list[T]]]
+    ) -> list[T] | None:
+        """A report the gauge may not offer: None when it refused it (once, then never asked
+        again); transport faults still raise."""
+        if report in self.unsupported:
+            return None
+        try:
+            return await read(self.tanks)
+        except DeviceRejected as exc:
+            self.unsupported.add(report)
+            log.warning(
+                "edge.gauge_report_unsupported",
+                device=self.driver.name,
+                report=report,
+                error=str(exc),
+            )
+            return None
 
     async def run(self) -> None:
         while True:
@@ -127,6 +155,7 @@ class GaugeReader(BackgroundService):
             "reads": self.reads,
             "failures": self.failures,
             "frames_refused": self.frames_refused,
+            "unsupported": sorted(self.unsupported),
             "health": _json(asdict(self.driver.health())),
             "tanks": {str(n): _json(asdict(m)) for n, m in sorted(self.measurements.items())},
             "deliveries": {

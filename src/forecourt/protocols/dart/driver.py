@@ -354,6 +354,7 @@ class _Link:
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     status: int | None = None
     nozzle: int = 1
+    filling_nozzle: int | None = None  # the nozzle seen while the pump was busy
     nozzle_out: bool = False
     price: int | None = None
     volume: int = 0
@@ -829,12 +830,18 @@ class DartDriver:
             if isinstance(item, PumpStatusReply):
                 link.status = item.status
                 link.status_seq += 1
+                if item.status == S.RESET:
+                    link.filling_nozzle = None
             elif isinstance(item, FilledValues):
                 link.volume, link.amount = item.volume, item.amount
                 link.dc2_seq += 1
             elif isinstance(item, NozzleStatus):
                 if item.nozzle:
                     link.nozzle = item.nozzle
+                    if link.status in _BUSY:
+                        # The nozzle that dispenses: once the filling ends, the next customer
+                        # may lift another before we read it, and DC3 then names that one.
+                        link.filling_nozzle = item.nozzle
                 link.nozzle_out = item.nozzle_out
                 link.price = item.price
                 link.dc3_seq += 1
@@ -1025,7 +1032,8 @@ class DartDriver:
             if link.volume == 0:
                 link.resolved = True
                 return
-            nozzle, volume, amount, price = link.nozzle, link.volume, link.amount, link.price or 0
+            nozzle = link.filling_nozzle or link.nozzle
+            volume, amount, price = link.volume, link.amount, link.price or 0
             total = await self._read_counter(link, nozzle)
             record = self._same_filling(link, nozzle, volume, amount, price, total)
             if record is None:
