@@ -14,6 +14,9 @@ from forecourt.infra.logging import get_logger
 log = get_logger("forecourt.background")
 
 
+STOP_RECANCEL_S = 0.5  # stop() cancels again after this long without the task ending
+
+
 class BackgroundService:
     """Subclasses implement ``run()`` (a loop that runs until cancelled).
 
@@ -72,10 +75,15 @@ class BackgroundService:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        task.cancel()
+        # On Python 3.11 a cancellation that arrives as an ``asyncio.wait_for`` inner task
+        # completes can be lost (fixed in 3.12): ask again until the task has ended.
+        while not (await asyncio.wait([task], timeout=STOP_RECANCEL_S))[0]:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _supervise(self) -> None:
         in_a_row = 0

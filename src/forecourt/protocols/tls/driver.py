@@ -202,8 +202,11 @@ class _Link:
     async def close(self) -> None:
         self.closed = True
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        # Wait for the reader task without swallowing our own cancellation: a caller being
+        # stopped while it closes the line must stop, not carry on.
+        await asyncio.wait([self.task])
+        if not self.task.cancelled():
+            self.task.exception()  # retrieved: a reader that failed is not reported twice
         with contextlib.suppress(Exception):
             self.writer.close()
         with contextlib.suppress(Exception):
