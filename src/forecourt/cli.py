@@ -1826,7 +1826,7 @@ def edge(
     Says "listening on http://HOST:PORT" once its API serves; SIGINT or SIGTERM stop it in
     order (exit status 0).
     """
-    from forecourt.edge.node import build_edge_node, jsonpts_factory
+    from forecourt.edge.node import build_edge_node
     from forecourt.kernel.clock import SimulatedClock, SystemClock
     from forecourt.settings import EdgeSettings, load_settings
 
@@ -1847,7 +1847,7 @@ def edge(
     sock = _listen(settings.host, settings.port)
 
     async def run(stop: _Stop) -> None:
-        node = build_edge_node(settings, clock, jsonpts_factory(settings))
+        node = build_edge_node(settings, clock)
         config = _http_config(node.app, settings.host, settings.port)
         server = _http_server(config, port_file, "edge")
         # The API serves at once (status, health) while the node starts: it does not wait

@@ -384,7 +384,10 @@ def build_edge_node(
                 config,
                 registry_factory(config, settings, clock),
                 new_controller(
-                    frozenset(config.pumps) if several else None, config.name if several else None
+                    # A line that names its pumps drives those only; the station's only line
+                    # naming none drives every fuelling point of the snapshot.
+                    frozenset(config.pumps) if config.pumps else None,
+                    config.name if several else None,
                 ),
             )
             for config in pump_configs
