@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -27,20 +26,11 @@ from forecourt.protocols.model import (
     FrameRefused,
     TankDelivery,
     TankMeasurement,
+    as_json,
 )
 
 log = get_logger("forecourt.edge.gauges")
 T = TypeVar("T")
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
-    return value
 
 
 class GaugeReader(BackgroundService):
@@ -156,11 +146,10 @@ class GaugeReader(BackgroundService):
             "failures": self.failures,
             "frames_refused": self.frames_refused,
             "unsupported": sorted(self.unsupported),
-            "health": _json(asdict(self.driver.health())),
-            "tanks": {str(n): _json(asdict(m)) for n, m in sorted(self.measurements.items())},
+            "health": as_json(self.driver.health()),
+            "tanks": {str(n): as_json(m) for n, m in sorted(self.measurements.items())},
             "deliveries": {
-                str(n): [_json(asdict(d)) for d in found]
-                for n, found in sorted(self.deliveries.items())
+                str(n): [as_json(d) for d in found] for n, found in sorted(self.deliveries.items())
             },
-            "alarms": [_json(asdict(a)) for a in self.device_alarms],
+            "alarms": [as_json(a) for a in self.device_alarms],
         }

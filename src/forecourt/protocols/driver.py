@@ -249,25 +249,24 @@ def gauge_protocols() -> list[str]:
     return sorted(_GAUGE_DRIVERS)
 
 
-def create_pump_driver(config: DeviceConfig, context: DriverContext) -> PumpDriver:
+def _factory(kind: str, table: Mapping[str, Any], config: DeviceConfig) -> Any:
     _load_builtin_drivers()
-    factory = _PUMP_DRIVERS.get(config.protocol)
+    factory = table.get(config.protocol)
     if factory is None:
         raise DeviceConfigError(
-            f"device {config.name!r}: no pump driver for protocol {config.protocol!r}",
-            hint=f"known: {', '.join(sorted(_PUMP_DRIVERS)) or 'none'}",
+            f"device {config.name!r}: no {kind} driver for protocol {config.protocol!r}",
+            hint=f"known: {', '.join(sorted(table)) or 'none'}",
         )
+    return factory
+
+
+def create_pump_driver(config: DeviceConfig, context: DriverContext) -> PumpDriver:
+    factory: PumpDriverFactory = _factory("pump", _PUMP_DRIVERS, config)
     return factory(config, context)
 
 
 def create_gauge_driver(config: DeviceConfig, context: DriverContext) -> GaugeDriver:
-    _load_builtin_drivers()
-    factory = _GAUGE_DRIVERS.get(config.protocol)
-    if factory is None:
-        raise DeviceConfigError(
-            f"device {config.name!r}: no tank-gauge driver for protocol {config.protocol!r}",
-            hint=f"known: {', '.join(sorted(_GAUGE_DRIVERS)) or 'none'}",
-        )
+    factory: GaugeDriverFactory = _factory("tank-gauge", _GAUGE_DRIVERS, config)
     return factory(config, context)
 
 

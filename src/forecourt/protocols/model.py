@@ -15,9 +15,11 @@ transactions, tank readings, alarms, frames refused) to the edge; see
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from forecourt.kernel.errors import ForecourtError
 
@@ -297,3 +299,18 @@ class FrameRefused(DeviceEvent):
     reason: str  # a stable reason code, e.g. "bad_crc", "truncated", "out_of_sequence"
     detail: str = ""
     frame_hex: str = field(default="", repr=False)
+
+
+def as_json(value: Any) -> Any:
+    """A standard-model value (dataclasses, enums, datetimes, nested) as plain JSON data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return as_json(dataclasses.asdict(value))
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_json(v) for v in value]
+    return value

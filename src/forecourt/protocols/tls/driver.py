@@ -77,6 +77,7 @@ from forecourt.protocols.model import (
     TankMeasurement,
     TemperatureUnit,
     VolumeUnit,
+    as_json,
 )
 from forecourt.protocols.store import MemoryDriverStore
 from forecourt.protocols.tls.codec import (
@@ -524,16 +525,6 @@ def _typecheck(driver: GaugeDriver) -> None:  # pragma: no cover - static check 
 # --- one poll, for the command line -------------------------------------------------------
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json(v) for v in value]
-    return value
-
-
 async def poll_once(endpoint: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read a gauge once (``forecourt device poll --protocol tls --json``): identity,
     measurements, alarms and deliveries as a JSON-able dict. ``options`` are the driver's
@@ -563,11 +554,9 @@ async def poll_once(endpoint: str, options: Mapping[str, Any] | None = None) -> 
             "length": str(units.length),
             "temperature": str(units.temperature),
         },
-        "identity": _json(dataclasses.asdict(identity)),
-        "measurements": [_json(dataclasses.asdict(m)) for m in measurements],
-        "alarms": [_json(dataclasses.asdict(a)) for a in alarms],
-        "deliveries": [
-            {**_json(dataclasses.asdict(d)), "volume_ml": d.volume_ml} for d in deliveries
-        ],
-        "health": _json(dataclasses.asdict(driver.health())),
+        "identity": as_json(identity),
+        "measurements": [as_json(m) for m in measurements],
+        "alarms": [as_json(a) for a in alarms],
+        "deliveries": [{**as_json(d), "volume_ml": d.volume_ml} for d in deliveries],
+        "health": as_json(driver.health()),
     }
