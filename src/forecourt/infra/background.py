@@ -17,6 +17,20 @@ log = get_logger("forecourt.background")
 STOP_RECANCEL_S = 0.5  # stop() cancels again after this long without the task ending
 
 
+async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel the tasks and wait until every one has ended, cancelling again every
+    ``STOP_RECANCEL_S`` while one has not: on Python 3.11 a cancellation that arrives as an
+    ``asyncio.wait_for`` inner task completes is lost (fixed in 3.12), and a stop that waits
+    on such a task would wait for ever. The tasks' outcomes are left to the caller."""
+    pending = {t for t in tasks if not t.done()}
+    for task in pending:
+        task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=STOP_RECANCEL_S)
+        for task in pending:
+            task.cancel()
+
+
 class BackgroundService:
     """Subclasses implement ``run()`` (a loop that runs until cancelled).
 
@@ -77,11 +91,7 @@ class BackgroundService:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        # On Python 3.11 a cancellation that arrives as an ``asyncio.wait_for`` inner task
-        # completes can be lost (fixed in 3.12): ask again until the task has ended.
-        while not (await asyncio.wait([task], timeout=STOP_RECANCEL_S))[0]:
-            task.cancel()
+        await cancel_and_wait(task)
         with contextlib.suppress(asyncio.CancelledError):
             await task
 

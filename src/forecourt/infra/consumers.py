@@ -68,6 +68,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from forecourt.infra.background import cancel_and_wait
 from forecourt.infra.bus import Bus, Delivery, Subscription, Verdict
 from forecourt.infra.crash import crash_point
 from forecourt.infra.db import (
@@ -397,11 +398,10 @@ class ConsumerHost:
             with contextlib.suppress(Exception):
                 await sub.stop()
         self._subs.clear()
+        await cancel_and_wait(*self._tasks)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if not task.cancelled():
+                task.exception()  # retrieved: its failure was logged by the loop itself
         self._tasks.clear()
 
     async def _supervised(self, loop: Callable[[], Awaitable[None]]) -> None:

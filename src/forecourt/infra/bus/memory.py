@@ -82,6 +82,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from forecourt.infra.background import cancel_and_wait
 from forecourt.infra.bus import (
     BatchHandler,
     Delivery,
@@ -210,9 +211,11 @@ class _MemorySubscription:
             self.task.cancel()
         done, _ = await asyncio.wait({self.task}, timeout=self.bus.stop_grace)
         if not done:
-            self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+            await cancel_and_wait(self.task)
+        if not self.task.cancelled() and self.task.exception() is not None:
+            log.warning(
+                "bus.subscription_failed", consumer=self.consumer, error=repr(self.task.exception())
+            )
         held, self.held = self.held, []
         if held:
             try:
