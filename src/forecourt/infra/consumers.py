@@ -83,6 +83,8 @@ from forecourt.infra.logging import get_logger, trace_id_var
 from forecourt.kernel.errors import InvalidValue
 from forecourt.kernel.events import Envelope, trace_id_of
 
+LOOP_STOP_GRACE_S = 5.0  # a housekeeping step running at stop may finish within this
+
 log = get_logger("forecourt.consumers")
 
 # The inbox claim on PostgreSQL: the ids it did not hold yet come back.
@@ -367,6 +369,10 @@ class ConsumerHost:
         self._outages_in_a_row = 0
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by stop(): the housekeeping loops end after the step they are in, so a stop
+        # never cancels a database call mid-way (a cancelled aiosqlite call can leave its
+        # connection's close waiting for a worker thread that is gone).
+        self._stopping = asyncio.Event()
         self.alarms: dict[str, str] = {}
 
     # --- lifecycle --------------------------------------------------------------------
@@ -394,18 +400,28 @@ class ConsumerHost:
         log.info("consumers.started", consumers=sorted(self.consumers))
 
     async def stop(self) -> None:
+        self._stopping.set()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.stop()
         self._subs.clear()
-        await cancel_and_wait(*self._tasks)
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=LOOP_STOP_GRACE_S)
+            await cancel_and_wait(*late)
         for task in self._tasks:
             if not task.cancelled():
                 task.exception()  # retrieved: its failure was logged by the loop itself
         self._tasks.clear()
 
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep between two steps of a housekeeping loop; False once the host is stopping."""
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
+
     async def _supervised(self, loop: Callable[[], Awaitable[None]]) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await loop()
                 return
@@ -413,7 +429,7 @@ class ConsumerHost:
                 raise
             except Exception as exc:  # noqa: BLE001 - a housekeeping loop must not die
                 log.warning("consumers.loop_failed", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
+                await self._pause(1.0)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -748,7 +764,8 @@ class ConsumerHost:
         while True:
             if not self.outage:
                 await self.replay_once()
-            await asyncio.sleep(self.replay_interval)
+            if not await self._pause(self.replay_interval):
+                return
 
     async def sample(self) -> dict[str, Any]:
         """Pending events per consumer (from the bus) and dead letters (from the database);
@@ -794,7 +811,10 @@ class ConsumerHost:
             started = time.monotonic()
             with contextlib.suppress(Exception):
                 await self.sample()
-            await asyncio.sleep(max(0.1, self.monitor_interval - (time.monotonic() - started)))
+            if not await self._pause(
+                max(0.1, self.monitor_interval - (time.monotonic() - started))
+            ):
+                return
 
     async def purge_once(self) -> dict[str, int]:
         """Delete what retention allows; returns rows deleted per table."""
@@ -826,4 +846,5 @@ class ConsumerHost:
         while True:
             if not self.outage:
                 await self.purge_once()
-            await asyncio.sleep(self.retention_interval)
+            if not await self._pause(self.retention_interval):
+                return

@@ -206,9 +206,9 @@ class _MemorySubscription:
         """Stop polling: a running batch may finish (up to ``stop_grace``); rows claimed and
         not settled are handed back at once rather than after ``ack_wait``."""
         self.stopping = True
-        self.wake.set()
-        if not self.busy:
-            self.task.cancel()
+        self.wake.set()  # an idle wait ends now, and the loop sees ``stopping``
+        # Not cancelled at once: a claim in progress is a database call, and a cancelled
+        # aiosqlite call can leave its connection's close waiting for ever.
         done, _ = await asyncio.wait({self.task}, timeout=self.bus.stop_grace)
         if not done:
             await cancel_and_wait(self.task)
