@@ -354,3 +354,38 @@ def test_a_pump_protocol_line_naming_only_tanks_is_still_a_pump_line(protocol: s
         EdgeSettings(station="S001", credential=CREDENTIAL, log_json=False, devices=[line])
     )
     assert ([c.name for c in pumps], gauges) == (["x"], [])
+
+
+@pytest.mark.parametrize(
+    ("line", "drives"),
+    [
+        (dart_line("pumps", "tcp://127.0.0.1:1", {1: 0x50}), [1]),
+        (
+            DeviceLine(
+                name="pts",
+                protocol="jsonpts",
+                transport="http://127.0.0.1:1",
+                options={"password": "secret"},
+            ),
+            [1, 2],
+        ),
+    ],
+    ids=["names_pump_1", "names_none"],
+)
+def test_the_stations_only_pump_line_drives_the_pumps_it_names_or_else_every_one(
+    tmp_path: Path, line: DeviceLine, drives: list[int]
+) -> None:
+    # Given a station with pumps 1 and 2 and a single pump line
+    settings = EdgeSettings(
+        station="S001",
+        credential=CREDENTIAL,
+        journal_path=tmp_path / "edge.db",
+        log_json=False,
+        devices=[line],
+    )
+    node = build_edge_node(settings, SystemClock())
+    node.snapshots.current = snapshot((1, 2))
+    # Then its controller drives the pumps the line names, or all of them when it names none
+    (controller,) = node.controllers
+    assert controller.pumps() == drives
+    assert controller.task_name == "edge-controller"
