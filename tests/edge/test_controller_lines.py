@@ -22,7 +22,10 @@ from forecourt.edge.node import EdgeNode, build_edge_node, station_devices
 from forecourt.kernel.clock import SystemClock
 from forecourt.protocols.dart.application import PumpStatusCode
 from forecourt.protocols.dart.simulator import DartSimulator
+from forecourt.protocols.jsonpts.driver import CAPABILITIES
 from forecourt.protocols.model import (
+    Capability,
+    DeviceEvent,
     DeviceHealth,
     DeviceHealthState,
     DeviceTransaction,
@@ -180,8 +183,10 @@ async def test_a_new_identity_or_a_device_back_online_is_read_at_once_and_begins
 async def test_a_pump_event_makes_the_controller_poll_now_not_at_its_next_tick(
     tmp_path: Path, event: PumpStatusChanged | TransactionFinished
 ) -> None:
-    # Given a controller whose loop polls every 60 s, running
+    # Given a controller whose loop polls every 60 s, running, over a driver with a loop of
+    # its own (its events may come between polls)
     async with Rig(tmp_path, poll_interval_s=60.0) as rig:
+        rig.driver.capabilities = CAPABILITIES - {Capability.EVENTS_ONLY_WHEN_ASKED}
         controller = rig.controller
         controller.start()
         try:
@@ -194,6 +199,30 @@ async def test_a_pump_event_makes_the_controller_poll_now_not_at_its_next_tick(
             await eventually(lambda: controller.stats.polls > polls, 10, what="a second poll")
         finally:
             await controller.stop()
+
+
+async def test_a_driver_reporting_only_when_asked_does_not_make_the_controller_poll_twice(
+    tmp_path: Path,
+) -> None:
+    # Given a jsonPTS line (the driver reports while the controller asks it), and a customer
+    # arriving at pump 1
+    async with Rig(tmp_path, poll_interval_s=60.0) as rig:
+        assert Capability.EVENTS_ONLY_WHEN_ASKED in rig.driver.capabilities
+        seen: list[DeviceEvent] = []
+        rig.driver.subscribe(lambda event: (seen.append(event), rig.controller.on_event(event)))
+        await rig.poll()
+        rig.customer()
+        seen.clear()
+        # When the controller polls, and the driver reports the pump's changes during polls
+        for _ in range(40):
+            rig.controller.wake.clear()
+            await rig.poll()
+            # Then after each poll the loop is not woken for another (that poll saw them)
+            assert not rig.controller.wake.is_set()
+            if len({e.status.state for e in seen if isinstance(e, PumpStatusChanged)}) >= 2:
+                break
+        else:
+            raise AssertionError(f"the pump's changes were not reported: {seen}")
 
 
 # --------------------------------------------------------------------------- the station's lines

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from forecourt.protocols import store as store_module
 from forecourt.protocols.driver import EventSink, PumpDriver
 from forecourt.protocols.model import (
+    AlarmReported,
+    DeviceAlarm,
     DeviceEvent,
     DeviceHealth,
     DeviceHealthState,
@@ -197,17 +199,23 @@ async def test_events_from_the_device_arrive_in_the_stations_numbers() -> None:
     view.subscribe(seen.append)
     assert device.sink is not None
     health = HealthChanged("pts", DeviceHealth("pts", DeviceHealthState.ONLINE))
-    # When the device reports on its pumps 12 and 11, and on itself
+    tank_alarm = AlarmReported("pts", DeviceAlarm("tank", 12, "high_water", "IA05"))
+    # When the device reports on its pumps 12 and 11 (a pump alarm among them), on itself,
+    # and on its tank 12 (a tank is no pump: its number is the gauge's)
     device.sink(PumpStatusChanged("pts", PumpStatus(12, PumpState.FUELLING, volume_ml=5)))
     device.sink(FillingProgress("pts", 11, 1, 1000, 789))
     device.sink(TransactionFinished("pts", txn(12)))
+    device.sink(AlarmReported("pts", DeviceAlarm("pump", 12, "pump_error", "E7")))
     device.sink(health)
+    device.sink(tank_alarm)
     # Then each pump event names the station's pump, and the rest passes as it came
     assert seen == [
         PumpStatusChanged("pts", PumpStatus(2, PumpState.FUELLING, volume_ml=5)),
         FillingProgress("pts", 1, 1, 1000, 789),
         TransactionFinished("pts", txn(2)),
+        AlarmReported("pts", DeviceAlarm("pump", 2, "pump_error", "E7")),
         health,
+        tank_alarm,
     ]
 
 

@@ -57,6 +57,7 @@ from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
 from forecourt.network.contracts import StationSnapshot
 from forecourt.protocols.model import (
+    Capability,
     DeviceHealthState,
     FrameRefused,
     HealthChanged,
@@ -184,7 +185,11 @@ class ForecourtController(BackgroundService):
         """The driver saw something: a state change or a finished sale is handled at once;
         refused frames and health changes are logged (the driver counts them)."""
         if isinstance(event, PumpStatusChanged | TransactionFinished):
-            self.wake.set()
+            # A driver without a loop of its own reports while the controller asks it: what
+            # it says, that poll sees.
+            capabilities: frozenset[Capability] = getattr(self.driver, "capabilities", frozenset())
+            if Capability.EVENTS_ONLY_WHEN_ASKED not in capabilities:
+                self.wake.set()
         elif isinstance(event, IdentityChanged):
             log.warning("edge.device_identity_changed", device=event.device, reason=event.reason)
             self._identity_stale = True

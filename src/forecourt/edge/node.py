@@ -94,10 +94,6 @@ class EdgeNode:
         ]
         return tasks if self.retention is None else [*tasks, self.retention]
 
-    def _driver_store(self, name: str) -> FileDriverStore:
-        journal = self.settings.journal_path
-        return FileDriverStore(journal.parent / f"{journal.name}.drivers" / name)
-
     async def _open_pump_lines(self, snapshot: StationSnapshot) -> None:
         for line in self.lines:
             driver = line.factory(snapshot)
@@ -114,12 +110,7 @@ class EdgeNode:
 
     async def _open_gauges(self, snapshot: StationSnapshot) -> None:
         for config in self.gauge_configs:
-            context = DriverContext(
-                clock=self.clock,
-                store=self._driver_store(config.name),
-                timezone=snapshot.station.timezone,
-                currency=snapshot.currency,
-            )
+            context = driver_context(config, self.settings, self.clock, snapshot)
             driver = create_gauge_driver(config, context)
             try:
                 await driver.open()
@@ -565,18 +556,25 @@ def station_devices(settings: EdgeSettings) -> tuple[list[DeviceConfig], list[De
     return pumps, gauges
 
 
-def registry_factory(config: DeviceConfig, settings: EdgeSettings, clock: Clock) -> DriverFactory:
-    """A driver factory for one device line: the driver registered for its protocol, with the
-    station's time zone and currency and a store of its own beside the journal."""
+def driver_context(
+    config: DeviceConfig, settings: EdgeSettings, clock: Clock, snapshot: StationSnapshot
+) -> DriverContext:
+    """What a device's driver is given: the clock, the station's time zone and currency, and
+    a store of its own beside the journal (``<journal>.drivers/<device name>``)."""
     journal = settings.journal_path
+    return DriverContext(
+        clock=clock,
+        store=FileDriverStore(journal.parent / f"{journal.name}.drivers" / config.name),
+        timezone=snapshot.station.timezone,
+        currency=snapshot.currency,
+    )
+
+
+def registry_factory(config: DeviceConfig, settings: EdgeSettings, clock: Clock) -> DriverFactory:
+    """A driver factory for one device line: the driver registered for its protocol, given
+    :func:`driver_context`."""
 
     def make(snapshot: StationSnapshot) -> ForecourtDriver:
-        context = DriverContext(
-            clock=clock,
-            store=FileDriverStore(journal.parent / f"{journal.name}.drivers" / config.name),
-            timezone=snapshot.station.timezone,
-            currency=snapshot.currency,
-        )
-        return create_pump_driver(config, context)
+        return create_pump_driver(config, driver_context(config, settings, clock, snapshot))
 
     return make

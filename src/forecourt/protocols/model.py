@@ -19,6 +19,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from forecourt.kernel.errors import ForecourtError
@@ -137,6 +138,9 @@ class Capability(enum.StrEnum):
     SUSPEND = "suspend"  # suspend / resume a fuelling
     EMERGENCY_STOP_ALL = "emergency_stop_all"  # one broadcast stops every pump on the line
     TANK_GAUGE = "tank_gauge"  # reads tank measurements
+    # The driver has no loop of its own: it reports only while answering the controller's
+    # calls, so its events never call for another poll (a poll already saw them).
+    EVENTS_ONLY_WHEN_ASKED = "events_only_when_asked"
 
 
 class VolumeUnit(enum.StrEnum):
@@ -309,6 +313,8 @@ def as_json(value: Any) -> Any:
         return value.value
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, Decimal):
+        return format(value, "f")
     if isinstance(value, dict):
         return {k: as_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from forecourt.protocols.driver import EventSink, PumpDriver
 from forecourt.protocols.model import (
+    AlarmReported,
     Capability,
     DeviceEvent,
     DeviceHealth,
@@ -55,6 +56,8 @@ class RenumberedPumps:
             return replace(event, pump=self._st(event.pump))
         if isinstance(event, TransactionFinished):
             return replace(event, transaction=self._txn(event.transaction))
+        if isinstance(event, AlarmReported) and event.alarm.source == "pump":
+            return replace(event, alarm=replace(event.alarm, number=self._st(event.alarm.number)))
         return event
 
     def subscribe(self, sink: EventSink) -> None:

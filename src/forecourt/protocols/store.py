@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from forecourt.protocols.driver import DriverStore
-
 
 class MemoryDriverStore:
     """A store that lives as long as the process (tests, tools that poll once)."""
@@ -64,11 +62,3 @@ class FileDriverStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _typecheck(store: DriverStore) -> None:  # pragma: no cover - static check only
-    """Both classes satisfy DriverStore (mypy checks the calls below)."""
-
-
-_typecheck(MemoryDriverStore())
-_typecheck(FileDriverStore("."))

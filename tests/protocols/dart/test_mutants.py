@@ -79,7 +79,7 @@ from forecourt.protocols.model import (
     TransactionFinished,
 )
 from forecourt.protocols.store import MemoryDriverStore
-from tests.protocols.dart.test_driver import Rig, driver_for, reach, rig, sell, status
+from tests.protocols.dart.test_driver import PRICE, Rig, driver_for, reach, rig, sell, status
 from tests.support import eventually
 
 # data-capture_2026-07-19_merged_a-addr51-seq0-3: DC1 status 0 (data_frames.json)
@@ -782,3 +782,71 @@ async def test_a_silent_pump_is_given_up_after_its_tries_and_left_alone_until_it
         await driver.close_transaction(1, sale.transaction)
         assert (await status(driver, 2)).state is PumpState.OFFLINE
         assert driver.health().timeouts == 2
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_frame_of_exactly_the_deframers_limit_reads_and_one_byte_longer_is_refused(
+    chunked: bool,
+) -> None:
+    # Given a deframer allowing frames of 64 bytes, a valid frame of exactly 64 bytes and a
+    # valid frame of 65 (data without DLE-escaped bytes, so its length is what is counted)
+    limit = 64
+    exact = wire_of(0x50, 0x31, b"\x01" * (limit - 6))
+    longer = wire_of(0x50, 0x31, b"\x01" * (limit - 5))
+    assert (len(exact), len(longer)) == (limit, limit + 1)
+    for frame, accepted in ((exact, True), (longer, False)):
+        deframer = Deframer(max_frame=limit)
+        stream = frame + poll(0x50).encode()
+        # When it is fed whole or a byte at a time
+        if chunked:
+            items = [item for b in stream for item in deframer.feed(bytes((b,)))]
+        else:
+            items = deframer.feed(stream)
+        # Then the 64-byte frame is read and the 65-byte one refused as oversized, once,
+        # and the POLL after either is read
+        if accepted:
+            assert items == [decode_frame(frame), poll(0x50)]
+            assert deframer.refused == {}
+        else:
+            assert len(items) == 2
+            assert isinstance(items[0], DartMalformed)
+            assert items[0].reason == "oversized"
+            assert "longer than 64 bytes" in str(items[0])
+            assert items[1] == poll(0x50)
+            assert deframer.refused == {"oversized": 1}
+
+
+async def test_a_filling_reset_elsewhere_while_read_is_not_reported_and_the_next_one_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a pump whose keypad resets it the moment it has answered the driver's
+    # RETURN FILLING INFORMATION (another terminal takes the sale)
+    async with rig() as setup:
+        pump = setup.sim.pump(1)
+        original = pump._command
+        armed = [True]
+
+        def keypad_reset_after_reading(command: int) -> None:
+            original(command)
+            if command == PumpCommand.RETURN_FILLING_INFORMATION and armed[0]:
+                armed[0] = False
+                original(PumpCommand.RESET)
+
+        pump._command = keypad_reset_after_reading  # type: ignore[method-assign]
+        # When a customer fills 5 L under the driver's authorisation
+        setup.sim.lift(1, 1, target_ml=5000, hang=True)
+        await reach(setup.driver, 1, PumpState.CALLING)
+        await setup.driver.authorize(1, 1, Preset(), PRICE)
+        await eventually(lambda: not armed[0], what="the filling read")
+        await reach(setup.driver, 1, PumpState.IDLE)
+        # Then that sale is not reported (the terminal that reset it owns it), the line says
+        # so, and the pump goes on
+        assert setup.of(TransactionFinished) == []
+        assert len(setup.sim.completed) == 1
+        assert any("reset elsewhere" in r.getMessage() for r in caplog.records)
+        # And the next filling is reported, with the next number
+        found = await sell(setup, litres=3.0)
+        assert found.volume_ml >= 3000
+        assert found.transaction == 1
+        reported = setup.of(TransactionFinished)
+        assert [e.transaction.transaction for e in reported] == [found.transaction]  # type: ignore[attr-defined]

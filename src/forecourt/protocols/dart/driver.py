@@ -1028,7 +1028,16 @@ class DartDriver:
             await self._command(link, [Command(PumpCommand.RETURN_FILLING_INFORMATION)], wait=False)
             await self._wait(link, lambda: link.dc2_seq > seq and link.dc3_seq > 0)
             if link.status not in HOLDING:
-                return  # the pump moved on while we asked; the next holding status reads again
+                # Reset while we read, by someone else (the dispenser's keypad): the terminal
+                # that reset a filling owns its sale; the meter moved without one reported
+                # here, which the totalizer check shows. The next holding status reads again.
+                log.warning(
+                    "dart %s: pump %d was reset elsewhere before its filling was read; "
+                    "that sale is not reported by this line",
+                    self.name,
+                    link.station,
+                )
+                return
             if link.volume == 0:
                 link.resolved = True
                 return

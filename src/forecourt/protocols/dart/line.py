@@ -319,12 +319,12 @@ class Deframer:
                 self._buffer.clear()
                 self._last = -1
                 items.extend(self._candidate(candidate))
-            elif len(self._buffer) > self.max_frame:
+            elif len(self._buffer) >= self.max_frame:  # with its stop flag it would be longer
                 self._refuse(
                     items,
                     DartMalformed(
                         OVERSIZED,
-                        f"more than {self.max_frame} bytes without a stop flag",
+                        f"a frame longer than {self.max_frame} bytes (no stop flag in time)",
                         frame=bytes(self._buffer[:64]),
                     ),
                 )

@@ -19,6 +19,7 @@ from forecourt.protocols.jsonpts.codec import (
     parse_envelope,
     parse_packet,
 )
+from forecourt.protocols.model import as_json
 
 _QUANTITIES: dict[str, tuple[Quantity, str]] = {
     "Volume": (Quantity.VOLUME, "volume_ml"),
@@ -52,16 +53,6 @@ _REQUESTS = frozenset(
 )
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _scaled(data: dict[str, Any], fmt: NumberFormat) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in data.items():
@@ -88,7 +79,7 @@ def describe(body: bytes, direction: str | None = None, *, currency: str = "CNY"
         elif packet.message is not None:
             entry["message"] = packet.message
         if packet.data is not None:
-            entry["data"] = _plain(packet.data)
+            entry["data"] = as_json(packet.data)
             if isinstance(packet.data, dict):
                 scaled = _scaled(packet.data, fmt)
                 if scaled:

@@ -179,6 +179,7 @@ CAPABILITIES = frozenset(
         Capability.DEVICE_TRANSACTION_NUMBERS,
         Capability.TRANSACTION_REPORT,
         Capability.SUSPEND,
+        Capability.EVENTS_ONLY_WHEN_ASKED,
     }
 )
 
