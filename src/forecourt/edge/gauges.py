@@ -1,9 +1,11 @@
 """Tank gauges at the edge: each configured gauge read on a schedule into the standard model.
 
-The latest inventory, deliveries and alarms of every tank are kept in memory and served by
-the edge's API (``/v1/tanks``); a gauge that stops answering raises an alarm and is read again
-at the next tick (it comes back by itself). Gauges are never on the sales path: a gauge that
-is down blocks no pump and no upload.
+Every read is journaled (each measurement; each delivery once; each device alarm from the
+read it appeared in to the read it was gone in) and the latest of every tank is kept in memory
+and served by the edge's API (``/v1/tanks``); a gauge that stops answering raises an alarm and
+is read again at the next tick (it comes back by itself). A journal that fails to take a read
+loses that read only: the gauge is read again at the next tick. Gauges are never on the sales
+path: a gauge that is down blocks no pump and no upload.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from forecourt.edge.alarms import AlarmBoard
+from forecourt.edge.journal import GaugeJournaled, Journal
 from forecourt.infra.background import BackgroundService
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
@@ -45,8 +48,13 @@ class GaugeReader(BackgroundService):
         interval_s: float = 60.0,
         deliveries_every: int = 10,
         tanks: dict[int, int] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.driver = driver
+        self.journal = journal
+        #: called after each read with what it journaled (telemetry, for one)
+        self.on_read: list[Callable[[GaugeReader, GaugeJournaled | None], None]] = []
+        self.journal_failures = 0
         self.clock = clock
         self.task_name = f"edge-gauge-{driver.name}"
         self.interval_s = interval_s
@@ -110,7 +118,58 @@ class GaugeReader(BackgroundService):
             for delivery in deliveries:
                 by_tank.setdefault(delivery.tank, []).append(delivery)
             self.deliveries = by_tank
+        journaled = await self._journal(found, deliveries, alarms)
+        for listener in self.on_read:
+            try:
+                listener(self, journaled)
+            except Exception:  # noqa: BLE001 - a listener never stops the gauge
+                log.exception("edge.gauge_listener_failed", device=self.driver.name)
         return True
+
+    async def _journal(
+        self,
+        found: list[TankMeasurement],
+        deliveries: list[TankDelivery] | None,
+        alarms: list[DeviceAlarm] | None,
+    ) -> GaugeJournaled | None:
+        if self.journal is None:
+            return None
+        try:
+            journaled = await self.journal.record_gauge_read(
+                self.driver.name, found, deliveries, alarms
+            )
+        except Exception as exc:  # noqa: BLE001 - a gauge read is lost, never the gauge
+            self.journal_failures += 1
+            log.error("edge.gauge_journal_failed", device=self.driver.name, error=str(exc))
+            return None
+        for delivery in journaled.deliveries:
+            log.info(
+                "edge.tank_delivery",
+                device=self.driver.name,
+                tank=delivery.tank,
+                started_at=delivery.started_at.isoformat(),
+                ended_at=delivery.ended_at.isoformat(),
+                start_volume_ml=delivery.start_volume_ml,
+                end_volume_ml=delivery.end_volume_ml,
+            )
+        for alarm in journaled.raised:
+            log.warning(
+                "edge.device_alarm",
+                device=self.driver.name,
+                source=alarm.source,
+                number=alarm.number,
+                code=alarm.code,
+                device_code=alarm.device_code,
+            )
+        for source, number, code in journaled.cleared:
+            log.info(
+                "edge.device_alarm_cleared",
+                device=self.driver.name,
+                source=source,
+                number=number,
+                code=code,
+            )
+        return journaled
 
     async def _optional(
         self, report: str, read: Callable[[Sequence[int]], Awaitable[list[T]]]
@@ -145,6 +204,7 @@ class GaugeReader(BackgroundService):
             "reads": self.reads,
             "failures": self.failures,
             "frames_refused": self.frames_refused,
+            "journal_failures": self.journal_failures,
             "unsupported": sorted(self.unsupported),
             "health": as_json(self.driver.health()),
             "tanks": {str(n): as_json(m) for n, m in sorted(self.measurements.items())},

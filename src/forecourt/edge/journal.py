@@ -26,6 +26,7 @@ from forecourt.infra.db import UTCDateTime
 from forecourt.infra.migrate import upgrade_sync
 from forecourt.kernel.clock import Clock
 from forecourt.kernel.ids import new_id
+from forecourt.protocols.model import DeviceAlarm, TankDelivery, TankMeasurement, as_json
 
 T = TypeVar("T")
 
@@ -109,6 +110,68 @@ audit_t = sa.Table(
     sa.Column("target", sa.String(200), nullable=False),
     sa.Column("details", sa.Text, nullable=False),
 )
+
+
+tank_reading_t = sa.Table(
+    "tank_reading",
+    md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("tank", sa.Integer, nullable=False),
+    sa.Column("measured_at", UTCDateTime(), nullable=False),
+    sa.Column("volume_ml", sa.BigInteger),
+    sa.Column("tc_volume_ml", sa.BigInteger),
+    sa.Column("ullage_ml", sa.BigInteger),
+    sa.Column("product_height_um", sa.BigInteger),
+    sa.Column("water_height_um", sa.BigInteger),
+    sa.Column("water_volume_ml", sa.BigInteger),
+    sa.Column("temperature_mdegc", sa.Integer),
+    sa.Column("product_code", sa.String(40)),
+    sa.Column("status", sa.String(400), nullable=False),
+    sa.Column("flags", sa.String(400), nullable=False),
+    sa.Column("journaled_at", UTCDateTime(), nullable=False),
+)
+# A delivery is read again at every deliveries read until the gauge forgets it: keyed by
+# (gauge, tank, start) so it is journaled once.
+tank_delivery_t = sa.Table(
+    "tank_delivery",
+    md,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("tank", sa.Integer, primary_key=True),
+    sa.Column("started_at", UTCDateTime(), primary_key=True),
+    sa.Column("ended_at", UTCDateTime(), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("journaled_at", UTCDateTime(), nullable=False),
+)
+# An alarm a device reports, from the read it first appeared in to the read it was gone in.
+device_alarm_t = sa.Table(
+    "device_alarm",
+    md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("device_id", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("code", sa.String(60), nullable=False),
+    sa.Column("device_code", sa.String(60), nullable=False),
+    sa.Column("raised_at", UTCDateTime()),
+    sa.Column("first_seen", UTCDateTime(), nullable=False),
+    sa.Column("cleared_at", UTCDateTime()),
+)
+
+
+@dataclass(frozen=True)
+class GaugeJournaled:
+    """What one gauge read added to the journal: the readings, the deliveries not seen
+    before, and the alarms that appeared and that went away."""
+
+    readings: int
+    deliveries: list[TankDelivery]
+    raised: list[DeviceAlarm]
+    cleared: list[tuple[str, int, str]]  # (source, number, code)
+
+
+def _alarm_key(source: str, number: int, code: str, raised_at: datetime | None) -> tuple:
+    return (source, number, code, raised_at.astimezone(UTC) if raised_at else None)
 
 
 @dataclass(frozen=True)
@@ -676,6 +739,176 @@ class Journal:
                 sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(journal_t.c.seq), 0))
             ).one()
             return int(row[0]), int(row[1])
+
+    # --- tank gauges ------------------------------------------------------------------------
+
+    async def record_gauge_read(
+        self,
+        device_id: str,
+        measurements: list[TankMeasurement],
+        deliveries: list[TankDelivery] | None,
+        alarms: list[DeviceAlarm] | None,
+    ) -> GaugeJournaled:
+        """Journal one read of a gauge in one transaction: every measurement; each delivery
+        once (``None``: deliveries were not read this time); and the device's alarms as it
+        reports them now (``None``: not read), an alarm no longer reported being cleared."""
+        return await self._run(self._record_gauge_read, device_id, measurements, deliveries, alarms)
+
+    def _record_gauge_read(
+        self,
+        device_id: str,
+        measurements: list[TankMeasurement],
+        deliveries: list[TankDelivery] | None,
+        alarms: list[DeviceAlarm] | None,
+    ) -> GaugeJournaled:
+        now = self.clock.now()
+        new_deliveries: list[TankDelivery] = []
+        raised: list[DeviceAlarm] = []
+        cleared: list[tuple[str, int, str]] = []
+        with self.engine.begin() as conn:
+            if measurements:
+                conn.execute(
+                    tank_reading_t.insert(),
+                    [
+                        {
+                            "device_id": device_id,
+                            "tank": m.tank,
+                            "measured_at": m.measured_at,
+                            "volume_ml": m.volume_ml,
+                            "tc_volume_ml": m.tc_volume_ml,
+                            "ullage_ml": m.ullage_ml,
+                            "product_height_um": m.product_height_um,
+                            "water_height_um": m.water_height_um,
+                            "water_volume_ml": m.water_volume_ml,
+                            "temperature_mdegc": m.temperature_mdegc,
+                            "product_code": m.product_code,
+                            "status": ",".join(m.status)[:400],
+                            "flags": ",".join(m.flags)[:400],
+                            "journaled_at": now,
+                        }
+                        for m in measurements
+                    ],
+                )
+            for delivery in deliveries or ():
+                known = conn.scalar(
+                    sa.select(sa.func.count()).where(
+                        tank_delivery_t.c.device_id == device_id,
+                        tank_delivery_t.c.tank == delivery.tank,
+                        tank_delivery_t.c.started_at == delivery.started_at,
+                    )
+                )
+                if known:
+                    continue
+                conn.execute(
+                    tank_delivery_t.insert().values(
+                        device_id=device_id,
+                        tank=delivery.tank,
+                        started_at=delivery.started_at,
+                        ended_at=delivery.ended_at,
+                        payload=json.dumps(as_json(delivery), sort_keys=True),
+                        journaled_at=now,
+                    )
+                )
+                new_deliveries.append(delivery)
+            if alarms is not None:
+                open_rows = conn.execute(
+                    sa.select(
+                        device_alarm_t.c.id,
+                        device_alarm_t.c.source,
+                        device_alarm_t.c.number,
+                        device_alarm_t.c.code,
+                        device_alarm_t.c.raised_at,
+                    ).where(
+                        device_alarm_t.c.device_id == device_id,
+                        device_alarm_t.c.cleared_at.is_(None),
+                    )
+                ).fetchall()
+                open_by_key = {
+                    _alarm_key(r.source, r.number, r.code, r.raised_at): r.id for r in open_rows
+                }
+                reported = {
+                    _alarm_key(a.source, a.number, a.code, a.raised_at): a
+                    for a in alarms
+                    if a.active
+                }
+                for key, alarm in reported.items():
+                    if key in open_by_key:
+                        continue
+                    conn.execute(
+                        device_alarm_t.insert().values(
+                            device_id=device_id,
+                            source=alarm.source[:20],
+                            number=alarm.number,
+                            code=alarm.code[:60],
+                            device_code=alarm.device_code[:60],
+                            raised_at=alarm.raised_at,
+                            first_seen=now,
+                        )
+                    )
+                    raised.append(alarm)
+                gone = [(key, row_id) for key, row_id in open_by_key.items() if key not in reported]
+                for key, row_id in gone:
+                    conn.execute(
+                        device_alarm_t.update()
+                        .where(device_alarm_t.c.id == row_id)
+                        .values(cleared_at=now)
+                    )
+                    cleared.append((key[0], key[1], key[2]))
+        return GaugeJournaled(len(measurements), new_deliveries, raised, cleared)
+
+    async def tank_readings(
+        self, device_id: str, tank: int, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The newest readings of one tank, newest first."""
+        return await self._run(self._tank_readings, device_id, tank, limit)
+
+    def _tank_readings(self, device_id: str, tank: int, limit: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(tank_reading_t)
+                .where(tank_reading_t.c.device_id == device_id, tank_reading_t.c.tank == tank)
+                .order_by(tank_reading_t.c.measured_at.desc(), tank_reading_t.c.id.desc())
+                .limit(limit)
+            ).fetchall()
+        return [dict(r._mapping) for r in rows]
+
+    async def tank_deliveries(self, device_id: str) -> list[dict[str, Any]]:
+        """Every journaled delivery of a gauge, oldest first, as the gauge recorded it."""
+        return await self._run(self._tank_deliveries, device_id)
+
+    def _tank_deliveries(self, device_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(tank_delivery_t.c.payload)
+                .where(tank_delivery_t.c.device_id == device_id)
+                .order_by(tank_delivery_t.c.started_at, tank_delivery_t.c.tank)
+            ).fetchall()
+        return [json.loads(r.payload) for r in rows]
+
+    async def device_alarms(self, device_id: str) -> list[dict[str, Any]]:
+        """A device's alarms, open and cleared, oldest first."""
+        return await self._run(self._device_alarms, device_id)
+
+    def _device_alarms(self, device_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(device_alarm_t)
+                .where(device_alarm_t.c.device_id == device_id)
+                .order_by(device_alarm_t.c.id)
+            ).fetchall()
+        return [dict(r._mapping) for r in rows]
+
+    async def prune_gauge_history(self, before: datetime) -> int:
+        """Readings journaled before ``before`` are deleted (the gauge history is kept as long
+        as sales are); deliveries and alarms stay. Returns how many went."""
+        return await self._run(self._prune_gauge_history, before)
+
+    def _prune_gauge_history(self, before: datetime) -> int:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                tank_reading_t.delete().where(tank_reading_t.c.journaled_at < before)
+            )
+        return int(result.rowcount or 0)
 
     # --- audit ------------------------------------------------------------------------------
 

@@ -349,8 +349,12 @@ class JournalRetention(BackgroundService):
             removed += deleted
             if len(rows) < self.batch_rows or deleted < len(rows):
                 break  # the last batch, or rows that stopped qualifying: never spin on them
-        if removed:
+        pruned = await self.journal.prune_gauge_history(cutoff)
+        if pruned:
+            log.info("edge.gauge_history_pruned", rows=pruned, before=cutoff.isoformat())
+        if removed or pruned:
             await self.journal.checkpoint()
+        if removed:
             log.info("edge.journal_archived", rows=removed, before=cutoff.isoformat())
         self.stats.passes += 1
         self.stats.deleted += removed
