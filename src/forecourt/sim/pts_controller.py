@@ -37,7 +37,10 @@ HTTP endpoints:
 - ``POST /sim/control`` (simulator only, no auth) - ``{"arrivals": true|false}`` stops/starts new
   customers; ``{"offline_pumps": [2, 5]}`` sets which pumps the controller cannot reach;
   ``{"faults": {...}}`` merges fault settings (see below; ``null`` puts one back to its
-  default). Everything is checked before anything changes (HTTP 400 and nothing applied
+  default); ``{"meter_creep": [{"pump": 1, "nozzle": 1, "volume_ml": 500}]}`` moves those
+  nozzles' volume totalizers on without any transaction (product drawn past the books: a
+  sale through another terminal, a meter that drifts; not kept across a restart).
+  Everything is checked before anything changes (HTTP 400 and nothing applied
   otherwise). Replies with the same body as health.
 - ``GET /sim/health`` (no auth) - ``{"status": "ok", "sim_time", "started_at", "uptime_ms",
   "unique_identifier", "arrivals", "queue", "customers", "offline_pumps",
@@ -1721,6 +1724,30 @@ class Station:
         for number, pump in self.pumps.items():
             pump.offline = number in pumps
 
+    def creep_checked(self, items: Any) -> list[tuple[int, int, int]]:
+        """``meter_creep`` items -> (pump, nozzle, ml), checked (nothing applied)."""
+        if not isinstance(items, list):
+            raise SimConfigError("meter_creep must be a list of {pump, nozzle, volume_ml}")
+        out: list[tuple[int, int, int]] = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise SimConfigError("a meter_creep item is an object")
+            pump = get_int(item, "pump")
+            nozzle = get_int(item, "nozzle")
+            ml = get_int(item, "volume_ml")
+            if pump not in self.pumps or nozzle not in self.pumps[pump].nozzles:
+                raise SimConfigError(f"no nozzle {nozzle} on pump {pump}")
+            if not 0 < ml <= 10**9:
+                raise SimConfigError("meter_creep volume_ml must be 1..10^9")
+            out.append((pump, nozzle, ml))
+        return out
+
+    def creep(self, items: list[tuple[int, int, int]]) -> None:
+        for pump, nozzle, ml in items:
+            state = self.pumps[pump].nozzles[nozzle]
+            state.total_volume_ml += ml
+            logger.info("meter creep: pump %d nozzle %d +%d ml", pump, nozzle, ml)
+
     def faults_with(self, changes: Any) -> Faults:
         """The current faults with runtime ``changes`` merged in (checked, not applied)."""
         return self.faults.merged(changes, pumps=set(self.pumps), at_start=False)
@@ -1889,7 +1916,7 @@ def _json_response(body: Any, status_code: int = 200) -> Response:
     return Response(dumps(body), status_code=status_code, media_type="application/json")
 
 
-_CONTROL_KEYS = frozenset({"arrivals", "offline_pumps", "faults"})
+_CONTROL_KEYS = frozenset({"arrivals", "offline_pumps", "faults", "meter_creep"})
 
 
 def create_app(
@@ -1939,6 +1966,7 @@ def create_app(
                 if unknown_pumps:
                     raise SimConfigError(f"no such pumps: {sorted(unknown_pumps)}")
             faults = station.faults_with(body["faults"]) if "faults" in body else station.faults
+            creep = station.creep_checked(body["meter_creep"]) if "meter_creep" in body else []
         except ForecourtError as exc:
             return _json_response({"Error": True, "Code": exc.code, "Message": exc.message}, 400)
         station.advance(clock.now())
@@ -1946,6 +1974,7 @@ def create_app(
             station.set_offline(offline_set)
         station.set_faults(faults)
         station.set_arrivals(arrivals)
+        station.creep(creep)
         logger.info("control: arrivals=%s offline=%s", station.arrivals, offline)
         return _json_response(station.health())
 
