@@ -13,6 +13,7 @@ from forecourt.edge.gauges import GaugeReader
 from forecourt.edge.journal import GaugeJournaled, Journal
 from forecourt.edge.retention import JournalRetention
 from forecourt.protocols.driver import DeviceConfig, DriverContext
+from forecourt.protocols.model import DeviceAlarm
 from forecourt.protocols.store import MemoryDriverStore
 from forecourt.protocols.tls.driver import TlsGaugeDriver
 from forecourt.protocols.tls.sim_gauge import GaugeConfig, SimDelivery, SimTank
@@ -170,4 +171,23 @@ async def test_retention_prunes_readings_past_it_and_keeps_the_rest(tmp_path: Pa
     # Then only the recent read's readings are left; the delivery stays
     assert len(await journal.tank_readings(GAUGE, 1)) == 1
     assert len(await journal.tank_deliveries(GAUGE)) == 1
+    await journal.close()
+
+
+async def test_an_alarm_the_device_reports_inactive_is_not_journaled_as_open(
+    tmp_path: Path,
+) -> None:
+    # Given a device that reports one alarm active and one as no longer active
+    clock = ManualClock()
+    journal = Journal(tmp_path / "edge.db", clock)
+    await journal.open()
+    active = DeviceAlarm("tank", 1, "high_water", "05", raised_at=T0)
+    inactive = DeviceAlarm("tank", 2, "overfill", "03", raised_at=T0, active=False)
+    # When the read is journaled
+    journaled = await journal.record_gauge_read(GAUGE, [], None, [active, inactive])
+    # Then only the active one is open
+    assert journaled.raised == [active]
+    assert [(a["number"], a["cleared_at"]) for a in await journal.device_alarms(GAUGE)] == [
+        (1, None)
+    ]
     await journal.close()

@@ -56,9 +56,12 @@ async def test_a_meter_moved_with_no_sale_raises_the_alarm_with_its_evidence_onc
         rig.station.creep([(1, 1, 500)])
         watch.request()
         await check(rig, watch)
-        # Then a first read only suspects it; the second, a second later, raises the alarm
+        # Then a first read only suspects it, and so does another at once; a read a second
+        # later raises the alarm
         assert gap_alarms(rig) == []
-        await check(rig, watch, after_s=1.5)
+        await check(rig, watch, after_s=0.5)
+        assert gap_alarms(rig) == []
+        await check(rig, watch, after_s=1.0)
         (alarm,) = gap_alarms(rig)
         assert alarm["name"] == "totalizer_gap_fp1_n1"
         evidence = alarm["details"]
@@ -106,6 +109,52 @@ async def test_a_gap_seen_once_and_gone_at_the_second_read_raises_nothing(tmp_pa
         assert watch.stats.gaps == 0
         assert gap_alarms(rig) == []
         assert "totalizer_gap" in {a["name"] for a in rig.controller.alarms.as_json()}
+        # And a new creep after another sale is suspected afresh, not confirmed by the
+        # suspicion from before that sale
+        rig.station.creep([(1, 1, 100)])
+        watch.request()
+        await check(rig, watch)
+        await rig.sell(litres=5, number=3)
+        await rig.poll(2)
+        rig.station.creep([(1, 1, 200)])
+        watch.request()
+        await check(rig, watch, after_s=1.5)
+        assert gap_alarms(rig) == []
+        await check(rig, watch, after_s=1.5)
+        assert gap_alarms(rig)[0]["details"]["unaccounted_ml"] == 200
+
+
+async def test_a_sale_journaled_while_the_meter_is_read_is_left_to_the_next_read(
+    tmp_path: Path,
+) -> None:
+    # Given a nozzle whose meter is ahead of the journal, and a journal that answers with a
+    # new sale between the watch's two looks at it (a sale journaled while the meter is read)
+    async with Rig(tmp_path) as rig:
+        await rig.sell(litres=10)
+        watch = watch_of(rig, confirm_after_s=0.0)
+        await rig.poll(2)
+        watch.request()
+        await check(rig, watch)
+        rig.station.creep([(1, 1, 400)])
+        journal = rig.controller.journal
+        real = journal.last_reading
+        calls = [0]
+
+        async def moving(fp: int, nozzle: int):  # type: ignore[no-untyped-def]
+            found = await real(fp, nozzle)
+            calls[0] += 1
+            if found is not None and calls[0] % 2 == 0:
+                return type(found)("a-sale-being-journaled", found.totalizer_end_ml + 400)
+            return found
+
+        journal.last_reading = moving  # type: ignore[method-assign]
+        # When the watch reads the meter, twice
+        for _ in range(2):
+            watch.request()
+            await check(rig, watch, after_s=1.0)
+        # Then it raised nothing: each read saw the journal move under it
+        assert gap_alarms(rig) == []
+        assert 1 in watch._due
 
 
 async def test_a_pump_that_is_not_idle_is_not_read_and_is_read_once_idle(tmp_path: Path) -> None:
