@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Literal
 
 import sqlalchemy as sa
@@ -21,6 +22,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from forecourt import __version__
+from forecourt.devices import api as devices_api
+from forecourt.devices.handlers import DevicesService
+from forecourt.devices.subscriber import DevicesMetrics, TelemetrySubscriber
 from forecourt.infra.bus import Bus, make_bus
 from forecourt.infra.consumers import Consumer, ConsumerHost
 from forecourt.infra.db import Database
@@ -175,8 +179,14 @@ class HeadOffice:
     consumers: ConsumerHost
     app: FastAPI = field(init=False)
     bus_ready: bool = False
+    devices: DevicesService | None = None  # the devices context, when this process runs it
+    telemetry: TelemetrySubscriber | None = None  # its MQTT subscriber, when configured
 
-    async def start(self, *, migrate: bool = True, relay: bool | None = None) -> None:
+    async def start(
+        self, *, migrate: bool = True, relay: bool | None = None, telemetry: bool | None = None
+    ) -> None:
+        """``telemetry``: run the devices MQTT subscriber (default: where the relay runs,
+        the process that does HQ's background work; one subscriber per HQ)."""
         await open_database(self.db)
         if migrate:
             await upgrade(self.db)
@@ -186,8 +196,12 @@ class HeadOffice:
             self.relay.start()
         if self.consumers.consumers or "none" not in self.settings.consumers:
             await self.consumers.start()
+        if self.telemetry is not None and (self.settings.relay if telemetry is None else telemetry):
+            self.telemetry.start()
 
     async def stop(self) -> None:
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         await self.consumers.stop()
         await self.relay.stop()
         await self.bus.close()
@@ -207,6 +221,45 @@ def build_relay(db: Database, bus: Bus, settings: Settings) -> OutboxRelay:
     )
 
 
+def runs_devices(settings: Settings) -> bool:
+    """Whether a process runs the devices context: when its services name it (the default
+    names every known service: the whole HQ)."""
+    return "devices" in settings.services
+
+
+def build_devices(
+    settings: Settings, db: Database, directory: DbStationDirectory, registry: CollectorRegistry
+) -> tuple[DevicesService, TelemetrySubscriber | None]:
+    """The devices context over ``db`` (stations checked against the network's directory),
+    and its MQTT subscriber when ``devices_mqtt_url`` is set."""
+    metrics = DevicesMetrics(registry)
+
+    async def known_station(code: str) -> bool:
+        return await directory.references(code) is not None
+
+    service = DevicesService(
+        db,
+        prefix=settings.devices_telemetry_prefix,
+        stale_after=timedelta(seconds=settings.devices_stale_after_s),
+        history_limit=settings.devices_history_limit,
+        known_station=known_station,
+        on_discard=metrics.on_discard,
+        on_applied=metrics.on_applied,
+    )
+    if settings.devices_mqtt_url is None:
+        return service, None
+    password = settings.devices_mqtt_password
+    subscriber = TelemetrySubscriber(
+        service,
+        settings.devices_mqtt_url,
+        client_id=settings.devices_mqtt_client_id,
+        username=settings.devices_mqtt_username,
+        password=password.get_secret_value() if password is not None else None,
+        metrics=metrics,
+    )
+    return service, subscriber
+
+
 def build_head_office(settings: Settings, *, clock: Clock | None = None) -> HeadOffice:
     db = Database(settings.database_url, clock=clock)
     bus = build_bus(settings, db)
@@ -215,6 +268,8 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     directory = DbStationDirectory(db)
     host = build_consumer_host(db, bus, settings, registry)
     hq = HeadOffice(settings, db, bus, relay, directory, registry, host)
+    if runs_devices(settings):
+        hq.devices, hq.telemetry = build_devices(settings, db, directory, registry)
 
     # Database-wide figures, read at every scrape: every worker process serves the same
     # true value (a value cached per process would alternate between stale views), and
@@ -266,6 +321,8 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
                 max_json_depth=settings.max_json_depth,
             )
         )
+    if hq.devices is not None:
+        app.include_router(devices_api.build_router(hq.devices))
     hq.app = app
     return hq
 

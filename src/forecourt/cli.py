@@ -1773,6 +1773,49 @@ def credential(station: str, database_url: str | None) -> None:
     click.echo(json.dumps({"station": station, "key_id": key_id, "credential": token}))
 
 
+@main.command("publish-prices")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def publish_prices(path: Path, database_url: str | None) -> None:
+    """Publish the price set in PATH (YAML or JSON, as POST /v1/network/price-sets takes)."""
+    from forecourt.bootstrap import open_database
+    from forecourt.infra.db import Database
+    from forecourt.infra.migrate import upgrade
+    from forecourt.kernel.errors import ForecourtError
+    from forecourt.network.handlers import load_price_set_file, publish_price_set
+
+    settings = _hq_settings(database_url)
+
+    async def run() -> Any:
+        db = Database(settings.database_url)
+        await open_database(db)
+        try:
+            await upgrade(db)
+            return await publish_price_set(db, load_price_set_file(path), actor="cli")
+        finally:
+            await db.dispose()
+
+    try:
+        published = asyncio.run(run())
+    except ForecourtError as exc:
+        for problem in exc.details.get("problems", []):
+            console.print(f"  - {problem}")
+        raise
+    ps = published.price_set
+    click.echo(
+        json.dumps(
+            {
+                "price_set_id": ps.price_set_id,
+                "created": published.created,
+                "scope": ps.scope.value,
+                "scope_code": ps.scope_code,
+                "effective_from": ps.effective_from.isoformat(),
+                "prices_milli_minor_per_litre": dict(ps.prices),
+            }
+        )
+    )
+
+
 # --- edge node ------------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ from forecourt.network.handlers import (
     issue_credential,
     load_chain_file,
 )
+from forecourt.protocols.driver import PumpDriver
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
 from forecourt.protocols.model import DeviceRejected, DriverUnavailable
 from forecourt.sales.store import sale_t
@@ -1244,6 +1245,41 @@ def describe_station(result: dict[str, Any], station: str) -> str:
     return text
 
 
+def live_devices(edge: EdgeNode) -> dict[str, Any]:
+    """A station's devices as its edge sees them now: each pump's state, each pump line's
+    and gauge's health, the edge's active alarms."""
+    lines = {}
+    for line in edge.lines:
+        driver = line.driver
+        health = driver.health().state.value if isinstance(driver, PumpDriver) else None
+        lines[line.name] = health or ("online" if line.controller.reachable else "offline")
+    return {
+        "pumps": {str(n): state for n, state in edge.fuelling_points().items()},
+        "lines": lines,
+        "gauges": {g.driver.name: "online" if g.reachable else "offline" for g in edge.gauges},
+        "alarms": sorted({a["name"] for a in edge.alarms()}),
+    }
+
+
+def describe_live(result: dict[str, Any], station: str) -> str:
+    """``S001 live: pumps 8 idle; lines forecourt online, dart online; gauge tanks online;
+    no alarms``."""
+    live = result.get("live", {}).get(station)
+    if live is None:
+        return f"{station} live: not known"
+    states: dict[str, int] = {}
+    for state in live["pumps"].values():
+        states[state] = states.get(state, 0) + 1
+    pumps = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none"
+    text = f"{station} live: pumps {pumps}"
+    if live["lines"]:
+        text += "; lines " + ", ".join(f"{n} {s}" for n, s in live["lines"].items())
+    if live["gauges"]:
+        text += "; gauge " + ", ".join(f"{n} {s}" for n, s in live["gauges"].items())
+    alarms = live["alarms"]
+    return text + ("; alarms " + ", ".join(alarms) if alarms else "; no alarms")
+
+
 async def run_demo(
     opts: DemoOptions, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -1283,9 +1319,11 @@ async def run_demo(
         drained = await demo.quiesce(progress)
         rec = await demo.reconcile()
         result = report(rec, len(demo.stations), drained, time.monotonic() - started)
+        result["live"] = {st.code: live_devices(st.edge) for st in demo.stations}
         if progress is not None:
             for st in demo.stations:
                 progress(describe_station(result, st.code))
+                progress(describe_live(result, st.code))
         return result
     finally:
         await demo.stop()

@@ -29,7 +29,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from forecourt.kernel.errors import ForecourtError
 
-KNOWN_SERVICES = ("network", "sales")
+KNOWN_SERVICES = ("network", "sales", "devices")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "sqlite", "sqlite+aiosqlite")
 BUS_SCHEMES = ("memory", "nats")
@@ -141,6 +141,16 @@ class Settings(_TomlSettings):
     nats_max_msgs: int = Field(default=-1, ge=-1)
     nats_replicas: int = Field(default=1, ge=1, le=5)  # 3 on a three-node cluster
     nats_duplicate_window_s: float = Field(default=120.0, gt=0)
+    # Device telemetry (the devices context): the MQTT broker HQ subscribes to
+    # (mqtt://host:1883, mqtts://host:8883, unix:///path/to/socket; None: no subscriber),
+    # its login, the topic prefix, when a silent station is stale, history kept per pump/tank.
+    devices_mqtt_url: str | None = Field(default=None, pattern=r"^(mqtts?://[^/]+/?|unix:///.+)$")
+    devices_mqtt_username: str | None = None
+    devices_mqtt_password: SecretStr | None = None
+    devices_mqtt_client_id: str = Field(default="forecourt-hq-devices", min_length=1, max_length=64)
+    devices_telemetry_prefix: str = Field(default="forecourt/v1", pattern=r"^[^#+\x00]+[^/]$")
+    devices_stale_after_s: float = Field(default=120.0, gt=0)
+    devices_history_limit: int = Field(default=500, ge=1, le=100_000)
 
     @field_validator("consumers", mode="before")
     @classmethod
@@ -259,13 +269,103 @@ class EdgeSettings(_TomlSettings):
     archive_dir: Path | None = None
     retention_interval_s: float = Field(default=3600.0, gt=0)
     retention_batch_rows: int = Field(default=10_000, ge=1)
+    # Each nozzle's meter is read against the journal this often (and after each sale);
+    # prices in force are checked for the pumps that hold their own this often.
+    totalizer_check_interval_s: float = Field(default=300.0, gt=0)
+    price_check_interval_s: float = Field(default=1.0, gt=0)
     auto_settle: bool = True
+    # Pump commands through the edge API (docs/pump-commands.md). terminal_tokens: terminal
+    # name -> its secret (Authorization: Bearer <secret>); FORECOURT_EDGE_TERMINAL_TOKENS as
+    # JSON ({"till1": "..."}) or till1=SECRET,till2=SECRET. None configured: every command is
+    # refused. A preset above a maximum (lowered by the device's own, where it reports one)
+    # is refused.
+    terminal_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    max_preset_volume_ml: int = Field(default=500_000, ge=1)
+    max_preset_amount_minor: int = Field(default=1_000_000, ge=1)
+
+    @field_validator("terminal_tokens", mode="before")
+    @classmethod
+    def _terminal_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+            if any(not sep or not name.strip() for name, sep, _ in pairs):
+                raise ValueError("give terminals as name=secret,name=secret or a JSON object")
+            return {name.strip(): secret.strip() for name, _, secret in pairs}
+        return value
+
+    @field_validator("terminal_tokens")
+    @classmethod
+    def _real_terminal_secrets(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", name):
+                raise ValueError(f"terminal name {name!r}: letters, digits, _ . - (1-40)")
+            if len(secret.get_secret_value()) < 16:
+                raise ValueError(f"terminal {name!r}: its secret must be 16+ characters")
+        return value
+
     log_level: str = "INFO"
     log_json: bool = True
     # The station's devices ([[edge.devices]] in the file; JSON in FORECOURT_EDGE_DEVICES).
     # None: one jsonPTS controller at controller_url with the controller_* settings.
     devices: list[DeviceLine] | None = None
     gauge_interval_s: float = Field(default=60.0, gt=0)  # tank gauges read this often
+    # Device telemetry to HQ over MQTT (docs/telemetry.md). mqtt_url None: no telemetry;
+    # mqtt://host:1883, mqtts://host:8883 (TLS) or unix:///path/to.sock.
+    mqtt_url: str | None = None
+    mqtt_username: str | None = Field(default=None, min_length=1, max_length=64)  # None: station
+    mqtt_password: SecretStr | None = None  # None: the station credential
+    mqtt_ca_file: Path | None = None  # mqtts: the CA of the broker's certificate (None: system)
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)  # the last will fires ~1.5x after
+    mqtt_reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)  # backoff cap (and refusal)
+    telemetry_prefix: str = "forecourt/v1"
+    telemetry_pump_deadband_ml: int = Field(default=1000, ge=0)  # fuelling progress: this much
+    telemetry_pump_interval_s: float = Field(default=1.0, gt=0, le=3600)  # ... or this often
+    telemetry_tank_volume_deadband_ml: int = Field(default=10_000, ge=0)
+    telemetry_tank_temperature_deadband_mdegc: int = Field(default=500, ge=0)
+    telemetry_tank_water_deadband_um: int = Field(default=1000, ge=0)
+    telemetry_tank_heartbeat_s: float = Field(default=300.0, gt=0, le=86_400)
+    telemetry_alarm_buffer: int = Field(default=1000, ge=1, le=100_000)  # then oldest dropped
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_address(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if value is None or not value.strip():
+            return None  # an empty FORECOURT_EDGE_MQTT_URL turns telemetry off too
+        url = urlsplit(value.strip())
+        if url.scheme not in ("mqtt", "mqtts", "unix"):
+            raise ValueError(
+                "not a broker URL (mqtt://host:1883, mqtts://host:8883 or unix:///path.sock)"
+            )
+        if url.username is not None or url.password is not None:
+            raise ValueError("put the broker credentials in mqtt_username / mqtt_password")
+        if url.query or url.fragment:
+            raise ValueError("a broker URL has no query or fragment")
+        if url.scheme == "unix":
+            if url.netloc or not url.path.startswith("/"):
+                raise ValueError("a unix socket URL names an absolute path (unix:///path.sock)")
+            return value.strip()
+        try:
+            port = url.port
+        except ValueError:
+            raise ValueError("the broker port must be 1-65535") from None
+        if not url.hostname or url.path not in ("", "/") or port == 0:
+            raise ValueError(f"not a broker URL ({url.scheme}://host:port, nothing after it)")
+        return value.strip()
+
+    @field_validator("telemetry_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        levels = value.split("/")
+        if not value or len(value) > 200 or any(not level for level in levels):
+            raise ValueError("a topic prefix is 1-200 characters of non-empty levels (a/b)")
+        if any(c in value for c in "+#\0"):
+            raise ValueError("a topic prefix has no MQTT wildcard (+, #) or NUL")
+        return value
 
     @field_validator("devices")
     @classmethod

@@ -18,7 +18,9 @@ from forecourt.demo import (
     DemoChain,
     DemoOptions,
     describe_layout,
+    describe_live,
     describe_station,
+    live_devices,
     parse_protocols,
     plan_layout,
     report,
@@ -55,6 +57,26 @@ def test_the_report_tells_each_station_its_layout_sales_per_protocol_and_tanks()
     assert describe_station(result, "S001") == (
         "S001: 12 jsonPTS + 9 DART sales; 2 tanks read (T1 92# 22,500 L)"
     )
+
+
+def test_the_report_tells_each_station_its_live_device_state() -> None:
+    result = {
+        "live": {
+            "S001": {
+                "pumps": {"1": "idle", "2": "idle", "3": "fuelling"},
+                "lines": {"forecourt": "online", "dart": "degraded"},
+                "gauges": {"tanks": "online"},
+                "alarms": ["totalizer_gap_fp3_n1"],
+            },
+            "S002": {"pumps": {}, "lines": {}, "gauges": {}, "alarms": []},
+        }
+    }
+    assert describe_live(result, "S001") == (
+        "S001 live: pumps 1 fuelling, 2 idle; lines forecourt online, dart degraded; "
+        "gauge tanks online; alarms totalizer_gap_fp3_n1"
+    )
+    assert describe_live(result, "S002") == "S002 live: pumps none; no alarms"
+    assert describe_live(result, "S003") == "S003 live: not known"
 
 
 @pytest.mark.parametrize("text", ["tls", "jsonpts,ifsf", ""])
@@ -110,6 +132,15 @@ async def test_a_mixed_demo_reconciles_exactly_with_both_pump_protocols_selling_
             assert sold["dart"] == len(st.dart.fillings())
         # ...and every station's four tanks were read by its gauge
         assert result["tanks_read"] == dict.fromkeys(codes, 4)
+        # ...and each edge tells its devices' live state: every pump's (the DART line's
+        # customers keep calling), each line and gauge online
+        for st in demo.stations:
+            live = live_devices(st.edge)
+            assert sorted(live["pumps"], key=int) == [str(n) for n in range(1, 9)], live
+            assert set(live["pumps"].values()) <= {"idle", "calling", "authorised"}, live
+            assert live["lines"] == {"pts": "online", "dart": "online"}, live
+            assert list(live["gauges"].values()) == ["online"], live
+            assert not [a for a in live["alarms"] if a.startswith("totalizer_")], live
         for reading in result["tanks"]:
             assert reading["volume_ml"] is not None, reading
             assert reading["volume_ml"] > 0, reading

@@ -25,6 +25,12 @@ What it guarantees, whatever the device does:
 - **The meter is checked**: the start totalizer is read from the device when the pump is
   authorised; consecutive sales of a nozzle must continue each other's totalizers, a gap is a
   flag on the sale and an alarm.
+- **Commands never interleave on one line**: a command of the edge API (authorise with a
+  preset, stop, suspend, resume; :mod:`forecourt.edge.commands`) and the poll loop's handling
+  of a pump take the controller's lock, and a status read before a command is not acted on
+  after it. A cashier's authorisation journals exactly like an automatic one (the price version
+  and the start totalizer are recorded the same way). An emergency stop takes no lock (it must
+  not wait behind anything) and blocks every authorisation of the pump until it is released.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from forecourt.edge.alarms import AlarmBoard
@@ -55,6 +61,7 @@ from forecourt.infra.background import BackgroundService
 from forecourt.infra.crash import crash_point
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
+from forecourt.kernel.errors import ForecourtError
 from forecourt.network.contracts import StationSnapshot
 from forecourt.protocols.model import (
     Capability,
@@ -94,6 +101,38 @@ class ControllerStats:
     inexact_values: int = 0
     recovered_from_report: int = 0
     recoveries: int = 0
+
+
+@dataclass(frozen=True)
+class Authorised:
+    """An authorisation the device accepted: at which price, under which price version."""
+
+    pump: int
+    nozzle: int
+    grade: str
+    unit_price_mmu: int
+    price_version: str
+    device_txn: int | None
+    preset: Preset = field(default_factory=Preset)
+
+
+class NoPrice(ForecourtError):
+    """The snapshot has no price in force for the nozzle's grade: the pump cannot be sold on."""
+
+    code = "pump.no_price"
+    http_status = 409
+
+
+class NozzleUnknown(ForecourtError):
+    code = "pump.nozzle_unknown"
+    http_status = 422
+
+
+class EmergencyStopped(ForecourtError):
+    """The pump is emergency-stopped from the edge: nothing authorises it until released."""
+
+    code = "pump.emergency_stopped"
+    http_status = 409
 
 
 @dataclass
@@ -170,6 +209,12 @@ class ForecourtController(BackgroundService):
         self._open_loaded = False
         self._errors: dict[int, str] = {}
         self.stats = ControllerStats()
+        #: held by a command and by the poll loop's handling of one pump (never by an emergency
+        #: stop): driver commands and state-machine moves of this line do not interleave
+        self.lock = asyncio.Lock()
+        self._commands: dict[int, int] = {}  # pump → commands run on it (a read before is stale)
+        #: pumps emergency-stopped from the edge: no authorisation until released
+        self.emergency_stopped: set[int] = set()
 
     def pumps(self) -> list[int]:
         snap = self.snapshot()
@@ -336,6 +381,7 @@ class ForecourtController(BackgroundService):
             await self._load_open_sales()
         if (self.identity is None or self._identity_stale) and not await self._check_identity():
             return
+        commanded = dict(self._commands)
         try:
             statuses = await self.driver.pump_status(pumps)
         except DriverUnavailable as exc:
@@ -347,7 +393,10 @@ class ForecourtController(BackgroundService):
             log.info("edge.controller_reachable", device_id=self.device_id, epoch=self.epoch)
         for status in statuses:
             try:
-                await self._on_status(status)
+                async with self.lock:
+                    if self._commands.get(status.pump, 0) != commanded.get(status.pump, 0):
+                        continue  # a command ran since this was read: the next poll looks again
+                    await self._on_status(status)
             except (DriverUnavailable, DeviceRejected) as exc:
                 self.stats.driver_errors += 1
                 log.warning("edge.pump_command_failed", pump=status.pump, error=str(exc))
@@ -398,8 +447,9 @@ class ForecourtController(BackgroundService):
             status.state is PumpState.CALLING
             and self.auto_authorise
             and machine.state is FpState.CALLING
+            and pump not in self.emergency_stopped
         ):
-            await self._authorise(pump, status.nozzle)
+            await self._auto_authorise(pump, status.nozzle)
         elif status.state is PumpState.IDLE and before in (
             FpState.FUELLING,
             FpState.SUSPENDED,
@@ -499,17 +549,38 @@ class ForecourtController(BackgroundService):
 
     # --- authorising ---------------------------------------------------------------------
 
-    async def _authorise(self, pump: int, nozzle: int | None) -> None:
+    async def _auto_authorise(self, pump: int, nozzle: int | None) -> None:
+        """A calling pump, authorised by the edge itself (full tank, at the price in force)."""
         snap = self.snapshot()
         fp = snap.fuelling_point(pump) if snap else None
         if snap is None or fp is None or nozzle is None:
             return
-        grade = next((n.grade for n in fp.nozzles if n.number == nozzle), None)
-        price = snap.prices_at(self.clock.now()).get(grade) if grade else None
-        if price is None:
+        try:
+            await self._authorise(pump, nozzle, Preset(), actor=self.actor)
+        except (NoPrice, NozzleUnknown) as exc:
             self.stats.no_price += 1
-            log.error("edge.no_price", pump=pump, nozzle=nozzle, grade=grade)
-            return
+            log.error("edge.no_price", pump=pump, nozzle=nozzle, grade=exc.details.get("grade"))
+        except EmergencyStopped:
+            log.warning("edge.authorisation_stopped", pump=pump, nozzle=nozzle)
+
+    async def _authorise(self, pump: int, nozzle: int, preset: Preset, *, actor: str) -> Authorised:
+        """Release ``pump``'s ``nozzle`` at the snapshot's price in force now, with ``preset``;
+        the price version and the start totalizer are kept for the sale it becomes, and the
+        authorisation is audited under ``actor``. Raises :class:`NoPrice`,
+        :class:`NozzleUnknown`, or the driver's refusal."""
+        snap = self.snapshot()
+        fp = snap.fuelling_point(pump) if snap else None
+        grade = next((n.grade for n in fp.nozzles if n.number == nozzle), None) if fp else None
+        if snap is None or grade is None:
+            raise NozzleUnknown(f"pump {pump} has no nozzle {nozzle}", pump=pump, nozzle=nozzle)
+        price = snap.prices_at(self.clock.now()).get(grade)
+        if price is None:
+            raise NoPrice(
+                f"no price in force for grade {grade}: pump {pump} cannot be authorised",
+                pump=pump,
+                nozzle=nozzle,
+                grade=grade,
+            )
         # The start totalizer, read from the meter itself before any product flows.
         try:
             totals = await self.driver.totals(pump, nozzle)
@@ -517,24 +588,50 @@ class ForecourtController(BackgroundService):
         except (DriverUnavailable, DeviceRejected) as exc:
             self._start_totals.pop(pump, None)
             log.warning("edge.totals_unavailable", pump=pump, nozzle=nozzle, error=str(exc))
-        transaction = await self.driver.authorize(
-            pump, nozzle, Preset(), price.milli_minor_per_litre
-        )
+        if pump in self.emergency_stopped:
+            raise EmergencyStopped(f"pump {pump} is emergency-stopped: release it first", pump=pump)
+        try:
+            transaction = await self.driver.authorize(
+                pump, nozzle, preset, price.milli_minor_per_litre
+            )
+        finally:
+            if pump in self.emergency_stopped:
+                # An emergency stop came while this authorisation was on its way: whatever the
+                # device made of the two, it is stopped again now.
+                with contextlib.suppress(DriverUnavailable, DeviceRejected):
+                    await self.driver.emergency_stop(pump)
+        if pump in self.emergency_stopped:
+            raise EmergencyStopped(
+                f"pump {pump} was emergency-stopped while it was being authorised", pump=pump
+            )
         self._authorised_price[pump] = (price.price_id, price.milli_minor_per_litre)
         self._authorised_when[pump] = self.clock.now()
         self.stats.authorisations += 1
         self.machine(pump).authorised(self.monotonic())
+        details: dict[str, object] = {
+            "nozzle": nozzle,
+            "grade": grade,
+            "unit_price_mmu": price.milli_minor_per_litre,
+            "price_version": price.price_id,
+            "device_txn": transaction,
+        }
+        if preset != Preset():
+            details["preset"] = {
+                "type": preset.type.value,
+                "volume_ml": preset.volume_ml,
+                "amount_minor": preset.amount_minor,
+            }
         await self.journal.record_audit(
-            actor=self.actor,
-            action="pump.authorize",
-            target=f"fp:{pump}",
-            details={
-                "nozzle": nozzle,
-                "grade": grade,
-                "unit_price_mmu": price.milli_minor_per_litre,
-                "price_version": price.price_id,
-                "device_txn": transaction,
-            },
+            actor=actor, action="pump.authorize", target=f"fp:{pump}", details=details
+        )
+        return Authorised(
+            pump=pump,
+            nozzle=nozzle,
+            grade=grade,
+            unit_price_mmu=price.milli_minor_per_litre,
+            price_version=price.price_id,
+            device_txn=transaction,
+            preset=preset,
         )
 
     async def _expire_authorisation(self, pump: int) -> None:
@@ -559,6 +656,94 @@ class ForecourtController(BackgroundService):
             target=f"fp:{pump}",
             details={"reason": "nothing dispensed in time"},
         )
+
+    # --- commands (the edge API's; the rules are forecourt.edge.commands') -----------------
+
+    @contextlib.asynccontextmanager
+    async def commanding(self, pump: int) -> AsyncIterator[PumpStatus]:
+        """Hold the line for one command on ``pump``: yields the pump's status read now.
+
+        Any status the poll loop read before is not acted on afterwards (the device may have
+        moved on because of the command); the loop is woken to look again at once."""
+        async with self.lock:
+            self._commands[pump] = self._commands.get(pump, 0) + 1
+            try:
+                yield await self.read_status(pump)
+            finally:
+                self._commands[pump] += 1
+                self.wake.set()
+
+    async def read_status(self, pump: int) -> PumpStatus:
+        """The pump's status, asked of the device now (:class:`DriverUnavailable` when the
+        line does not answer)."""
+        if self.driver is None:
+            raise DriverUnavailable(f"the device line of pump {pump} is not open yet")
+        (status,) = await self.driver.pump_status([pump])
+        return status
+
+    async def authorise(self, pump: int, nozzle: int, preset: Preset, *, actor: str) -> Authorised:
+        """A command's authorisation (inside :meth:`commanding`)."""
+        return await self._authorise(pump, nozzle, preset, actor=actor)
+
+    def cancelled(self, pump: int) -> None:
+        """A command stopped the pump before anything flowed: nothing of its authorisation is
+        kept for a next one (what flowed already keeps its price version for the journal)."""
+        self._authorised_when.pop(pump, None)
+
+    async def emergency_stop(self, pump: int) -> None:
+        """Stop ``pump`` at once and block its authorisations (no lock: nothing waits first)."""
+        self.emergency_stopped.add(pump)
+        self._commands[pump] = self._commands.get(pump, 0) + 1
+        try:
+            if self.driver is None:
+                raise DriverUnavailable(f"the device line of pump {pump} is not open yet")
+            await self.driver.emergency_stop(pump)
+        finally:
+            self._commands[pump] += 1
+            self.alarms.raise_(
+                f"emergency_stop_fp{pump}",
+                "the pump was emergency-stopped: it sells nothing until it is released",
+                pump=pump,
+            )
+            self.wake.set()
+
+    async def emergency_stop_all(self) -> dict[int, Exception]:
+        """Emergency-stop every pump of this line at once: by the protocol's broadcast where
+        the driver has one (``Capability.EMERGENCY_STOP_ALL``), else each pump concurrently.
+        Returns the pumps that could not be stopped, with why."""
+        pumps = self.pumps()
+        capabilities: frozenset[Capability] = getattr(self.driver, "capabilities", frozenset())
+        broadcast = getattr(self.driver, "emergency_stop_all", None)
+        if Capability.EMERGENCY_STOP_ALL in capabilities and callable(broadcast):
+            self.emergency_stopped.update(pumps)
+            for pump in pumps:
+                self.alarms.raise_(
+                    f"emergency_stop_fp{pump}",
+                    "the pump was emergency-stopped: it sells nothing until it is released",
+                    pump=pump,
+                )
+            try:
+                await broadcast()
+            except Exception as exc:  # noqa: BLE001 - reported per pump to the caller
+                return dict.fromkeys(pumps, exc)
+            finally:
+                self.wake.set()
+            return {}
+        outcomes = await asyncio.gather(
+            *(self.emergency_stop(pump) for pump in pumps), return_exceptions=True
+        )
+        failed: dict[int, Exception] = {}
+        for pump, outcome in zip(pumps, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, Exception):
+                failed[pump] = outcome
+        return failed
+
+    def released(self, pump: int) -> None:
+        """The emergency stop of ``pump`` is released: it may be authorised again."""
+        self.emergency_stopped.discard(pump)
+        self.alarms.clear(f"emergency_stop_fp{pump}")
 
     # --- journaling ----------------------------------------------------------------------
 

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Security
+from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry, Gauge
 
 from forecourt import __version__
+from forecourt.edge.commands import AuthoriseRequest, CommandLine, PumpCommands, check_terminal
 from forecourt.edge.controller import ForecourtController
 from forecourt.edge.drivers import DeviceConfig, ForecourtDriver, PumpDriver
 from forecourt.edge.gauges import GaugeReader
 from forecourt.edge.journal import Journal
+from forecourt.edge.prices import PriceSchedule
 from forecourt.edge.retention import JournalRetention
 from forecourt.edge.sync import HqClient, SnapshotKeeper, SyncAgent
+from forecourt.edge.telemetry import TelemetryPublisher, telemetry_from_settings
+from forecourt.edge.totalizers import TotalizerWatch
 from forecourt.infra.background import BackgroundService, SupervisedTask
-from forecourt.infra.http import install_common
+from forecourt.infra.http import error_responses, install_common, json_too_deep
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.clock import Clock
+from forecourt.kernel.errors import ForecourtError
 from forecourt.network.contracts import StationSnapshot
 from forecourt.protocols.driver import (
     DeviceConfigError,
@@ -46,10 +55,19 @@ class PumpLine:
     factory: DriverFactory
     controller: ForecourtController
     driver: ForecourtDriver | None = None
+    totalizers: TotalizerWatch | None = None
+    prices: PriceSchedule | None = None
 
     @property
     def name(self) -> str:
         return self.config.name if self.config else "controller"
+
+    @property
+    def protocol(self) -> str:
+        return self.config.protocol if self.config else "jsonpts"
+
+    def watchers(self) -> list[BackgroundService]:
+        return [s for s in (self.totalizers, self.prices) if s is not None]
 
 
 log = get_logger("forecourt.edge")
@@ -74,11 +92,16 @@ class EdgeNode:
     lines: list[PumpLine] = field(default_factory=list)
     gauge_configs: list[DeviceConfig] = field(default_factory=list)
     gauges: list[GaugeReader] = field(default_factory=list)
+    telemetry: TelemetryPublisher | None = None
+    telemetry_alarms: SupervisedTask | None = None
 
     def __post_init__(self) -> None:
         self.snapshot_refresh = SupervisedTask("edge-snapshots", self._refresh_snapshots)
         if not self.lines:
             self.lines = [PumpLine(None, self.driver_factory, self.controller)]
+        if self.telemetry is not None:
+            self.telemetry_alarms = SupervisedTask("edge-telemetry-alarms", self._publish_alarms)
+        self._alarms_published: dict[tuple[str, str | None], dict[str, Any]] = {}
 
     @property
     def controllers(self) -> list[ForecourtController]:
@@ -88,18 +111,53 @@ class EdgeNode:
         """Every supervised background task of the node."""
         tasks: list[BackgroundService] = [
             *self.controllers,
+            *(watcher for line in self.lines for watcher in line.watchers()),
             self.sync,
             self.snapshot_refresh,
             *self.gauges,
         ]
+        if self.telemetry is not None and self.telemetry_alarms is not None:
+            tasks += [self.telemetry, self.telemetry_alarms]
         return tasks if self.retention is None else [*tasks, self.retention]
+
+    def _sink(self, line: PumpLine, snapshot: StationSnapshot) -> Callable[[Any], None]:
+        """A pump line's driver events: to its controller, and to telemetry when it runs."""
+        if self.telemetry is None:
+            return line.controller.on_event
+        return _both(line.controller.on_event, self.telemetry, line.protocol, snapshot.currency)
+
+    async def _publish_alarms(self) -> None:
+        """Every second, the alarms raised and cleared since the last look, to telemetry."""
+        assert self.telemetry is not None
+        while True:
+            current = {(a["name"], a.get("device")): a for a in self.alarms()}
+            for key, alarm in current.items():
+                if self._alarms_published.get(key) != alarm:
+                    self.telemetry.report_alarm(
+                        alarm["name"],
+                        True,
+                        alarm.get("message", ""),
+                        _alarm_time(alarm, self.clock),
+                        {**alarm.get("details", {}), "device": alarm.get("device")},
+                    )
+            for key, alarm in self._alarms_published.items():
+                if key not in current:
+                    self.telemetry.report_alarm(
+                        alarm["name"],
+                        False,
+                        alarm.get("message", ""),
+                        _alarm_time(alarm, self.clock),
+                        {**alarm.get("details", {}), "device": alarm.get("device")},
+                    )
+            self._alarms_published = current
+            await asyncio.sleep(1.0)
 
     async def _open_pump_lines(self, snapshot: StationSnapshot) -> None:
         for line in self.lines:
             driver = line.factory(snapshot)
             line.driver = driver
             if isinstance(driver, PumpDriver):
-                driver.subscribe(line.controller.on_event)
+                driver.subscribe(self._sink(line, snapshot))
             try:
                 await driver.open()
             except DriverUnavailable as exc:
@@ -121,7 +179,12 @@ class EdgeNode:
                 self.clock,
                 interval_s=self.settings.gauge_interval_s,
                 tanks=dict(config.tanks),
+                journal=self.journal,
             )
+            if self.telemetry is not None:
+                driver.subscribe(
+                    _both(reader.on_event, self.telemetry, config.protocol, snapshot.currency)
+                )
             self.gauges.append(reader)
             reader.start()
 
@@ -129,6 +192,8 @@ class EdgeNode:
         """Open the journal, take the snapshot (from HQ, else the newest persisted one),
         connect the forecourt controller, recover unclosed transactions, then run."""
         await self.journal.open()
+        if self.telemetry is not None:
+            self.telemetry.start()  # it does not wait for the broker: never on the sales path
         snapshot = await self.snapshots.load()
         while snapshot is None:
             # No snapshot from HQ and none persisted: the station cannot price a sale yet.
@@ -140,7 +205,12 @@ class EdgeNode:
         # unclosed and closed-elsewhere sales journaled) by the controller loop when they do.
         for controller in self.controllers:
             controller.start()
+        for line in self.lines:
+            for watcher in line.watchers():
+                watcher.start()
         await self._open_gauges(snapshot)
+        if self.telemetry_alarms is not None:
+            self.telemetry_alarms.start()
         self.sync.start()
         self.snapshot_refresh.start()
         if self.retention is not None:
@@ -174,10 +244,17 @@ class EdgeNode:
         await self.snapshot_refresh.stop()
         if self.retention is not None:
             await self.retention.stop()
+        for line in self.lines:
+            for watcher in line.watchers():
+                await watcher.stop()
         for controller in self.controllers:
             await controller.stop()
         for gauge in self.gauges:
             await gauge.stop()
+        if self.telemetry_alarms is not None:
+            await self.telemetry_alarms.stop()
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         await self.sync.stop()
         for line in self.lines:
             if line.driver is not None:
@@ -215,6 +292,9 @@ class EdgeNode:
             },
             "devices": [self._line_status(line) for line in self.lines],
             "tanks": [gauge.as_json() for gauge in self.gauges],
+            "totalizers": [line.totalizers.as_json() for line in self.lines if line.totalizers],
+            "prices": [line.prices.as_json() for line in self.lines if line.prices],
+            "telemetry": self.telemetry.as_json() if self.telemetry else None,
             "alarms": self.alarms(),
             "uploads": dict(self.sync.stats.__dict__),
             "storage": self._storage_status(),
@@ -383,6 +463,16 @@ def build_edge_node(
             )
             for config in pump_configs
         ]
+    for line in lines:
+        watch = TotalizerWatch(line.controller, interval_s=settings.totalizer_check_interval_s)
+        line.totalizers = watch
+        line.prices = PriceSchedule(line.controller, tick_s=settings.price_check_interval_s)
+
+        def journaled(watch: TotalizerWatch = watch) -> None:
+            sync.wake.set()
+            watch.sale_journaled()
+
+        line.controller.on_journaled = journaled
     controller = lines[0].controller
     registry = CollectorRegistry()
     node = EdgeNode(
@@ -398,6 +488,7 @@ def build_edge_node(
         retention=retention,
         lines=lines,
         gauge_configs=gauge_configs,
+        telemetry=telemetry_from_settings(settings, clock),
     )
 
     Gauge(
@@ -484,6 +575,96 @@ def build_edge_node(
     async def tanks() -> list[dict[str, Any]]:
         """The latest reading of every tank gauge (inventory, deliveries, alarms, health)."""
         return [gauge.as_json() for gauge in node.gauges]
+
+    # --- pump commands (docs/pump-commands.md): a terminal's secret on each command -------
+    commands = PumpCommands(
+        lambda: [
+            CommandLine(
+                line.name, line.config.protocol if line.config else "jsonpts", line.controller
+            )
+            for line in node.lines
+        ],
+        journal,
+        max_volume_ml=settings.max_preset_volume_ml,
+        max_amount_minor=settings.max_preset_amount_minor,
+    )
+    app.state.commands = commands
+    terminals = {
+        name: secret.get_secret_value() for name, secret in settings.terminal_tokens.items()
+    }
+    terminal_credential = HTTPBearer(
+        scheme_name="TerminalCredential",
+        description="a cashier terminal's secret (terminal_tokens): Bearer <secret>",
+        auto_error=False,
+    )
+
+    def terminal(request: Request) -> str:
+        """The name of the terminal the request's credential belongs to (the audit's actor)."""
+        try:
+            return check_terminal(request.headers.get("authorization"), terminals)
+        except ForecourtError as exc:
+            log.warning("edge.terminal_refused", path=request.url.path, reason=exc.message)
+            raise
+
+    # Declared for the document (and Swagger UI's Authorize button); checked by terminal().
+    credential = [Security(terminal_credential)]
+    refusals: dict[int | str, dict[str, Any]] = error_responses(401, 404, 409, 422, 503)
+
+    @app.get("/v1/pumps", responses=error_responses(503))
+    async def pumps() -> list[dict[str, Any]]:
+        """Every pump of the station as its device shows it now (state, nozzle, volume)."""
+        return await commands.statuses()
+
+    @app.get("/v1/pumps/{pump}", responses=error_responses(404, 503))
+    async def pump_status(pump: int) -> dict[str, Any]:
+        return await commands.status(pump)
+
+    @app.post(
+        "/v1/pumps/{pump}/authorize",
+        responses=refusals,
+        dependencies=credential,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": AuthoriseRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def authorize(pump: int, request: Request) -> dict[str, Any]:
+        """Release the pump with a preset (``{"volume_ml": N}`` or ``{"amount_minor": N}``) or,
+        when asked (``"full": true``), for a full tank; answers the device transaction and
+        the price it runs at."""
+        actor = terminal(request)
+        raw = await request.body()
+        body: Any = None
+        if not json_too_deep(raw, 16):
+            with contextlib.suppress(ValueError, RecursionError):
+                body = json.loads(raw)
+        return await commands.authorise(actor, pump, body)
+
+    @app.post("/v1/pumps/{pump}/stop", responses=refusals, dependencies=credential)
+    async def stop(pump: int, request: Request) -> dict[str, Any]:
+        return await commands.stop(terminal(request), pump)
+
+    @app.post("/v1/pumps/{pump}/suspend", responses=refusals, dependencies=credential)
+    async def suspend(pump: int, request: Request) -> dict[str, Any]:
+        return await commands.suspend(terminal(request), pump)
+
+    @app.post("/v1/pumps/{pump}/resume", responses=refusals, dependencies=credential)
+    async def resume(pump: int, request: Request) -> dict[str, Any]:
+        return await commands.resume(terminal(request), pump)
+
+    @app.post("/v1/pumps/{pump}/release", responses=refusals, dependencies=credential)
+    async def release(pump: int, request: Request) -> dict[str, Any]:
+        """Release a pump after an emergency stop (as its protocol requires)."""
+        return await commands.release(terminal(request), pump)
+
+    @app.post(
+        "/v1/forecourt/emergency-stop", responses=error_responses(401), dependencies=credential
+    )
+    async def emergency_stop(request: Request) -> dict[str, Any]:
+        """Stop every pump of every line at once; says per pump whether it stopped."""
+        return await commands.emergency_stop(terminal(request))
 
     @app.get("/v1/journal/summary")
     async def journal_summary() -> list[dict[str, Any]]:
@@ -578,3 +759,23 @@ def registry_factory(config: DeviceConfig, settings: EdgeSettings, clock: Clock)
         return create_pump_driver(config, driver_context(config, settings, clock, snapshot))
 
     return make
+
+
+def _alarm_time(alarm: dict[str, Any], clock: Clock) -> datetime:
+    raised = alarm.get("raised_at")
+    if isinstance(raised, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(raised)
+    return clock.now()
+
+
+def _both(
+    first: Callable[[Any], None], telemetry: TelemetryPublisher, protocol: str, currency: str
+) -> Callable[[Any], None]:
+    """A driver's one event sink feeding its reader (controller or gauge) and telemetry."""
+
+    def sink(event: Any) -> None:
+        first(event)
+        telemetry.device_event(event, protocol=protocol, currency=currency)
+
+    return sink

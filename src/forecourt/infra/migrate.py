@@ -19,9 +19,10 @@ TREES: dict[str, Path] = {
     "platform": _ROOT / "infra" / "migrations" / "platform",
     "network": _ROOT / "network" / "migrations",
     "sales": _ROOT / "sales" / "migrations",
+    "devices": _ROOT / "devices" / "migrations",
     "edge": _ROOT / "edge" / "migrations",
 }
-HQ_TREES = ("platform", "network", "sales")
+HQ_TREES = ("platform", "network", "sales", "devices")
 
 
 def _config(tree: str, connection: sa.Connection, schema: str | None) -> Config:

@@ -62,7 +62,14 @@ def topic(prefix: str, station: str, kind: str, key: str | int | None = None) ->
         return base
     if key is None:
         raise InvalidValue(f"a {kind} topic needs a key", field="key")
+    if kind in ("pumps", "tanks") and not _number(str(key)):
+        # the same rule as parse_topic: never publish on a topic the consumer refuses
+        raise InvalidValue(f"a {kind[:-1]} number is 1-9999, not {key!r}", field="key")
     return f"{base}/{_segment(str(key), 'key')}"
+
+
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) < 10_000
 
 
 def subscription(prefix: str, station: str = "+") -> str:
@@ -85,7 +92,7 @@ def parse_topic(prefix: str, name: str) -> Topic:
         return Topic(station, kind)
     if len(rest) != 1 or not _SEGMENT.match(rest[0]):
         raise InvalidValue(f"topic {name!r} needs one key after {kind!r}", field="topic")
-    if kind in ("pumps", "tanks") and not (rest[0].isdigit() and 0 < int(rest[0]) < 10_000):
+    if kind in ("pumps", "tanks") and not _number(rest[0]):
         raise InvalidValue(f"topic {name!r}: a {kind[:-1]} number is 1-9999", field="topic")
     return Topic(station, kind, rest[0])
 
@@ -120,6 +127,8 @@ def decode(payload: bytes, expected_station: str) -> Message:
         data = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidValue(f"payload is not JSON: {exc}", field="payload") from None
+    except RecursionError:  # "[[[[…" nested deeper than the parser's stack, within 64 KiB
+        raise InvalidValue("payload is nested too deeply", field="payload") from None
     if not isinstance(data, dict):
         raise InvalidValue("payload is not a JSON object", field="payload")
     if data.get("v") != VERSION:

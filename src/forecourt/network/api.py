@@ -2,17 +2,86 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Security
+from fastapi import APIRouter, Path, Query, Request, Security
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from forecourt.infra.db import Database
 from forecourt.infra.http import STATION_CREDENTIAL, bearer_token, error_responses
 from forecourt.kernel.errors import Forbidden, Unauthorized
+from forecourt.kernel.money import UnitPrice, currency_exponent
 from forecourt.network.contracts import StationDirectory, StationSnapshot
-from forecourt.network.domain import UnknownStation, effective_prices
-from forecourt.network.handlers import build_snapshot
+from forecourt.network.domain import PriceScope, PriceSet, UnknownStation, effective_prices
+from forecourt.network.handlers import (
+    PriceSetFile,
+    build_snapshot,
+    get_price_set,
+    list_price_sets,
+    publish_price_set,
+    withdraw_price_set,
+)
 from forecourt.network.store import NetworkStore
+
+
+class PriceSetPrice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    price: str = Field(description="major units per litre, exact", examples=["7.89"])
+    milli_minor_per_litre: int
+
+
+class PriceSetPublic(BaseModel):
+    """A published price set and where it stands now."""
+
+    model_config = ConfigDict(frozen=True)
+
+    price_set_id: str
+    scope: PriceScope
+    scope_code: str
+    effective_from: datetime
+    currency: str
+    status: str = Field(description="upcoming, in_force, superseded or withdrawn")
+    created_at: datetime
+    withdrawn_at: datetime | None
+    prices: dict[str, PriceSetPrice]
+
+
+class PriceSetList(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    items: list[PriceSetPublic]
+
+
+def _major(milli_minor_per_litre: int, currency: str) -> str:
+    """A price as an operator writes it: the currency's decimals, more only where it has them
+    (789 000 CNY milli-fen → "7.89", 145 900 EUR → "1.459")."""
+    exact = UnitPrice(milli_minor_per_litre, currency).to_decimal()
+    usual = exact.quantize(Decimal(1).scaleb(-currency_exponent(currency)))
+    return f"{usual if usual == exact else exact.normalize():f}"
+
+
+def _public(ps: PriceSet, status: str) -> PriceSetPublic:
+    return PriceSetPublic(
+        price_set_id=ps.price_set_id,
+        scope=ps.scope,
+        scope_code=ps.scope_code,
+        effective_from=ps.effective_from,
+        currency=ps.currency,
+        status=status,
+        created_at=ps.created_at,
+        withdrawn_at=ps.withdrawn_at,
+        prices={
+            grade: PriceSetPrice(price=_major(mmu, ps.currency), milli_minor_per_litre=mmu)
+            for grade, mmu in ps.prices
+        },
+    )
+
+
+PriceSetId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 def build_router(db: Database, directory: StationDirectory) -> APIRouter:
@@ -92,6 +161,7 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
                     "currency": p.currency,
                     "effective_from": p.effective_from.isoformat(),
                     "scope": p.scope.value,
+                    "price_set_id": p.price_set_id,
                 }
                 for g, p in sorted(prices.items())
             },
@@ -115,8 +185,59 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
                 "milli_minor_per_litre": p.milli_minor_per_litre,
                 "currency": p.currency,
                 "effective_from": p.effective_from.isoformat(),
+                "price_set_id": p.price_set_id,
             }
             for p in prices
         ]
+
+    @router.post(
+        "/v1/network/price-sets",
+        status_code=201,
+        response_model=PriceSetPublic,
+        responses={
+            200: {
+                "model": PriceSetPublic,
+                "description": "The same set was already published: answered, nothing changed",
+            },
+            **error_responses(400, 409, 413, 422),
+        },
+    )
+    async def publish(body: PriceSetFile) -> Any:
+        """Publish a price set ahead of its instant (see docs/prices.md for the rules)."""
+        published = await publish_price_set(db, body, actor="api")
+        public = _public(published.price_set, published.status)
+        if published.created:
+            return public
+        return JSONResponse(public.model_dump(mode="json"), status_code=200)
+
+    @router.get(
+        "/v1/network/price-sets", response_model=PriceSetList, responses=error_responses(422)
+    )
+    async def price_sets(
+        scope: PriceScope | None = None,
+        scope_code: Annotated[str | None, Query(max_length=40)] = None,
+        every: bool = False,
+    ) -> PriceSetList:
+        """Sets upcoming and in force (``every=true``: superseded and withdrawn ones too)."""
+        found = await list_price_sets(db, scope=scope, scope_code=scope_code, every=every)
+        return PriceSetList(items=[_public(ps, status) for ps, status in found])
+
+    @router.get(
+        "/v1/network/price-sets/{price_set_id}",
+        response_model=PriceSetPublic,
+        responses=error_responses(404, 422),
+    )
+    async def price_set(price_set_id: PriceSetId) -> PriceSetPublic:
+        return _public(*await get_price_set(db, price_set_id))
+
+    @router.delete(
+        "/v1/network/price-sets/{price_set_id}",
+        response_model=PriceSetPublic,
+        responses=error_responses(404, 409, 422),
+    )
+    async def withdraw(price_set_id: PriceSetId) -> PriceSetPublic:
+        """Withdraw a set not yet in force; one in force is refused (409)."""
+        withdrawn = await withdraw_price_set(db, price_set_id, actor="api")
+        return _public(withdrawn.price_set, withdrawn.status)
 
     return router

@@ -125,6 +125,12 @@ class SnapshotPrice(_Model):
     milli_minor_per_litre: int
     currency: str
     effective_from: datetime
+    # The published price set the price belongs to (``POST /v1/network/price-sets``); a
+    # sale authorised at this price carries it. Left out of the JSON when there is none (a
+    # price from a chain file), so such a snapshot reads as it did before price sets.
+    price_set_id: str | None = Field(
+        default=None, max_length=64, exclude_if=lambda value: value is None
+    )
 
 
 class SnapshotStation(_Model):
@@ -161,6 +167,7 @@ class StationSnapshot(_Model):
                 currency=p.currency,
                 effective_from=p.effective_from,
                 price_id=p.price_id,
+                price_set_id=p.price_set_id,
             )
             for p in self.prices
         ]

@@ -11,10 +11,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation, localcontext
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from forecourt.kernel.errors import ForecourtError
-from forecourt.kernel.money import Rounding
+from forecourt.kernel.money import MILLI, Rounding, UnitPrice, currency_exponent
 
 
 class NetworkError(ForecourtError):
@@ -117,6 +118,7 @@ class Price:
     currency: str
     effective_from: datetime
     price_id: str = ""
+    price_set_id: str | None = None  # the published set it belongs to; None from a chain file
 
     def __post_init__(self) -> None:
         if self.effective_from.tzinfo is None:
@@ -204,3 +206,124 @@ def applies_to(price: Price, *, station: str, region: str) -> bool:
 
 def _price_key(price: Price) -> tuple[int, datetime]:
     return (SCOPE_RANK[price.scope], price.effective_from)
+
+
+# --- price sets: a whole price list for a scope, published ahead of its instant --------------
+
+
+class PriceSetInvalid(NetworkError):
+    code = "network.price_set_invalid"
+
+
+class PriceSetExists(ForecourtError):
+    code = "network.price_set_exists"
+    http_status = 409
+
+
+class PriceSetInForce(ForecourtError):
+    code = "network.price_set_in_force"
+    http_status = 409
+
+
+class UnknownPriceSet(ForecourtError):
+    code = "network.unknown_price_set"
+    http_status = 404
+
+
+# A price above this many minor units per litre (100.00 CNY, EUR or USD; 10 000 JPY or KRW)
+# is a slipped decimal point, not a price: 789 typed for 7.89 is refused.
+MAX_MINOR_PER_LITRE = 10_000
+# A set further ahead than this is a mistyped year rather than a plan.
+MAX_LEAD = timedelta(days=366)
+
+
+@dataclass(frozen=True)
+class PriceSet:
+    """One published price list: every grade sold in its scope, in force from one instant."""
+
+    price_set_id: str
+    scope: PriceScope
+    scope_code: str
+    effective_from: datetime
+    currency: str
+    prices: tuple[tuple[str, int], ...]  # (grade, milli-minor units per litre), by grade
+    created_at: datetime
+    withdrawn_at: datetime | None = None
+
+    def status(self, now: datetime, latest_in_force: datetime | None) -> str:
+        """``withdrawn``, ``upcoming``, ``in_force`` (the latest begun in its scope) or
+        ``superseded``."""
+        if self.withdrawn_at is not None:
+            return "withdrawn"
+        if self.effective_from > now:
+            return "upcoming"
+        if latest_in_force is not None and self.effective_from < latest_in_force:
+            return "superseded"
+        return "in_force"
+
+
+def stations_in_scope(stations: list[Station], scope: PriceScope, scope_code: str) -> list[Station]:
+    return [
+        s
+        for s in stations
+        if scope is PriceScope.CHAIN
+        or (scope is PriceScope.REGION and s.region == scope_code)
+        or (scope is PriceScope.STATION and s.code == scope_code)
+    ]
+
+
+def grades_sold(station: Station) -> set[str]:
+    """The grades a station sells: those its nozzles draw."""
+    return {n.grade for d in station.dispensers for fp in d.fuelling_points for n in fp.nozzles}
+
+
+def price_set_gaps(
+    stations: list[Station], scope: PriceScope, scope_code: str, priced: set[str]
+) -> list[str]:
+    """One problem per station in scope that sells a grade the set does not price."""
+    return [
+        f"gap: station {s.code} sells {', '.join(sorted(missing))} but the set has no price "
+        f"for {'it' if len(missing) == 1 else 'them'}"
+        for s in stations_in_scope(stations, scope, scope_code)
+        if (missing := grades_sold(s) - priced)
+    ]
+
+
+def timing_problems(effective_from: datetime, now: datetime) -> list[str]:
+    """A set starts at an instant with a UTC offset, not before HQ's now, within a year."""
+    if effective_from.tzinfo is None or effective_from.utcoffset() is None:
+        return ["effective_from: has no UTC offset (give one, e.g. 2026-12-24T00:00:00+08:00)"]
+    if effective_from < now:
+        return [
+            f"effective_from: {effective_from.isoformat()} is in the past "
+            f"(head office time is {now.isoformat()})"
+        ]
+    if effective_from > now + MAX_LEAD:
+        return [f"effective_from: {effective_from.isoformat()} is more than 366 days ahead"]
+    return []
+
+
+def parse_unit_price(grade: str, text: str, currency: str) -> tuple[int | None, str | None]:
+    """``text`` (major units per litre, e.g. "7.89") as exact milli-minor units per litre, or
+    the problem with it: not a decimal, not positive, finer than a milli-minor unit, absurd."""
+    try:
+        value = Decimal(text.strip()) if text.strip() == text and text else Decimal("NaN")
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite():
+        return None, f"prices.{grade}: {text!r} is not a decimal number"
+    if value <= 0:
+        return None, f"prices.{grade}: {text} is not positive"
+    ceiling = Decimal(MAX_MINOR_PER_LITRE).scaleb(-currency_exponent(currency))
+    if value > ceiling:  # checked before scaling: "1E+999999" is never made an integer
+        return None, f"prices.{grade}: {text} is above the ceiling of {ceiling} {currency}/L"
+    with localcontext() as exact:
+        # Enough digits that scaling never rounds: the value is below the ceiling and its
+        # text is short, so a digit beyond milli-minor units is seen, not rounded away.
+        exact.prec = 100 + len(text)
+        scaled = value.scaleb(currency_exponent(currency) + 3)
+        if scaled != scaled.to_integral_value():
+            return None, (
+                f"prices.{grade}: {text} is finer than 1/{MILLI} of a {currency} minor unit"
+            )
+        return UnitPrice.from_decimal(value, currency).milli_minor_per_litre, None

@@ -10,12 +10,19 @@ from dataclasses import dataclass
 from datetime import datetime, time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+)
 
-from forecourt.infra.db import Database
+from forecourt.infra.db import Database, UnitOfWork
 from forecourt.kernel.events import Envelope, event_type
 from forecourt.kernel.ids import new_id
 from forecourt.kernel.money import Rounding, UnitPrice
@@ -43,10 +50,19 @@ from forecourt.network.domain import (
     Nozzle,
     Price,
     PriceScope,
+    PriceSet,
+    PriceSetExists,
+    PriceSetInForce,
+    PriceSetInvalid,
     Station,
     Tank,
+    UnknownPriceSet,
     UnknownStation,
     applies_to,
+    parse_unit_price,
+    price_set_gaps,
+    stations_in_scope,
+    timing_problems,
 )
 from forecourt.network.store import NetworkStore
 
@@ -402,6 +418,7 @@ async def build_snapshot(db: Database, station_code: str, now: datetime) -> Stat
                 milli_minor_per_litre=p.milli_minor_per_litre,
                 currency=p.currency,
                 effective_from=p.effective_from,
+                price_set_id=p.price_set_id,
             )
             for p in shipped
         ],
@@ -465,3 +482,278 @@ class DbStationDirectory:
             )
         self._refs[station_code] = (_time.monotonic(), refs)
         return refs
+
+
+# --- price sets: published ahead of their instant, refused when they would leave a gap ------
+
+PriceSetGrade = Annotated[str, StringConstraints(min_length=1, max_length=40)]
+PriceSetDecimal = Annotated[
+    str,
+    StringConstraints(max_length=32),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 32,
+            "description": "major units per litre as a decimal string, e.g. 7.89 or 1.459",
+            "examples": ["7.89"],
+        }
+    ),
+]
+
+
+class PriceSetFile(_F):
+    """A price set as an operator publishes it (HTTP body, or a file for the CLI)."""
+
+    effective_from: datetime = Field(
+        description="the instant the set comes into force, with a UTC offset; not in the "
+        "past by head office's clock",
+        examples=["2026-12-24T00:00:00+08:00"],
+    )
+    scope: PriceScope = PriceScope.CHAIN
+    scope_code: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=40,
+        description="the region or station code; for the chain, its code (or left out)",
+    )
+    prices: dict[PriceSetGrade, PriceSetDecimal] = Field(
+        max_length=200, description="grade → price per litre in major units"
+    )
+    replace: bool = Field(
+        default=False,
+        description="replace a different set (or chain-file prices) already scheduled for "
+        "the same scope and instant instead of being refused with 409",
+    )
+
+
+@dataclass(frozen=True)
+class PublishedPriceSet:
+    price_set: PriceSet
+    status: str
+    created: bool  # false: an identical set was already published, nothing was written
+
+
+def _refused(problems: list[str]) -> PriceSetInvalid:
+    more = f" (and {len(problems) - 1} more, see details)" if len(problems) > 1 else ""
+    return PriceSetInvalid(f"price set refused: {problems[0]}{more}", problems=problems)
+
+
+async def publish_price_set(
+    db: Database, request: PriceSetFile, *, actor: str = "api"
+) -> PublishedPriceSet:
+    """Validate a price set against the network as stored and publish it as a new network
+    revision, so every edge in its scope has it before its instant; or refuse it, listing
+    every problem found."""
+    now = db.clock.now()
+    async with db.begin() as uow:
+        store = NetworkStore(uow.conn)
+        chain = await store.chain_row()
+        if chain is None:
+            raise _refused(["no chain is imported yet: import the chain file first"])
+        problems = timing_problems(request.effective_from, now)
+        scope = request.scope
+        scope_code = request.scope_code
+        stations = await store.stations()
+        scope_known = True
+        if scope is PriceScope.CHAIN:
+            if scope_code is not None and scope_code != chain.code:
+                problems.append(f"scope_code: unknown chain {scope_code!r} (it is {chain.code})")
+                scope_known = False
+            scope_code = chain.code
+        elif scope_code is None:
+            problems.append(f"scope_code: a {scope.value} set names its {scope.value}")
+            scope_known = False
+        elif scope is PriceScope.REGION and scope_code not in await store.region_codes():
+            problems.append(f"scope_code: unknown region {scope_code!r}")
+            scope_known = False
+        elif scope is PriceScope.STATION and scope_code not in {s.code for s in stations}:
+            problems.append(f"scope_code: unknown station {scope_code!r}")
+            scope_known = False
+        grades = {g.code for g in await store.grades()}
+        priced: dict[str, int] = {}
+        if not request.prices:
+            problems.append("prices: a price set prices at least one grade")
+        for grade, text in sorted(request.prices.items()):
+            if grade not in grades:
+                problems.append(f"prices.{grade}: unknown grade {grade!r}")
+                continue
+            value, problem = parse_unit_price(grade, text, chain.currency)
+            if problem is not None:
+                problems.append(problem)
+            elif value is not None:
+                priced[grade] = value
+        if scope_known and scope_code is not None:
+            given = set(request.prices) & grades
+            problems.extend(price_set_gaps(stations, scope, scope_code, given))
+        if problems or scope_code is None:
+            raise _refused(problems)
+        effective_from = request.effective_from
+        price_set = PriceSet(
+            price_set_id=str(new_id()),
+            scope=scope,
+            scope_code=scope_code,
+            effective_from=effective_from,
+            currency=chain.currency,
+            prices=tuple(sorted(priced.items())),
+            created_at=now,
+        )
+        scheduled = await store.prices_at(scope, scope_code, effective_from)
+        if scheduled:
+            same_set = {p.price_set_id for p in scheduled}
+            existing = await store.price_set(next(iter(same_set)) or "")
+            if (
+                len(same_set) == 1
+                and existing is not None
+                and existing.prices == price_set.prices
+                and len(scheduled) == len(price_set.prices)
+            ):
+                # The same set again (a retried request): answered, nothing written.
+                return PublishedPriceSet(existing, "upcoming", created=False)
+            if not request.replace:
+                held = sorted(f"{p.grade}={p.milli_minor_per_litre}" for p in scheduled)
+                raise PriceSetExists(
+                    f"prices for {scope.value} {scope_code} at {effective_from.isoformat()} "
+                    "are already scheduled; send replace: true to replace them",
+                    problems=[f"already scheduled: {', '.join(held)}"],
+                    price_set_id=existing.price_set_id if existing else None,
+                )
+            await store.withdraw_prices_at(scope, scope_code, effective_from, now)
+        await store.add_price_set(price_set)
+        revision = await _announce(
+            uow,
+            store,
+            now,
+            chain.code,
+            stations=[s.code for s in stations_in_scope(stations, scope, scope_code)],
+            price_set_id=price_set.price_set_id,
+        )
+        await uow.record_audit(
+            actor=actor,
+            action="network.price_set.publish",
+            target=f"price_set:{price_set.price_set_id}",
+            details={
+                "revision": revision,
+                "scope": scope.value,
+                "scope_code": scope_code,
+                "effective_from": effective_from.isoformat(),
+                "prices": dict(price_set.prices),
+                "replaced": bool(scheduled),
+            },
+        )
+    return PublishedPriceSet(price_set, "upcoming", created=True)
+
+
+async def _announce(
+    uow: UnitOfWork,
+    store: NetworkStore,
+    now: datetime,
+    chain_code: str,
+    *,
+    stations: list[str],
+    price_set_id: str,
+) -> int:
+    """A new network revision, so every edge in scope fetches a snapshot with the change."""
+    revision = await store.bump_revision(now)
+    await uow.emit(
+        Envelope(
+            type=event_type("network", "revision.published"),
+            source="/forecourt/network",
+            subject=chain_code,
+            time=now,
+            data={"revision": revision, "stations": stations, "price_set_id": price_set_id},
+        )
+    )
+    return revision
+
+
+async def withdraw_price_set(
+    db: Database, price_set_id: str, *, actor: str = "api"
+) -> PublishedPriceSet:
+    """Withdraw a set not yet in force (its prices leave every snapshot); a set in force is
+    history that sales ran under and is refused (409). Withdrawing twice answers the same."""
+    now = db.clock.now()
+    async with db.begin() as uow:
+        store = NetworkStore(uow.conn)
+        found = await store.price_set(price_set_id)
+        if found is None:
+            raise UnknownPriceSet(f"unknown price set {price_set_id!r}")
+        if found.withdrawn_at is not None:
+            return PublishedPriceSet(found, "withdrawn", created=False)
+        if found.effective_from <= now:
+            raise PriceSetInForce(
+                f"price set {price_set_id} has been in force since "
+                f"{found.effective_from.isoformat()}: publish a new set instead",
+                problems=["a set in force (or superseded) cannot be withdrawn"],
+            )
+        await store.withdraw_price_set(price_set_id, now)
+        stations = await store.stations()
+        chain = await store.chain_row()
+        revision = await _announce(
+            uow,
+            store,
+            now,
+            chain.code if chain else "",
+            stations=[s.code for s in stations_in_scope(stations, found.scope, found.scope_code)],
+            price_set_id=price_set_id,
+        )
+        await uow.record_audit(
+            actor=actor,
+            action="network.price_set.withdraw",
+            target=f"price_set:{price_set_id}",
+            details={"revision": revision},
+        )
+        withdrawn = await store.price_set(price_set_id)
+    assert withdrawn is not None
+    return PublishedPriceSet(withdrawn, "withdrawn", created=False)
+
+
+def _statuses(sets: list[PriceSet], now: datetime) -> list[tuple[PriceSet, str]]:
+    latest: dict[tuple[PriceScope, str], datetime] = {}
+    for ps in sets:
+        if ps.withdrawn_at is None and ps.effective_from <= now:
+            key = (ps.scope, ps.scope_code)
+            latest[key] = max(latest.get(key, ps.effective_from), ps.effective_from)
+    return [(ps, ps.status(now, latest.get((ps.scope, ps.scope_code)))) for ps in sets]
+
+
+async def list_price_sets(
+    db: Database,
+    *,
+    scope: PriceScope | None = None,
+    scope_code: str | None = None,
+    every: bool = False,
+) -> list[tuple[PriceSet, str]]:
+    """The sets upcoming and in force (``every``: superseded and withdrawn ones too), by
+    instant, each with its status."""
+    async with db.connection() as conn:
+        sets = await NetworkStore(conn).price_sets()
+    return [
+        (ps, status)
+        for ps, status in _statuses(sets, db.clock.now())
+        if (scope is None or ps.scope is scope)
+        and (scope_code is None or ps.scope_code == scope_code)
+        and (every or status in ("upcoming", "in_force"))
+    ]
+
+
+async def get_price_set(db: Database, price_set_id: str) -> tuple[PriceSet, str]:
+    async with db.connection() as conn:
+        sets = await NetworkStore(conn).price_sets()
+    for ps, status in _statuses(sets, db.clock.now()):
+        if ps.price_set_id == price_set_id:
+            return ps, status
+    raise UnknownPriceSet(f"unknown price set {price_set_id!r}")
+
+
+def load_price_set_file(path: Path) -> PriceSetFile:
+    """A price set from a YAML or JSON file (the body ``POST /v1/network/price-sets`` takes),
+    or PriceSetInvalid listing every problem with its shape."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PriceSetInvalid(f"cannot read {path}: {exc}", problems=[str(exc)]) from None
+    try:
+        return PriceSetFile.model_validate(document)
+    except ValidationError as exc:
+        found = [f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors()]
+        raise _refused(found) from None

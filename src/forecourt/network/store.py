@@ -8,9 +8,11 @@ from collections import Counter
 from datetime import datetime, time
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from forecourt.infra.db import UTCDateTime
+from forecourt.kernel.ids import new_id
 from forecourt.kernel.money import Rounding
 from forecourt.network.domain import (
     Chain,
@@ -21,6 +23,8 @@ from forecourt.network.domain import (
     Nozzle,
     Price,
     PriceScope,
+    PriceSet,
+    PriceSetExists,
     Station,
     Tank,
 )
@@ -114,7 +118,21 @@ price_t = sa.Table(
     sa.Column("currency", sa.String(3), nullable=False),
     sa.Column("effective_from", UTCDateTime(), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("price_set_id", sa.String(64)),  # network_0002; NULL from a chain file
     sa.UniqueConstraint("grade", "scope", "scope_code", "effective_from"),
+    sa.Index("ix_price_price_set_id", "price_set_id"),
+)
+price_set_t = sa.Table(
+    "price_set",
+    md,
+    sa.Column("price_set_id", sa.String(64), primary_key=True),
+    sa.Column("scope", sa.String(20), nullable=False),
+    sa.Column("scope_code", sa.String(40), nullable=False),
+    sa.Column("effective_from", UTCDateTime(), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("prices", sa.Text, nullable=False),  # JSON {grade: milli-minor per litre}
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("withdrawn_at", UTCDateTime()),
 )
 credential_t = sa.Table(
     "station_credential",
@@ -442,6 +460,128 @@ class NetworkStore:
                 currency=r.currency,
                 effective_from=r.effective_from,
                 price_id=r.price_id,
+                price_set_id=r.price_set_id,
             )
             for r in rows
         ]
+
+    # --- price sets ---------------------------------------------------------------------
+
+    async def region_codes(self) -> set[str]:
+        return set(await self.conn.scalars(sa.select(region_t.c.code)))
+
+    async def stations(self) -> list[Station]:
+        found = [await self.station(code) for code in await self.station_codes()]
+        return [s for s in found if s is not None]
+
+    async def prices_at(
+        self, scope: PriceScope, scope_code: str, effective_from: datetime
+    ) -> list[Price]:
+        """The prices stored for one scope at one instant (from a set or a chain file)."""
+        return [
+            p
+            for p in await self.prices()
+            if p.scope is scope
+            and p.scope_code == scope_code
+            and p.effective_from == effective_from
+        ]
+
+    async def add_price_set(self, price_set: PriceSet) -> None:
+        """Store a set and its price rows; another set for the same scope and instant stored
+        meanwhile (the price table's unique key) is :class:`PriceSetExists`."""
+        ps = price_set
+        try:
+            await self.conn.execute(
+                price_set_t.insert().values(
+                    price_set_id=ps.price_set_id,
+                    scope=ps.scope.value,
+                    scope_code=ps.scope_code,
+                    effective_from=ps.effective_from,
+                    currency=ps.currency,
+                    prices=json.dumps(dict(ps.prices), sort_keys=True),
+                    created_at=ps.created_at,
+                )
+            )
+            await self.conn.execute(
+                price_t.insert(),
+                [
+                    {
+                        "price_id": str(new_id()),
+                        "grade": grade,
+                        "scope": ps.scope.value,
+                        "scope_code": ps.scope_code,
+                        "milli_minor_per_litre": mmu,
+                        "currency": ps.currency,
+                        "effective_from": ps.effective_from,
+                        "created_at": ps.created_at,
+                        "price_set_id": ps.price_set_id,
+                    }
+                    for grade, mmu in ps.prices
+                ],
+            )
+        except IntegrityError:
+            raise PriceSetExists(
+                f"prices for {ps.scope.value} {ps.scope_code} at "
+                f"{ps.effective_from.isoformat()} were stored meanwhile",
+                problems=["another price set for this scope and instant was just published"],
+            ) from None
+
+    async def withdraw_prices_at(
+        self, scope: PriceScope, scope_code: str, effective_from: datetime, now: datetime
+    ) -> None:
+        """Take every price of one scope at one instant out of force (a set being replaced,
+        or prices a chain file scheduled there); the sets stay on record as withdrawn."""
+        await self.conn.execute(
+            price_t.delete().where(
+                price_t.c.scope == scope.value,
+                price_t.c.scope_code == scope_code,
+                price_t.c.effective_from == effective_from,
+            )
+        )
+        await self.conn.execute(
+            price_set_t.update()
+            .where(
+                price_set_t.c.scope == scope.value,
+                price_set_t.c.scope_code == scope_code,
+                price_set_t.c.effective_from == effective_from,
+                price_set_t.c.withdrawn_at.is_(None),
+            )
+            .values(withdrawn_at=now)
+        )
+
+    async def withdraw_price_set(self, price_set_id: str, now: datetime) -> None:
+        await self.conn.execute(price_t.delete().where(price_t.c.price_set_id == price_set_id))
+        await self.conn.execute(
+            price_set_t.update()
+            .where(price_set_t.c.price_set_id == price_set_id)
+            .values(withdrawn_at=now)
+        )
+
+    async def price_sets(self) -> list[PriceSet]:
+        rows = await self.conn.execute(
+            sa.select(price_set_t).order_by(
+                price_set_t.c.effective_from, price_set_t.c.price_set_id
+            )
+        )
+        return [_price_set(r) for r in rows]
+
+    async def price_set(self, price_set_id: str) -> PriceSet | None:
+        row = (
+            await self.conn.execute(
+                sa.select(price_set_t).where(price_set_t.c.price_set_id == price_set_id)
+            )
+        ).first()
+        return _price_set(row) if row else None
+
+
+def _price_set(r: sa.Row) -> PriceSet:
+    return PriceSet(
+        price_set_id=r.price_set_id,
+        scope=PriceScope(r.scope),
+        scope_code=r.scope_code,
+        effective_from=r.effective_from,
+        currency=r.currency,
+        prices=tuple(sorted((g, int(v)) for g, v in json.loads(r.prices).items())),
+        created_at=r.created_at,
+        withdrawn_at=r.withdrawn_at,
+    )
