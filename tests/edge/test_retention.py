@@ -463,7 +463,14 @@ async def test_the_node_supervises_its_snapshot_refresh_and_reports_every_task(
         await node.sync.check_budget()
         status = await node.status()
         tasks = status["tasks"]
-        assert set(tasks) == {"edge-controller", "edge-sync", "edge-snapshots", "edge-retention"}
+        assert set(tasks) == {
+            "edge-controller",
+            "edge-totalizers-forecourt",
+            "edge-prices-forecourt",
+            "edge-sync",
+            "edge-snapshots",
+            "edge-retention",
+        }
         assert tasks["edge-snapshots"]["restarts"] >= 2
         assert tasks["edge-snapshots"]["last_error"] == "RuntimeError: snapshot store broken"
         assert tasks["edge-snapshots"]["alarm"] is True
