@@ -139,6 +139,32 @@ async def test_a_frame_with_a_bad_crc_gets_no_answer_and_a_good_one_does() -> No
         writer.close()
 
 
+def test_a_paced_line_takes_eleven_bits_a_byte_at_its_baud_rate() -> None:
+    sim = DartSimulator(faults=["baud=9600"])
+    assert sim.faults.on_the_line_s(96) == pytest.approx(0.11)  # 96 bytes x 11 bits / 9600
+    sim.clear_fault("baud")
+    assert sim.faults.on_the_line_s(96) == 0.0
+    with pytest.raises(FaultError):
+        sim.set_fault("baud", "10")  # no RS-485 line runs that slowly
+
+
+async def test_a_paced_line_answers_a_frame_only_after_both_have_crossed_it() -> None:
+    # Given a line paced at 300 baud: a 9-byte RETURN STATUS and its 3-byte ACK are 12 bytes,
+    # 132 bits, 0.44 s on the wire
+    async with DartSimulator(faults=["baud=300"]) as sim:
+        await sim.start("127.0.0.1:0")
+        assert sim.tcp_address is not None
+        reader, writer = await asyncio.open_connection(*sim.tcp_address)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(bytes.fromhex("50 31 01 01 00 9E A0 03 FA"))
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(3), 5.0) == bytes.fromhex("50 C1 FA")
+        # Then the answer came no sooner than the line allows
+        assert loop.time() - started >= 0.44
+        writer.close()
+
+
 def test_well_framed_data_that_does_not_decode_is_nakked() -> None:
     sim = DartSimulator()
     reply = sim.handle(data_frame(0x50, 3, bytes.fromhex("0102")))  # LNG 2, no data
@@ -272,6 +298,7 @@ def test_every_fault_has_help_and_unknown_faults_are_refused() -> None:
         "split",
         "merge",
         "slow",
+        "baud",
         "reboot",
         "nozzle_hanging",
         "tx_wrap",

@@ -20,6 +20,8 @@ FAULTS: dict[str, str] = {
     "split": "replies written in pieces of N bytes, a moment apart (VALUE: N, default 1)",
     "merge": "the request echoed with the reply in one write, as a two-wire RS-485 adapter does",
     "slow": "every reply delayed by VALUE seconds (default 0.3)",
+    "baud": "the line paced at VALUE baud (default 9600), 11 bits a byte (8O1): each frame is "
+    "answered only once it has crossed the line, and each reply takes its time back",
     "reboot": "power-cycle these pumps now (one-shot): not programmed again, line state lost "
     "(VALUE: addresses; default all)",
     "nozzle_hanging": "after the flow ends the customer leaves the nozzle out of its holster "
@@ -28,6 +30,7 @@ FAULTS: dict[str, str] = {
     "0xF wraps to, 0 or 1 (default 0)",
 }
 
+BITS_PER_BYTE = 11  # start, 8 data, odd parity, stop
 ONE_SHOT = frozenset({"reboot", "tx_wrap"})
 
 
@@ -85,6 +88,7 @@ class ActiveFaults:
     split: int = 0
     merge: bool = False
     slow_s: float = 0.0
+    baud: float = 0.0  # 0: unpaced
     hanging: frozenset[int] = frozenset()
     names: dict[str, str | None] = field(default_factory=dict)
 
@@ -104,6 +108,8 @@ class ActiveFaults:
             self.merge = True
         elif name == "slow":
             self.slow_s = _float(name, value, 0.3, 0.0, 60.0)
+        elif name == "baud":
+            self.baud = _float(name, value, 9600.0, 300.0, 1_000_000.0)
         elif name == "nozzle_hanging":
             self.hanging = parse_addresses(value, self.addresses)
         if name not in ONE_SHOT:
@@ -128,8 +134,14 @@ class ActiveFaults:
                 self.merge = False
             elif each == "slow":
                 self.slow_s = 0.0
+            elif each == "baud":
+                self.baud = 0.0
             elif each == "nozzle_hanging":
                 self.hanging = frozenset()
+
+    def on_the_line_s(self, frame_bytes: int) -> float:
+        """How long ``frame_bytes`` take on the paced line (0 when unpaced)."""
+        return frame_bytes * BITS_PER_BYTE / self.baud if self.baud else 0.0
 
     def active(self) -> dict[str, str | None]:
         return dict(self.names)

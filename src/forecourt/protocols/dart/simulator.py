@@ -388,6 +388,9 @@ class DartSimulator:
                 self.frames_refused += 1
                 continue  # a damaged frame gets no answer
             self.frames_in += 1
+            if self.faults.baud:
+                # The frame has just crossed the paced line; the pump sees it only now.
+                await asyncio.sleep(self.faults.on_the_line_s(len(item.encode())))
             reply = self.handle(item)
             if reply is None:
                 if self.faults.merge:
@@ -416,6 +419,8 @@ class DartSimulator:
             wire = request + wire
         if faults.slow_s:
             await asyncio.sleep(faults.slow_s)
+        if faults.baud:
+            await asyncio.sleep(faults.on_the_line_s(len(wire)))  # the reply on its way back
         if faults.split:
             for start in range(0, len(wire), faults.split):
                 await write(wire[start : start + faults.split])
