@@ -101,6 +101,7 @@ class ControllerStats:
     inexact_values: int = 0
     recovered_from_report: int = 0
     recoveries: int = 0
+    poll_busy_s: float = 0.0  # time spent in polls (the waits between them aside)
 
 
 @dataclass(frozen=True)
@@ -875,12 +876,15 @@ class ForecourtController(BackgroundService):
             # the next one early.
             self.wake.clear()
             try:
+                started = time.perf_counter()
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bad poll must not stop the forecourt
                 self.stats.driver_errors += 1
                 log.exception("edge.poll_failed", error=str(exc))
+            finally:
+                self.stats.poll_busy_s += time.perf_counter() - started
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.poll_interval_s)
 

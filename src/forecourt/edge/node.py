@@ -331,6 +331,10 @@ class EdgeNode:
                 else None
             ),
             "stats": dict(controller.stats.__dict__),
+            # A driver that runs its own line loop says how many rounds it made (DART).
+            "line": line_stats()
+            if callable(line_stats := getattr(driver, "line_stats", None))
+            else None,
         }
 
     def alarms(self) -> list[dict[str, Any]]:

@@ -502,6 +502,8 @@ class DartDriver:
         self._timeouts = 0
         self._refused_total = 0
         self._refused: collections.Counter[str] = collections.Counter()
+        self.cycles = 0  # rounds of the line: every pump visited once
+        self.cycle_busy_s = 0.0  # time those rounds took on the line (the waits aside)
 
     # ----------------------------------------------------------------- events and health
 
@@ -516,6 +518,10 @@ class DartDriver:
 
     def health(self) -> DeviceHealth:
         return self._health
+
+    def line_stats(self) -> dict[str, float]:
+        """Rounds of the line so far and the time they took (``/v1/status``, benchmarks)."""
+        return {"cycles": self.cycles, "busy_s": round(self.cycle_busy_s, 6)}
 
     def _update_health(self) -> None:
         if self._line_error is not None:
@@ -628,8 +634,11 @@ class DartDriver:
                 self._line_error = None
                 log.info("dart %s: line open on %s", self.name, self.endpoint)
             try:
+                started = time.perf_counter()
                 for link in self.links.values():
                     await self._visit(link)
+                self.cycles += 1
+                self.cycle_busy_s += time.perf_counter() - started
                 for error in self._line.take_refusals():
                     self._refuse(self._link_of(error), error)
                 self._update_health()
