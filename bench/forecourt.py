@@ -361,6 +361,7 @@ async def window(api: httpx.AsyncClient, pid: int) -> AsyncIterator[list[Window]
 class Timings:
     authorise: list[float] = field(default_factory=list)
     stop: list[float] = field(default_factory=list)
+    by_protocol: dict[str, list[float]] = field(default_factory=dict)  # authorisations
     refused: dict[str, int] = field(default_factory=dict)
 
     def refusal(self, what: str, answer: httpx.Response) -> None:
@@ -373,13 +374,26 @@ class Timings:
 
 
 async def terminal(
-    api: httpx.AsyncClient, pumps: list[int], until: float, timings: Timings
+    api: httpx.AsyncClient,
+    pumps: list[int],
+    until: float,
+    timings: Timings,
+    every_s: float | None,
+    offset_s: float = 0.0,
 ) -> None:
-    """One cashier terminal: authorise a pump with a preset, stop it, the next pump."""
+    """One cashier terminal: authorise a pump with a preset, stop it, the next pump; every
+    ``every_s`` seconds (on a fixed schedule, so a slow answer does not lower the rate) or,
+    with None, as soon as the last pair was answered."""
     headers = {"Authorization": f"Bearer {TERMINAL_SECRET}"}
     body = {"nozzle": 1, "preset": {"volume_ml": PRESET_ML}}
     index = 0
+    next_at = time.monotonic() + offset_s
     while time.monotonic() < until:
+        if every_s is not None:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += every_s
+            if next_at - every_s >= until:
+                return
         pump = pumps[index % len(pumps)]
         index += 1
         started = time.perf_counter()
@@ -390,6 +404,8 @@ async def terminal(
             await asyncio.sleep(0.05)
             continue
         timings.authorise.append(took)
+        protocol = "jsonpts" if pump in JSONPTS_PUMPS else "dart"
+        timings.by_protocol.setdefault(protocol, []).append(took)
         started = time.perf_counter()
         answer = await api.post(f"/v1/pumps/{pump}/stop", headers=headers)
         took = (time.perf_counter() - started) * 1000
@@ -397,7 +413,8 @@ async def terminal(
             timings.refusal("stop", answer)
             continue
         timings.stop.append(took)
-        await settled(api, pump)
+        if answer.json().get("state") != "idle":
+            await settled(api, pump)
 
 
 async def settled(api: httpx.AsyncClient, pump: int, timeout_s: float = 5.0) -> None:
@@ -408,6 +425,46 @@ async def settled(api: httpx.AsyncClient, pump: int, timeout_s: float = 5.0) -> 
         if state == "idle":
             return
         await asyncio.sleep(0.02)
+
+
+async def commands(
+    api: httpx.AsyncClient, pid: int, args: argparse.Namespace, rate: float | None
+) -> dict[str, Any]:
+    """The terminals at ``rate`` authorisations per second for the station (None: a closed
+    loop) over one window: the commands' round trips and the edge's CPU meanwhile."""
+    timings = Timings()
+    # jsonPTS and DART pumps in turn, so both kinds are commanded alike.
+    dart = [p for pair in zip(*DART_LINES, strict=True) for p in pair]
+    pumps = [p for pair in zip(JSONPTS_PUMPS, dart, strict=True) for p in pair]
+    shares = [pumps[i :: args.terminals] for i in range(args.terminals)]
+    every_s = args.terminals / rate if rate else None
+    async with window(api, pid) as measured:
+        until = time.monotonic() + args.seconds
+        # Paced terminals take turns (staggered), as cashiers serving customers do.
+        await asyncio.gather(
+            *(
+                terminal(api, share, until, timings, every_s, i * (every_s or 0) / len(shares))
+                for i, share in enumerate(shares)
+            )
+        )
+    (w,) = measured
+    return {
+        "offered_per_s": rate,
+        "authorise_p50_ms": _round(pct(timings.authorise, 50)),
+        "authorise_p99_ms": _round(pct(timings.authorise, 99)),
+        "authorise_max_ms": _round(max(timings.authorise, default=None)),
+        "stop_p50_ms": _round(pct(timings.stop, 50)),
+        "stop_p99_ms": _round(pct(timings.stop, 99)),
+        "authorise_by_protocol": {
+            name: {"p50_ms": _round(pct(found, 50)), "p99_ms": _round(pct(found, 99))}
+            for name, found in sorted(timings.by_protocol.items())
+        },
+        "authorisations": len(timings.authorise),
+        "authorisations_per_s": round(len(timings.authorise) / w.seconds, 1),
+        "refused": timings.refused,
+        "cpu_share": round(w.cpu_share, 3),
+        "lines": w.cycles,
+    }
 
 
 async def one_run(args: argparse.Namespace, baud: int | None) -> dict[str, Any]:
@@ -424,39 +481,23 @@ async def one_run(args: argparse.Namespace, baud: int | None) -> dict[str, Any]:
                 log(f"{label}: ready; {args.idle:.0f} s idle")
                 async with window(api, pid) as idle:
                     await asyncio.sleep(args.idle)
-                log(f"{label}: {args.seconds:.0f} s of commands from {args.terminals} terminals")
-                timings = Timings()
-                pumps = [*JSONPTS_PUMPS, *(p for line in DART_LINES for p in line)]
-                shares = [pumps[i :: args.terminals] for i in range(args.terminals)]
-                async with window(api, pid) as busy:
-                    until = time.monotonic() + args.seconds
-                    await asyncio.gather(*(terminal(api, s, until, timings) for s in shares))
+                log(f"{label}: {args.seconds:.0f} s of commands at {args.rate:g}/s")
+                paced = await commands(api, pid, args, args.rate)
+                closed = None
+                if not baud:
+                    log(f"{label}: {args.seconds:.0f} s of commands in a closed loop")
+                    closed = await commands(api, pid, args, None)
                 status = (await api.get("/v1/status")).json()
         finally:
             await station.stop()
-    (idle_w,), (busy_w,) = idle, busy
-    cycle = dict(busy_w.cycles)
+    (idle_w,) = idle
+    cycles = [c for c in idle_w.cycles.values() if c["cycle_ms"] is not None]
     return {
-        "authorise_p50_ms": _round(pct(timings.authorise, 50)),
-        "authorise_p99_ms": _round(pct(timings.authorise, 99)),
-        "authorise_max_ms": _round(max(timings.authorise, default=None)),
-        "stop_p50_ms": _round(pct(timings.stop, 50)),
-        "stop_p99_ms": _round(pct(timings.stop, 99)),
-        "commands": len(timings.authorise) + len(timings.stop),
-        "authorisations_per_s": round(len(timings.authorise) / busy_w.seconds, 1),
-        "refused": timings.refused,
-        "cpu_share": round(busy_w.cpu_share, 3),
-        "cpu_share_idle": round(idle_w.cpu_share, 3),
-        "poll_cycle_ms": max(
-            (c["cycle_ms"] for c in idle_w.cycles.values() if c["cycle_ms"] is not None),
-            default=None,
-        ),
-        "poll_busy_ms": max(
-            (c["busy_ms"] for c in idle_w.cycles.values() if c["busy_ms"] is not None),
-            default=None,
-        ),
-        "lines_idle": idle_w.cycles,
-        "lines_busy": cycle,
+        "idle": {"cpu_share": round(idle_w.cpu_share, 3), "lines": idle_w.cycles},
+        "poll_cycle_ms": max((c["cycle_ms"] or 0.0 for c in cycles), default=None),
+        "poll_busy_ms": max((c["busy_ms"] or 0.0 for c in cycles), default=None),
+        "paced": paced,
+        "closed_loop": closed,
         "driver_errors": sum(int(line["stats"]["driver_errors"]) for line in status["devices"]),
         "alarms": [a["code"] for a in status.get("alarms", [])],
     }
@@ -469,14 +510,21 @@ def _round(value: float | None) -> float | None:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     unpaced = await one_run(args, None)
     paced = await one_run(args, 9600) if not args.no_paced else None
+    at_rate, closed = unpaced["paced"], unpaced["closed_loop"]
     result = {
-        "authorise_p50_ms": unpaced["authorise_p50_ms"],
-        "authorise_p99_ms": unpaced["authorise_p99_ms"],
+        "authorise_p50_ms": at_rate["authorise_p50_ms"],
+        "authorise_p99_ms": at_rate["authorise_p99_ms"],
+        "stop_p99_ms": at_rate["stop_p99_ms"],
+        "commands_per_s": args.rate,
         "poll_cycle_ms": unpaced["poll_cycle_ms"],
         "poll_busy_ms": unpaced["poll_busy_ms"],
         "poll_cycle_ms_9600": paced["poll_cycle_ms"] if paced else None,
-        "cpu_share": unpaced["cpu_share"],
-        "cpu_share_idle": unpaced["cpu_share_idle"],
+        "authorise_p99_ms_9600": paced["paced"]["authorise_p99_ms"] if paced else None,
+        "cpu_share": at_rate["cpu_share"],
+        "cpu_share_idle": unpaced["idle"]["cpu_share"],
+        "closed_loop_authorisations_per_s": closed["authorisations_per_s"],
+        "closed_loop_authorise_p99_ms": closed["authorise_p99_ms"],
+        "closed_loop_cpu_share": closed["cpu_share"],
         "pumps": 32,
         "tanks": TANKS,
         "terminals": args.terminals,
@@ -484,7 +532,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "paced_9600": paced,
         "cpu_count": os.cpu_count(),
     }
-    p99, share = unpaced["authorise_p99_ms"], unpaced["cpu_share"]
+    p99, share = at_rate["authorise_p99_ms"], at_rate["cpu_share"]
     result["goal_met"] = bool(p99 is not None and p99 < GOAL_P99_MS and share < GOAL_CPU_SHARE)
     return result
 
@@ -494,14 +542,17 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="window with commands")
     parser.add_argument("--idle", type=float, default=20.0, help="idle window before it")
     parser.add_argument("--terminals", type=int, default=4, help="cashier terminals")
+    parser.add_argument(
+        "--rate", type=float, default=2.0, help="authorisations per second for the station"
+    )
     parser.add_argument("--quick", action="store_true", help="5-second windows (a smoke run)")
     parser.add_argument("--no-paced", action="store_true", help="skip the 9 600 baud run")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.idle = 5.0, 5.0
-    if args.terminals < 1 or args.seconds <= 0 or args.idle <= 0:
-        parser.error("--terminals, --seconds and --idle must be positive")
+    if args.terminals < 1 or args.seconds <= 0 or args.idle <= 0 or args.rate <= 0:
+        parser.error("--terminals, --rate, --seconds and --idle must be positive")
     return args
 
 

@@ -332,29 +332,14 @@ class EdgeSettings(_TomlSettings):
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_address(cls, value: str | None) -> str | None:
-        from urllib.parse import urlsplit
+        from forecourt.infra.mqtt import BrokerAddress
 
         if value is None or not value.strip():
             return None  # an empty FORECOURT_EDGE_MQTT_URL turns telemetry off too
-        url = urlsplit(value.strip())
-        if url.scheme not in ("mqtt", "mqtts", "unix"):
-            raise ValueError(
-                "not a broker URL (mqtt://host:1883, mqtts://host:8883 or unix:///path.sock)"
-            )
-        if url.username is not None or url.password is not None:
-            raise ValueError("put the broker credentials in mqtt_username / mqtt_password")
-        if url.query or url.fragment:
-            raise ValueError("a broker URL has no query or fragment")
-        if url.scheme == "unix":
-            if url.netloc or not url.path.startswith("/"):
-                raise ValueError("a unix socket URL names an absolute path (unix:///path.sock)")
-            return value.strip()
         try:
-            port = url.port
-        except ValueError:
-            raise ValueError("the broker port must be 1-65535") from None
-        if not url.hostname or url.path not in ("", "/") or port == 0:
-            raise ValueError(f"not a broker URL ({url.scheme}://host:port, nothing after it)")
+            BrokerAddress.parse(value)
+        except ForecourtError as exc:
+            raise ValueError(exc.message.removeprefix("mqtt_url: ")) from None
         return value.strip()
 
     @field_validator("telemetry_prefix")
@@ -521,7 +506,13 @@ def _is_secret(cls: type[_TomlSettings], field: str) -> bool:
     return info is not None and info.annotation is SecretStr
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^@/\s]*@")
+
+
 def _shown(value: Any) -> str:
+    """A refused value as the message shows it: short ones only, a URL's password masked."""
+    if isinstance(value, str):
+        value = _URL_PASSWORD.sub(r"\g<head>***@", value)
     if isinstance(value, str | int | float | bool) and len(str(value)) <= 80:
         return f" ({value!r})"
     return ""

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from forecourt.bootstrap import build_head_office, runs_devices
-from forecourt.devices.subscriber import BrokerAddress
+from forecourt.infra.mqtt import BrokerAddress
 from forecourt.kernel.errors import InvalidValue
 from forecourt.settings import Settings
 
@@ -40,26 +40,7 @@ def test_the_subscriber_exists_only_when_a_broker_is_configured() -> None:
     assert without.devices is not None
     assert without.telemetry is None
     assert configured.telemetry is not None
-    assert configured.telemetry.address == BrokerAddress("broker.example", 1884, "tcp", False)
-
-
-@pytest.mark.parametrize(
-    ("url", "address"),
-    [
-        ("mqtt://127.0.0.1", BrokerAddress("127.0.0.1", 1883, "tcp", False)),
-        ("mqtts://mq.example", BrokerAddress("mq.example", 8883, "tcp", True)),
-        ("mqtt://hq:s%40cret@mq:1884", BrokerAddress("mq", 1884, "tcp", False, "hq", "s@cret")),
-        ("unix:///run/mqtt.sock", BrokerAddress("/run/mqtt.sock", 1883, "unix", False)),
-    ],
-)
-def test_broker_urls_name_host_port_transport_and_login(url: str, address: BrokerAddress) -> None:
-    assert BrokerAddress.parse(url) == address
-
-
-@pytest.mark.parametrize("url", ["http://mq:1883", "mqtt://", "unix://"])
-def test_a_url_that_names_no_broker_is_refused(url: str) -> None:
-    with pytest.raises(InvalidValue):
-        BrokerAddress.parse(url)
+    assert configured.telemetry.address == BrokerAddress("tcp", "broker.example", 1884)
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from forecourt.edge.telemetry import (
-    BrokerAddress,
     FilterRules,
     TelemetryPublisher,
     telemetry_from_settings,
 )
+from forecourt.infra.mqtt import BrokerAddress
 from forecourt.kernel.clock import SystemClock
 from forecourt.kernel.errors import InvalidValue
 from forecourt.kernel.telemetry import Message, decode, parse_topic, subscription, topic
@@ -648,6 +648,7 @@ def test_unusable_telemetry_settings_are_refused_at_start_naming_the_setting(
     with pytest.raises(SettingsInvalid) as refused:
         edge_settings(**values)
     assert named in str(refused.value)
+    assert "secret" not in str(refused.value)  # a password in a refused URL is not echoed
 
 
 def test_a_station_code_that_cannot_be_a_topic_is_refused_at_start() -> None:

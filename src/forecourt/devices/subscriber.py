@@ -15,9 +15,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -26,48 +24,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from forecourt.devices.handlers import DevicesService, Received
 from forecourt.infra.background import BackgroundService, cancel_and_wait
 from forecourt.infra.logging import get_logger
-from forecourt.kernel.errors import InvalidValue
+from forecourt.infra.mqtt import BrokerAddress
 from forecourt.kernel.telemetry import subscription
 
 log = get_logger("forecourt.devices")
 
 BATCH_MAX = 500  # messages applied in one transaction at most
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where the broker is, from ``mqtt://host:port``, ``mqtts://host:port`` (TLS, with the
-    system's trusted certificates) or ``unix:///path/to/socket``; a login in the URL is used
-    when the settings give none."""
-
-    hostname: str
-    port: int
-    transport: str  # tcp or unix
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            if not parts.path:
-                raise InvalidValue(f"{url!r} names no socket path", field="devices_mqtt_url")
-            return cls(parts.path, 1883, "unix", False)  # paho wants a port, and ignores it
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise InvalidValue(
-                f"{url!r} is not mqtt://host:port, mqtts://host:port or unix:///path",
-                field="devices_mqtt_url",
-            )
-        tls = parts.scheme == "mqtts"
-        return cls(
-            parts.hostname,
-            parts.port or (8883 if tls else 1883),
-            "tcp",
-            tls,
-            unquote(parts.username) if parts.username else None,
-            unquote(parts.password) if parts.password else None,
-        )
 
 
 class DevicesMetrics:
@@ -123,7 +85,7 @@ class TelemetrySubscriber(BackgroundService):
         keepalive_s: int = 30,
     ) -> None:
         self.service = service
-        self.address = BrokerAddress.parse(url)
+        self.address = BrokerAddress.parse(url, setting="devices_mqtt_url", login=True)
         self.client_id = client_id
         self.username = username if username is not None else self.address.username
         self.password = password if password is not None else self.address.password
@@ -158,7 +120,7 @@ class TelemetrySubscriber(BackgroundService):
                     log.warning(
                         "devices.broker_lost",
                         error=self.broker_error,
-                        host=self.address.hostname,
+                        host=self.address.host,
                         retry_in_s=delay,
                     )
                 finally:
@@ -181,7 +143,7 @@ class TelemetrySubscriber(BackgroundService):
 
     def _new_client(self) -> aiomqtt.Client:
         client = aiomqtt.Client(
-            self.address.hostname,
+            self.address.host,
             self.address.port,
             username=self.username,
             password=self.password,
@@ -208,7 +170,7 @@ class TelemetrySubscriber(BackgroundService):
             if self.metrics is not None:
                 self.metrics.connected.set(1)
                 self.metrics.connects.inc()
-            log.info("devices.broker_connected", host=self.address.hostname, client=self.client_id)
+            log.info("devices.broker_connected", host=self.address.host, client=self.client_id)
             messages = client.messages
             async for first in messages:
                 batch = [first]

@@ -29,8 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -38,6 +37,7 @@ from aiomqtt.exceptions import MqttConnectError
 from forecourt import __version__
 from forecourt.infra.background import BackgroundService, cancel_and_wait
 from forecourt.infra.logging import get_logger
+from forecourt.infra.mqtt import BrokerAddress
 from forecourt.kernel.clock import Clock, ensure_aware
 from forecourt.kernel.errors import InvalidValue
 from forecourt.kernel.telemetry import DEFAULT_PREFIX, MAX_PAYLOAD_BYTES, encode, topic
@@ -243,31 +243,6 @@ class TelemetryFilter:
 
 
 # --- where the broker is ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    """``mqtt://host:port``, ``mqtts://host:port`` (TLS) or ``unix:///path/to.sock``."""
-
-    transport: Literal["tcp", "unix"]
-    host: str  # the host name, or the socket's path
-    port: int = 1883
-    tls: bool = False
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        parts = urlsplit(url)
-        if parts.scheme == "unix" and parts.path.startswith("/") and not parts.netloc:
-            return cls("unix", parts.path)
-        if parts.scheme in ("mqtt", "mqtts") and parts.hostname:
-            tls = parts.scheme == "mqtts"
-            return cls("tcp", parts.hostname, parts.port or (8883 if tls else 1883), tls)
-        raise InvalidValue(f"not a broker URL: {url!r}", field="mqtt_url")
-
-    def __str__(self) -> str:
-        if self.transport == "unix":
-            return f"unix://{self.host}"
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 def new_boot() -> str:
