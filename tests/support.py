@@ -7,10 +7,27 @@ import inspect
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+START = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
+
+
+class ManualClock:
+    """A clock (``forecourt.kernel.clock.Clock``) that moves only when a test moves it."""
+
+    def __init__(self, at: datetime = START) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+    def advance(self, by: float | timedelta) -> None:
+        """Move on ``by`` (seconds, or a timedelta)."""
+        self.at += by if isinstance(by, timedelta) else timedelta(seconds=by)
 
 
 async def eventually(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from itertools import count
 from typing import Any
 
@@ -18,21 +18,11 @@ from forecourt.kernel.telemetry import DEFAULT_PREFIX, encode, topic
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
 from forecourt.settings import Settings
 from tests.mqtt_broker import persistent_mqtt_broker  # noqa: F401 (a fixture)
+from tests.support import ManualClock
 
 START = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 STALE_AFTER_S = 60.0
 HISTORY_LIMIT = 5
-
-
-class ManualClock:
-    def __init__(self, at: datetime = START) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -118,7 +108,7 @@ def devices_settings(database_url: str, **overrides: Any) -> Settings:
 
 @pytest.fixture
 async def hq(db_url: str) -> AsyncIterator[DevicesHq]:
-    clock = ManualClock()
+    clock = ManualClock(START)
     office = build_head_office(devices_settings(db_url), clock=clock)
     await office.start(relay=False)
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))

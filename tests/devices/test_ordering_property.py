@@ -33,7 +33,7 @@ MESSAGES = st.lists(
 
 @pytest.fixture
 async def service(db_url: str) -> AsyncIterator[DevicesService]:
-    db = Database(db_url, clock=ManualClock())
+    db = Database(db_url, clock=ManualClock(START))
     await db.connect()
     await upgrade(db, ("devices",))
     yield DevicesService(

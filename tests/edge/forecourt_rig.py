@@ -24,6 +24,7 @@ from forecourt.network.contracts import StationSnapshot
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
 from forecourt.sim.customers import Customer
 from forecourt.sim.pts_controller import ControllerConfig, Phase, Station, create_app
+from tests.support import ManualClock
 
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
 PRICE_92 = 789_000
@@ -127,17 +128,6 @@ def snapshot(pumps: tuple[int, ...] = (1, 2)) -> StationSnapshot:
             ],
         }
     )
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.instant = T0
-
-    def now(self) -> datetime:
-        return self.instant
-
-    def advance(self, seconds: float) -> None:
-        self.instant += timedelta(seconds=seconds)
 
 
 Rewrite = Callable[[dict[str, Any]], None]

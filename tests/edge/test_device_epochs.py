@@ -8,6 +8,7 @@ the new sale it is, and a re-read of a journaled one for the duplicate it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import tempfile
 from dataclasses import replace
@@ -119,6 +120,21 @@ async def test_another_devices_numbers_never_collide_and_a_renamed_one_is_no_new
         await journal.close()
 
 
+async def test_a_nozzles_newest_totalizer_is_found_by_index_not_by_a_scan(tmp_path: Path) -> None:
+    journal = await _journal(tmp_path)
+    try:
+        await journal.record_sale(DRAFT)
+    finally:
+        await journal.close()
+    with contextlib.closing(sqlite3.connect(journal.path)) as db:
+        plan = db.execute(
+            "EXPLAIN QUERY PLAN SELECT sale_id, totalizer_end_ml FROM journal WHERE "
+            "fuelling_point = 1 AND nozzle = 1 AND totalizer_end_ml IS NOT NULL "
+            "ORDER BY seq DESC LIMIT 1"
+        ).fetchall()
+    assert any("journal_nozzle_seq" in str(step) for step in plan), plan
+
+
 async def test_open_sales_are_those_not_settled_and_settling_is_by_sale(tmp_path: Path) -> None:
     journal = await _journal(tmp_path)
     try:
@@ -135,6 +151,7 @@ async def test_open_sales_are_those_not_settled_and_settling_is_by_sale(tmp_path
         assert reading is not None
         assert (reading.sale_id, reading.totalizer_end_ml) == (b.sale_id, 1_080_000)
         assert await journal.last_reading(1, 2) is None
+        assert await journal.last_readings([(1, 1), (1, 2)]) == {(1, 1): reading, (1, 2): None}
         assert await journal.last_sale_end(1) == T0 + timedelta(minutes=5)
         assert await journal.last_sale_end(2) is None
     finally:

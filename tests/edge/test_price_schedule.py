@@ -107,11 +107,11 @@ async def test_dart_pumps_show_the_new_prices_at_the_instant_and_a_dispensing_on
             what="pump 2 fuelling",
         )
         # When the clock is a second before the instant, nothing is sent
-        station.clock.instant = AT - timedelta(seconds=1)
+        station.clock.at = AT - timedelta(seconds=1)
         assert await station.schedule.tick() == []
         assert station.shown(1) == old[1]
         # When the instant comes
-        station.clock.instant = AT
+        station.clock.at = AT
         sent = await station.schedule.tick()
         # Then the idle pump 1 shows the new price at once; pump 2, dispensing, is left alone
         assert sent == [1]
@@ -158,7 +158,7 @@ async def test_on_jsonpts_a_sale_authorised_before_the_instant_keeps_its_price(
             await rig.poll()
             if rig.controller.machines[1].state is FpState.FUELLING:
                 break
-        rig.clock.instant = AT + timedelta(seconds=5)
+        rig.clock.at = AT + timedelta(seconds=5)
         for _ in range(400):
             await rig.poll()
             if rig.controller.stats.closed:

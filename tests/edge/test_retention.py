@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,18 +31,10 @@ from forecourt.edge.retention import Archive, ArchiveCorrupt, JournalRetention, 
 from forecourt.edge.sync import HqClient, SyncAgent
 from forecourt.settings import EdgeSettings
 from tests.edge.test_journal import DRAFT
-from tests.support import eventually
+from tests.support import ManualClock, eventually
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
-
-
-@dataclass
-class ManualClock:
-    at: datetime
-
-    def now(self) -> datetime:
-        return self.at
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ the publisher's feed, which never raises."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 
 from forecourt.edge.telemetry import FilterRules, TelemetryFilter, TelemetryPublisher, Update
 from forecourt.protocols.model import PumpState, PumpStatus
+from tests.support import ManualClock
 
 T0 = datetime(2026, 3, 2, 7, 0, tzinfo=UTC)
 PUMP = "forecourt/v1/stations/S001/pumps/1"
@@ -25,17 +25,6 @@ RULES = FilterRules(
     tank_water_deadband_um=1000,
     tank_heartbeat_s=300.0,
 )
-
-
-@dataclass
-class ManualClock:
-    at: datetime = T0
-
-    def now(self) -> datetime:
-        return self.at
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)
 
 
 def pump(state: str, volume_ml: int | None = None, **more: Any) -> dict[str, Any]:
@@ -73,7 +62,7 @@ def tank(volume_ml: int, temperature_mdegc: int = 15_000, water_um: int = 0, **m
 
 class Feeder:
     def __init__(self, rules: FilterRules = RULES) -> None:
-        self.clock = ManualClock()
+        self.clock = ManualClock(T0)
         self.filter = TelemetryFilter(self.clock, rules)
         self.released: list[Update] = []
 
@@ -347,7 +336,7 @@ def test_whatever_it_is_fed_the_publisher_never_raises_and_counts_what_it_cannot
     feeds: list[Any],
 ) -> None:
     # Given a publisher (not started: feeding does not need the broker)
-    clock = ManualClock()
+    clock = ManualClock(T0)
     publisher = TelemetryPublisher(
         "S001", "unix:///nonexistent.sock", username="S001", password="x", clock=clock
     )

@@ -64,27 +64,16 @@ from tests.infra.idempotency_app import (
     charges_table,
     prepare,
 )
-from tests.support import eventually
+from tests.support import ManualClock, eventually
 
 CHARGE = {"amount_minor": 6120, "card": "tok_visa"}
 LEASE = timedelta(seconds=30)
 HASH = request_hash("POST", "/charge", json.dumps(CHARGE).encode())
 
 
-class ManualClock:
-    def __init__(self) -> None:
-        self.current = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def advance(self, delta: timedelta) -> None:
-        self.current += delta
-
-
 @pytest.fixture
 def clock() -> ManualClock:
-    return ManualClock()
+    return ManualClock(datetime(2026, 11, 25, 8, 0, tzinfo=UTC))
 
 
 @pytest.fixture

@@ -131,17 +131,6 @@ def amount_for(
     )
 
 
-class ManualClock:
-    def __init__(self, start: datetime = T0) -> None:
-        self.instant = start
-
-    def now(self) -> datetime:
-        return self.instant
-
-    def advance(self, seconds: float) -> None:
-        self.instant += timedelta(seconds=seconds)
-
-
 def basic(user: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}

@@ -11,7 +11,8 @@ import pytest
 from forecourt.edge.drivers import DriverUnavailable, PumpState
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
 from forecourt.sim.pts_controller import ControllerConfig, create_app, digest_response
-from tests.sim.support import ManualClock, basic, config_dict
+from tests.sim.support import basic, config_dict
+from tests.support import ManualClock
 
 ENVELOPE = b'{"Protocol":"jsonPTS","Packets":[{"Id":1,"Type":"PumpGetStatus","Data":{"Pump":1}}]}'
 

@@ -32,14 +32,13 @@ from tests.sim.support import (
     SPEED,
     T0,
     Forecourt,
-    ManualClock,
     amount_for,
     basic,
     car,
     config_dict,
     real_driver,
 )
-from tests.support import eventually
+from tests.support import ManualClock, eventually
 
 E = PtsErrorCode
 

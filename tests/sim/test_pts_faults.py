@@ -15,7 +15,8 @@ from forecourt.protocols.jsonpts.codec import PtsErrorCode
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
 from forecourt.sim.customers import SimConfigError
 from forecourt.sim.pts_controller import ControllerConfig, create_app
-from tests.sim.support import T0, Forecourt, ManualClock, car, config_dict
+from tests.sim.support import T0, Forecourt, car, config_dict
+from tests.support import ManualClock
 
 E = PtsErrorCode
 REPORT_DAY = {"DateTimeStart": "2026-11-25T00:00:00", "DateTimeEnd": "2026-11-25T23:59:59"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime
@@ -589,17 +589,35 @@ class Journal:
 
     def _last_reading(self, fuelling_point: int, nozzle: int) -> NozzleReading | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(journal_t.c.sale_id, journal_t.c.totalizer_end_ml)
-                .where(
-                    journal_t.c.fuelling_point == fuelling_point,
-                    journal_t.c.nozzle == nozzle,
-                    journal_t.c.totalizer_end_ml.is_not(None),
-                )
-                .order_by(journal_t.c.seq.desc())
-                .limit(1)
-            ).first()
-            return NozzleReading(row.sale_id, int(row.totalizer_end_ml)) if row else None
+            return self._newest_reading(conn, fuelling_point, nozzle)
+
+    async def last_readings(
+        self, nozzles: Iterable[tuple[int, int]]
+    ) -> dict[tuple[int, int], NozzleReading | None]:
+        """:meth:`last_reading` of each (fuelling point, nozzle), in one visit to the journal."""
+        return await self._run(self._last_readings, list(nozzles))
+
+    def _last_readings(
+        self, nozzles: list[tuple[int, int]]
+    ) -> dict[tuple[int, int], NozzleReading | None]:
+        with self.engine.connect() as conn:
+            return {key: self._newest_reading(conn, *key) for key in nozzles}
+
+    @staticmethod
+    def _newest_reading(
+        conn: sa.Connection, fuelling_point: int, nozzle: int
+    ) -> NozzleReading | None:
+        row = conn.execute(
+            sa.select(journal_t.c.sale_id, journal_t.c.totalizer_end_ml)
+            .where(
+                journal_t.c.fuelling_point == fuelling_point,
+                journal_t.c.nozzle == nozzle,
+                journal_t.c.totalizer_end_ml.is_not(None),
+            )
+            .order_by(journal_t.c.seq.desc())
+            .limit(1)
+        ).first()
+        return NozzleReading(row.sale_id, int(row.totalizer_end_ml)) if row else None
 
     async def known(self, draft: SaleDraft) -> Journaled | None:
         """The journaled sale this draft re-reads, if any (same fuelling point, number and

@@ -108,15 +108,17 @@ class TotalizerWatch(BackgroundService):
             return
         self.stats.checks += 1
         pumps = set(self._due) | {pump for pump, _ in self._suspects}
-        for pump in self.controller.pumps():
-            fp = snapshot.fuelling_point(pump)
-            for nozzle in fp.nozzles if fp else ():
-                last = await self.controller.journal.last_reading(pump, nozzle.number)
-                now = (last.sale_id, last.totalizer_end_ml) if last else None
-                key = (pump, nozzle.number)
-                if key in self._journaled and self._journaled[key] != now:
-                    pumps.add(pump)  # a sale was journaled: read the meter after it
-                self._journaled[key] = now
+        nozzles = [
+            (pump, nozzle.number)
+            for pump in self.controller.pumps()
+            if (fp := snapshot.fuelling_point(pump)) is not None
+            for nozzle in fp.nozzles
+        ]
+        for key, last in (await self.controller.journal.last_readings(nozzles)).items():
+            now = (last.sale_id, last.totalizer_end_ml) if last else None
+            if key in self._journaled and self._journaled[key] != now:
+                pumps.add(key[0])  # a sale was journaled: read the meter after it
+            self._journaled[key] = now
         for pump in sorted(pumps):
             if await self._check_pump(pump):
                 self._due.discard(pump)

@@ -636,6 +636,7 @@ class DartDriver:
             try:
                 started = time.perf_counter()
                 for link in self.links.values():
+                    await self._visit_urgent(but=link)
                     await self._visit(link)
                 self.cycles += 1
                 self.cycle_busy_s += time.perf_counter() - started
@@ -685,6 +686,15 @@ class DartDriver:
             if link.address == error.frame[0]:
                 return link
         return None
+
+    async def _visit_urgent(self, but: _Link) -> None:
+        """Before the next pump of the round: every other pump a command waits on (to be sent,
+        or for the pump's answer to it), so a command does not wait for a whole round of the
+        line (at 9 600 baud, eight pumps take about 200 ms). Each is visited once per step of
+        the round, so the round itself still goes on."""
+        for link in self.links.values():
+            if link is not but and (link.commands or link.waiters) and link.online:
+                await self._visit(link)
 
     async def _visit(self, link: _Link) -> None:
         now = time.monotonic()
