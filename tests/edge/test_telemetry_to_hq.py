@@ -16,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from forecourt.bootstrap import HeadOffice, build_head_office
+from forecourt.edge import node as node_module
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
 from forecourt.protocols.tls.simulator import serve
 from forecourt.settings import Settings
@@ -58,7 +59,11 @@ async def test_hq_shows_live_pump_and_tank_state_from_telemetry_across_a_broker_
     station: Station,
     persistent_mqtt_broker: MqttBroker,  # noqa: F811
     devices_hq: HeadOffice,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The node's periodic sweep of its computed alarms, out of the way: an alarm a device
+    # line raises or clears must reach HQ by itself.
+    monkeypatch.setattr(node_module, "ALARM_SWEEP_S", 3600.0)
     broker = persistent_mqtt_broker
     async with await serve("127.0.0.1", 0, gauge_config()) as gauge:
         # Given an edge with a jsonPTS pump line and a TLS gauge, publishing to the broker
@@ -102,6 +107,22 @@ async def test_hq_shows_live_pump_and_tank_state_from_telemetry_across_a_broker_
             assert tanks[1]["volume_ml"] == 21_000_500
             assert {d["key"] for d in shown["devices"]} >= {"forecourt", "tanks"}
             assert (await edge.get("/v1/status")).json()["telemetry"]["connected"] is True
+
+            # When the pump line raises an alarm, raises it again, then clears it
+            async def hq_alarm(active: bool) -> bool:
+                response = await hq.get(f"/v1/devices/stations/{STATION}/alarms")
+                recent = response.json()["recent"] if response.status_code == 200 else []
+                return any(a["name"] == "probe" and a["active"] is active for a in recent)
+
+            board = node.controllers[0].alarms
+            board.raise_("probe", "a condition on the pump line", pump=1)
+            # Then HQ shows it raised, once, and then cleared
+            await eventually(lambda: hq_alarm(True), 30, what="the raised alarm at HQ")
+            board.raise_("probe", "a condition on the pump line", pump=1)
+            board.clear("probe")
+            await eventually(lambda: hq_alarm(False), 30, what="the cleared alarm at HQ")
+            recent = (await hq.get(f"/v1/devices/stations/{STATION}/alarms")).json()["recent"]
+            assert [a["active"] for a in recent if a["name"] == "probe"] == [False, True]
 
             # When the broker restarts, and meanwhile tank 1 is drawn down by 500 L
             journaled_before = sum(c.stats.journaled for c in node.controllers)

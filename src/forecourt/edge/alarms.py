@@ -7,6 +7,7 @@ condition that persists across thousands of polls is one alarm, not thousands of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,18 @@ class AlarmBoard:
         self.clock = clock
         self.active: dict[str, Alarm] = {}
         self.raised_total: dict[str, int] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever an alarm is raised anew or cleared."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - a listener's fault must not stop the raiser
+                log.exception("edge.alarm_listener_failed")
 
     def raise_(self, name: str, message: str, **details: Any) -> None:
         self.raised_total[name] = self.raised_total.get(name, 0) + 1
@@ -50,11 +63,13 @@ class AlarmBoard:
             return
         self.active[name] = Alarm(name, message, self.clock.now(), details=details)
         log.error("edge.alarm", alarm=name, message=message, **details)
+        self._changed()
 
     def clear(self, name: str) -> None:
         alarm = self.active.pop(name, None)
         if alarm is not None:
             log.info("edge.alarm_cleared", alarm=name, raised=alarm.count)
+            self._changed()
 
     def as_json(self) -> list[dict[str, Any]]:
         return [a.as_json() for _, a in sorted(self.active.items())]

@@ -26,9 +26,10 @@ docs/pump-commands.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -171,6 +172,13 @@ class CommandLine:
     controller: ForecourtController
 
 
+@dataclass
+class _Attempt:
+    """What a command found out before it was refused (see ``PumpCommands._refusals``)."""
+
+    line: CommandLine | None = None
+
+
 def check_terminal(header: str | None, tokens: Mapping[str, str]) -> str:
     """The name of the terminal whose secret ``header`` (``Bearer <secret>``) carries, compared
     in constant time with every configured one; :class:`TerminalUnauthorized` otherwise."""
@@ -310,6 +318,21 @@ class PumpCommands:
             {**details, "refused": error.code, "message": error.message, **error.details},
         )
 
+    @contextlib.asynccontextmanager
+    async def _refusals(
+        self, actor: str, action: str, pump: int, details: dict[str, Any]
+    ) -> AsyncIterator[_Attempt]:
+        """One command inside: whatever refuses it (our rules, the device, a line that does
+        not answer) is audited as refused, with ``details`` as they are then, and raised in
+        the API's envelope. The block sets ``attempt.line`` once it knows the pump's line."""
+        attempt = _Attempt()
+        try:
+            yield attempt
+        except (ForecourtError, OSError, TimeoutError) as exc:
+            error = _as_api_error(attempt.line, exc)
+            await self._refused(actor, action, pump, details, error)
+            raise error from exc
+
     # --- the rules ----------------------------------------------------------------------------
 
     def _preset(self, line: CommandLine, pump: int, request: AuthoriseRequest) -> Preset:
@@ -405,8 +428,7 @@ class PumpCommands:
             if len(shown) <= _AUDITED_BODY_CHARS
             else {"request_head": shown[:200]}
         )
-        line: CommandLine | None = None
-        try:
+        async with self._refusals(actor, action, pump, details) as attempt:
             try:
                 request = AuthoriseRequest.model_validate(body)
             except ValidationError as exc:
@@ -415,7 +437,7 @@ class PumpCommands:
                     for e in exc.errors()
                 ]
                 raise CommandInvalid("the command is not valid", errors=errors) from None
-            line = self.line_of(pump)
+            line = attempt.line = self.line_of(pump)
             preset = self._preset(line, pump, request)
             controller = line.controller
             async with controller.commanding(pump) as status:
@@ -437,10 +459,6 @@ class PumpCommands:
                 authorised = await controller.authorise(pump, nozzle, preset, actor=actor)
                 self._awaiting_reset.discard(pump)
                 after = await controller.read_status(pump)
-        except (ForecourtError, OSError, TimeoutError) as exc:
-            error = _as_api_error(line, exc)
-            await self._refused(actor, action, pump, details, error)
-            raise error from exc
         return {
             **_status_json(line, after),
             "nozzle": authorised.nozzle,
@@ -467,10 +485,9 @@ class PumpCommands:
         *,
         needs: Capability | None = None,
     ) -> dict[str, Any]:
-        line: CommandLine | None = None
         details: dict[str, Any] = {}
-        try:
-            line = self.line_of(pump)
+        async with self._refusals(actor, action, pump, details) as attempt:
+            line = attempt.line = self.line_of(pump)
             controller = line.controller
             capabilities: frozenset[Capability] = getattr(
                 controller.driver, "capabilities", frozenset()
@@ -489,10 +506,6 @@ class PumpCommands:
                 else:
                     await controller.driver.resume(pump)
                 after = await controller.read_status(pump)
-        except (ForecourtError, OSError, TimeoutError) as exc:
-            error = _as_api_error(line, exc)
-            await self._refused(actor, action, pump, details, error)
-            raise error from exc
         await self._audit(actor, action, pump, {**details, "state_after": after.state.value})
         return _status_json(line, after)
 
@@ -556,10 +569,9 @@ class PumpCommands:
     async def release(self, actor: str, pump: int) -> dict[str, Any]:
         """Release a pump after an emergency stop, as its protocol requires."""
         action = "pump.release"
-        line: CommandLine | None = None
         details: dict[str, Any] = {}
-        try:
-            line = self.line_of(pump)
+        async with self._refusals(actor, action, pump, details) as attempt:
+            line = attempt.line = self.line_of(pump)
             controller = line.controller
             async with controller.commanding(pump) as status:
                 details["state_before"] = status.state.value
@@ -578,9 +590,5 @@ class PumpCommands:
                     details["sent"] = "nothing: reset by the next authorisation"
                 controller.released(pump)
                 after = await controller.read_status(pump)
-        except (ForecourtError, OSError, TimeoutError) as exc:
-            error = _as_api_error(line, exc)
-            await self._refused(actor, action, pump, details, error)
-            raise error from exc
         await self._audit(actor, action, pump, {**details, "state_after": after.state.value})
         return _status_json(line, after)

@@ -46,6 +46,8 @@ from forecourt.settings import EdgeSettings
 
 DriverFactory = Callable[[StationSnapshot], ForecourtDriver]
 
+ALARM_SWEEP_S = 5.0  # the computed alarms (uploads, storage, tasks) go to telemetry this often
+
 
 @dataclass
 class PumpLine:
@@ -127,30 +129,35 @@ class EdgeNode:
         return _both(line.controller.on_event, self.telemetry, line.protocol, snapshot.currency)
 
     async def _publish_alarms(self) -> None:
-        """Every second, the alarms raised and cleared since the last look, to telemetry."""
+        """The alarms raised and cleared, to telemetry: at once when an alarm board changes,
+        and every ``ALARM_SWEEP_S`` for the conditions the node computes (uploads, storage,
+        tasks). A re-raise that only counts up is not sent again."""
         assert self.telemetry is not None
+        changed = asyncio.Event()
+        for board in [*(c.alarms for c in self.controllers), *(g.alarms for g in self.gauges)]:
+            board.on_change(changed.set)
         while True:
-            current = {(a["name"], a.get("device")): a for a in self.alarms()}
+            changed.clear()
+            current = {(a["name"], a.get("device")): _uncounted(a) for a in self.alarms()}
             for key, alarm in current.items():
                 if self._alarms_published.get(key) != alarm:
-                    self.telemetry.report_alarm(
-                        alarm["name"],
-                        True,
-                        alarm.get("message", ""),
-                        _alarm_time(alarm, self.clock),
-                        {**alarm.get("details", {}), "device": alarm.get("device")},
-                    )
+                    self._report_alarm(alarm, True)
             for key, alarm in self._alarms_published.items():
                 if key not in current:
-                    self.telemetry.report_alarm(
-                        alarm["name"],
-                        False,
-                        alarm.get("message", ""),
-                        _alarm_time(alarm, self.clock),
-                        {**alarm.get("details", {}), "device": alarm.get("device")},
-                    )
+                    self._report_alarm(alarm, False)
             self._alarms_published = current
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), ALARM_SWEEP_S)
+
+    def _report_alarm(self, alarm: dict[str, Any], active: bool) -> None:
+        assert self.telemetry is not None
+        self.telemetry.report_alarm(
+            alarm["name"],
+            active,
+            alarm.get("message", ""),
+            _alarm_time(alarm, self.clock),
+            {**alarm.get("details", {}), "device": alarm.get("device")},
+        )
 
     async def _open_pump_lines(self, snapshot: StationSnapshot) -> None:
         for line in self.lines:
@@ -763,6 +770,11 @@ def registry_factory(config: DeviceConfig, settings: EdgeSettings, clock: Clock)
         return create_pump_driver(config, driver_context(config, settings, clock, snapshot))
 
     return make
+
+
+def _uncounted(alarm: dict[str, Any]) -> dict[str, Any]:
+    """An alarm as telemetry compares it: how often it was raised again is not news."""
+    return {key: value for key, value in alarm.items() if key != "count"}
 
 
 def _alarm_time(alarm: dict[str, Any], clock: Clock) -> datetime:

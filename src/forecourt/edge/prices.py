@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from forecourt.protocols.model import Capability, DeviceRejected, DriverUnavaila
 
 if TYPE_CHECKING:
     from forecourt.edge.controller import ForecourtController
+    from forecourt.network.contracts import SnapshotPrice, StationSnapshot
 
 log = get_logger("forecourt.edge.prices")
 
@@ -60,10 +62,17 @@ class PriceSchedule(BackgroundService):
     def wanted(self, pump: int) -> dict[int, tuple[str, int]]:
         """nozzle -> (price version, unit price) in force now for ``pump``'s nozzles."""
         snapshot = self.controller.snapshot()
-        fp = snapshot.fuelling_point(pump) if snapshot else None
-        if snapshot is None or fp is None:
+        if snapshot is None:
             return {}
-        in_force = snapshot.prices_at(self.controller.clock.now())
+        return self._wanted(snapshot, snapshot.prices_at(self.controller.clock.now()), pump)
+
+    @staticmethod
+    def _wanted(
+        snapshot: StationSnapshot, in_force: Mapping[str, SnapshotPrice], pump: int
+    ) -> dict[int, tuple[str, int]]:
+        fp = snapshot.fuelling_point(pump)
+        if fp is None:
+            return {}
         out: dict[int, tuple[str, int]] = {}
         for nozzle in sorted(fp.nozzles, key=lambda n: n.number):
             price = in_force.get(nozzle.grade)
@@ -75,9 +84,15 @@ class PriceSchedule(BackgroundService):
         """Send each quiet pump whose prices changed the prices in force; the pumps sent."""
         if not self.pushes or not self.controller.reachable:
             return []
+        snapshot = self.controller.snapshot()
+        if snapshot is None:
+            return []
+        # One instant for the whole tick: every pump is given the prices in force at it.
+        now = self.controller.clock.now()
+        in_force = snapshot.prices_at(now)
         sent: list[int] = []
         for pump in self.controller.pumps():
-            wanted = self.wanted(pump)
+            wanted = self._wanted(snapshot, in_force, pump)
             if not wanted or self.shown.get(pump) == wanted:
                 self.pending.discard(pump)
                 continue
@@ -115,7 +130,7 @@ class PriceSchedule(BackgroundService):
                 actor=self.controller.actor,
                 action="pump.prices",
                 target=f"fp:{pump}",
-                details={"nozzles": details, "at": self.controller.clock.now().isoformat()},
+                details={"nozzles": details, "at": now.isoformat()},
             )
         return sent
 
