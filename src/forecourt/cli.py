@@ -1094,10 +1094,22 @@ def _supervise_workers(settings: Settings, port_file: Path | None) -> int:
 @main.command()
 def relay() -> None:
     """Run only the outbox relay (publishes committed events to the bus) until stopped
-    (SIGINT or SIGTERM: exit status 0)."""
-    from forecourt.bootstrap import build_bus, build_relay, open_bus, open_database
+    (SIGINT or SIGTERM: exit status 0). With devices_mqtt_url set, it also runs the devices
+    context's telemetry subscriber (serve --workers N runs it here, once, not in each HTTP
+    worker)."""
+    from prometheus_client import CollectorRegistry
+
+    from forecourt.bootstrap import (
+        build_bus,
+        build_devices,
+        build_relay,
+        open_bus,
+        open_database,
+        runs_devices,
+    )
     from forecourt.infra.db import Database
     from forecourt.infra.migrate import upgrade
+    from forecourt.network.handlers import DbStationDirectory
 
     settings = _hq_settings(None)
     configure_logging(settings.log_level, settings.log_json)
@@ -1106,17 +1118,26 @@ def relay() -> None:
         db = Database(settings.database_url, application_name="forecourt-relay")
         bus = build_bus(settings, db)
         worker = build_relay(db, bus, settings)
+        telemetry = None
+        if runs_devices(settings) and settings.devices_mqtt_url is not None:
+            _, telemetry = build_devices(
+                settings, db, DbStationDirectory(db), CollectorRegistry()
+            )
 
         async def start() -> None:
             await open_database(db)
             await upgrade(db)
             await open_bus(bus, settings.bus_url)
             worker.start()
+            if telemetry is not None:
+                telemetry.start()
 
         try:
             if await stop.race(start()):
                 await stop.requested.wait()
         finally:
+            if telemetry is not None:
+                await telemetry.stop()
             await worker.stop()
             await bus.close()
             await db.dispose()

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import start_workers
+from forecourt.infra.db import Database
+from forecourt.kernel.telemetry import DEFAULT_PREFIX, encode, topic
+from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
+from tests.mqtt_broker import HQ_USER, MqttBroker, mqtt_broker  # noqa: F401 (a fixture)
+from tests.support import eventually, start_workers
 
 pytestmark = pytest.mark.e2e
 
 LISTEN = "0A"  # the TCP state in /proc/net/tcp
+PUMP_1 = {"pump": 1, "device": "pts", "state": "idle", "volume_ml": 0}
 
 
 def listeners_on(port: int) -> int:
@@ -41,3 +48,46 @@ async def test_workers_on_port_zero_share_the_port_the_file_names_once_all_serve
         supervisor.wait(timeout=30)
     assert not port_file.exists()  # stopped: the port is named no more
     assert listeners_on(port) == 0
+
+
+async def test_under_workers_one_process_subscribes_to_telemetry_and_every_worker_shows_it(
+    tmp_path: Path,
+    pg_url: str,
+    mqtt_broker: MqttBroker,  # noqa: F811
+) -> None:
+    # Given HQ as two HTTP workers and a relay process, with a broker for device telemetry
+    env = {
+        **os.environ,
+        "FORECOURT_DATABASE_URL": pg_url,
+        "FORECOURT_LOG_LEVEL": "WARNING",
+        "FORECOURT_DEVICES_MQTT_URL": mqtt_broker.url,
+        "FORECOURT_DEVICES_MQTT_USERNAME": HQ_USER,
+        "FORECOURT_DEVICES_MQTT_PASSWORD": mqtt_broker.password(HQ_USER),
+    }
+    supervisor, port = await start_workers(tmp_path, env)
+    db = Database(pg_url)
+    try:
+        await db.connect()
+        await import_chain(db, load_chain_file(SAMPLE_CHAIN))
+        # When station S001 publishes its pump 1, with its own login
+        payload = encode("S001", datetime.now(UTC), "boot-1", 1, PUMP_1)
+        async with mqtt_broker.client("S001") as station:
+            await station.publish(topic(DEFAULT_PREFIX, "S001", "pumps", 1), payload, qos=1)
+
+        # Then whichever worker answers shows it: the relay process subscribed, once
+        async def shown(client: httpx.AsyncClient) -> dict[str, Any] | None:
+            answer = await client.get("/v1/devices/stations/S001/pumps/1")
+            return answer.json() if answer.status_code == 200 else None  # type: ignore[no-any-return]
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            found = await eventually(lambda: shown(client), 30, what="pump 1 at HQ")
+            assert found["current"]["data"]["state"] == "idle"
+            for _ in range(4):  # a new connection each time: any of the workers
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as other:
+                    assert await shown(other) is not None
+        # One subscriber (the HTTP workers run none): the broker saw HQ's client once
+        assert mqtt_broker.log_text().count("as forecourt-hq-devices") == 1
+    finally:
+        await db.dispose()
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=30)
