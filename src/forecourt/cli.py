@@ -1120,9 +1120,7 @@ def relay() -> None:
         worker = build_relay(db, bus, settings)
         telemetry = None
         if runs_devices(settings) and settings.devices_mqtt_url is not None:
-            _, telemetry = build_devices(
-                settings, db, DbStationDirectory(db), CollectorRegistry()
-            )
+            _, telemetry = build_devices(settings, db, DbStationDirectory(db), CollectorRegistry())
 
         async def start() -> None:
             await open_database(db)

@@ -27,6 +27,8 @@ from forecourt.protocols.jsonpts.codec import (
     dumps,
     vendor_error,
 )
+from forecourt.protocols.model import Capability
+from forecourt.protocols.renumber import renumbered
 from tests.protocols.test_jsonpts_driver import EOT_DATA, FakeController, make_driver
 
 FILLING = {
@@ -251,3 +253,51 @@ async def test_report_items_with_odd_values_are_kept_and_flagged():
 async def test_an_authorisation_returns_the_transaction_number_the_device_confirms(reply, expected):
     async with make_driver(FakeController({"PumpAuthorize": reply})) as driver:
         assert await driver.authorize(1, 1, Preset(), 789_000) == expected
+
+
+# --------------------------------------------------------------------------- emergency stop
+
+
+def _stop_refused_for(pump: int) -> FakeController:
+    def stop(request: Packet) -> Packet:
+        if request.data["Pump"] == pump:
+            return Packet(request.id, "PumpEmergencyStop", error=True, code=12, message="busy")
+        return Packet(request.id, "PumpEmergencyStop", message="OK")
+
+    return FakeController({"PumpEmergencyStop": stop})
+
+
+async def test_every_pump_is_emergency_stopped_in_one_request_and_a_refusal_is_per_pump():
+    # Given a controller that refuses the stop of pump 2 only
+    controller = _stop_refused_for(2)
+    async with make_driver(controller) as driver:
+        # When the whole line is stopped
+        assert Capability.EMERGENCY_STOP_ALL in driver.capabilities
+        failed = await driver.emergency_stop_all([1, 2, 3])
+    # Then one request carried a stop for each pump, and only pump 2 is reported
+    (request,) = controller.requests
+    assert [(p.type, p.data["Pump"]) for p in request] == [
+        ("PumpEmergencyStop", 1),
+        ("PumpEmergencyStop", 2),
+        ("PumpEmergencyStop", 3),
+    ]
+    assert list(failed) == [2]
+    assert isinstance(failed[2], DeviceRejected)
+    assert failed[2].details["device_code"] == 12
+
+
+async def test_an_emergency_stop_of_the_line_that_gets_no_answer_raises():
+    controller = FakeController({}, status_code=503)
+    async with make_driver(controller) as driver:
+        with pytest.raises(DriverUnavailable):
+            await driver.emergency_stop_all([1, 2])
+
+
+async def test_a_renumbered_line_stops_its_device_pumps_and_reports_station_numbers():
+    # Given station pumps 5 and 6 as the controller's pumps 1 and 2, the second refusing
+    controller = _stop_refused_for(2)
+    async with make_driver(controller) as inner:
+        driver = renumbered(inner, {5: 1, 6: 2})
+        failed = await driver.emergency_stop_all([5, 6])  # type: ignore[attr-defined]
+    assert [p.data["Pump"] for p in controller.requests[0]] == [1, 2]
+    assert list(failed) == [6]

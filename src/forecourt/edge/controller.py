@@ -713,27 +713,30 @@ class ForecourtController(BackgroundService):
         the driver has one (``Capability.EMERGENCY_STOP_ALL``), else each pump concurrently.
         Returns the pumps that could not be stopped, with why."""
         pumps = self.pumps()
+        failed: dict[int, Exception] = {}
         capabilities: frozenset[Capability] = getattr(self.driver, "capabilities", frozenset())
-        broadcast = getattr(self.driver, "emergency_stop_all", None)
-        if Capability.EMERGENCY_STOP_ALL in capabilities and callable(broadcast):
+        at_once = getattr(self.driver, "emergency_stop_all", None)
+        if Capability.EMERGENCY_STOP_ALL in capabilities and callable(at_once):
             self.emergency_stopped.update(pumps)
             for pump in pumps:
-                self.alarms.raise_(
-                    f"emergency_stop_fp{pump}",
-                    "the pump was emergency-stopped: it sells nothing until it is released",
-                    pump=pump,
-                )
+                self._commands[pump] = self._commands.get(pump, 0) + 1
             try:
-                await broadcast()
+                failed = await at_once(pumps)
             except Exception as exc:  # noqa: BLE001 - reported per pump to the caller
-                return dict.fromkeys(pumps, exc)
+                failed = dict.fromkeys(pumps, exc)
             finally:
+                for pump in pumps:
+                    self._commands[pump] += 1
+                    self.alarms.raise_(
+                        f"emergency_stop_fp{pump}",
+                        "the pump was emergency-stopped: it sells nothing until it is released",
+                        pump=pump,
+                    )
                 self.wake.set()
-            return {}
+            return failed
         outcomes = await asyncio.gather(
             *(self.emergency_stop(pump) for pump in pumps), return_exceptions=True
         )
-        failed: dict[int, Exception] = {}
         for pump, outcome in zip(pumps, outcomes, strict=True):
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome

@@ -140,6 +140,17 @@ class PumpDriver(ForecourtDriver, Protocol):
 
 
 @runtime_checkable
+class StopsAllAtOnce(Protocol):
+    """A pump driver with ``Capability.EMERGENCY_STOP_ALL``: one exchange on the line stops
+    every pump of it (a broadcast, or one request carrying a stop for each pump)."""
+
+    async def emergency_stop_all(self, pumps: Sequence[int]) -> dict[int, Exception]:
+        """Emergency-stop ``pumps`` in one exchange; the pumps the device refused, with why.
+        Raises when the exchange itself failed (then none is known to have stopped)."""
+        ...
+
+
+@runtime_checkable
 class GaugeDriver(Protocol):
     """A tank gauge: request/response readings of the tanks it measures."""
 

@@ -136,7 +136,9 @@ class Capability(enum.StrEnum):
     DEVICE_TRANSACTION_NUMBERS = "device_transaction_numbers"  # the device numbers its sales
     TRANSACTION_REPORT = "transaction_report"  # the device's memory can be read by time window
     SUSPEND = "suspend"  # suspend / resume a fuelling
-    EMERGENCY_STOP_ALL = "emergency_stop_all"  # one broadcast stops every pump on the line
+    # One exchange stops every pump on the line: a broadcast, or one request with a stop for
+    # each pump (driver.StopsAllAtOnce).
+    EMERGENCY_STOP_ALL = "emergency_stop_all"
     TANK_GAUGE = "tank_gauge"  # reads tank measurements
     # The driver has no loop of its own: it reports only while answering the controller's
     # calls, so its events never call for another poll (a poll already saw them).

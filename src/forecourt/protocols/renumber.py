@@ -14,6 +14,7 @@ from forecourt.protocols.model import (
     DeviceEvent,
     DeviceHealth,
     DeviceIdentity,
+    DeviceRejected,
     DeviceTransaction,
     FillingProgress,
     NozzleTotals,
@@ -90,6 +91,13 @@ class RenumberedPumps:
 
     async def emergency_stop(self, pump: int) -> None:
         await self.inner.emergency_stop(self._dev(pump))
+
+    async def emergency_stop_all(self, pumps: Sequence[int]) -> dict[int, Exception]:
+        stop_all = getattr(self.inner, "emergency_stop_all", None)
+        if not callable(stop_all):
+            raise DeviceRejected("this line cannot stop every pump at once")
+        failed: dict[int, Exception] = await stop_all([self._dev(p) for p in pumps])
+        return {self._st(pump): exc for pump, exc in failed.items()}
 
     async def suspend(self, pump: int) -> None:
         await self.inner.suspend(self._dev(pump))

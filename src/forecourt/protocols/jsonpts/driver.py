@@ -180,6 +180,7 @@ CAPABILITIES = frozenset(
         Capability.TRANSACTION_REPORT,
         Capability.SUSPEND,
         Capability.EVENTS_ONLY_WHEN_ASKED,
+        Capability.EMERGENCY_STOP_ALL,  # one request, a PumpEmergencyStop packet per pump
     }
 )
 
@@ -666,6 +667,23 @@ class JsonPtsDriver:
 
     async def emergency_stop(self, pump: int) -> None:
         await self._command("PumpEmergencyStop", {"Pump": pump})
+
+    async def emergency_stop_all(self, pumps: Sequence[int]) -> dict[int, Exception]:
+        """Every pump in one request (a ``PumpEmergencyStop`` packet each, in as few POSTs as
+        the controller takes packets); the pumps whose packet was refused or not answered."""
+        replies = await self._exchange_each([("PumpEmergencyStop", {"Pump": p}) for p in pumps])
+        failed: dict[int, Exception] = {}
+        for pump, reply in zip(pumps, replies, strict=True):
+            if isinstance(reply, _BadReply):
+                failed[pump] = DriverUnavailable(
+                    f"unreadable jsonPTS reply: {reply.reason}", code="jsonpts.malformed_reply"
+                )
+                continue
+            try:
+                _raise_if_error(reply)
+            except DeviceRejected as exc:
+                failed[pump] = exc
+        return failed
 
     async def suspend(self, pump: int) -> None:
         await self._command("PumpSuspend", {"Pump": pump})
