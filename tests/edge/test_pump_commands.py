@@ -421,10 +421,12 @@ async def test_an_emergency_stop_halts_a_dart_and_a_jsonpts_line_at_once_until_e
     assert released.json()["state"] == "idle"
     again = await site.post("/v1/pumps/3/authorize", {"nozzle": 1, "preset": {"volume_ml": 5000}})
     assert again.status_code == 200, again.text
-    # When the DART pump is released, its next authorisation resets it from its switch-off
+    # When the DART pump is released (its stopped sale journaled and closed), it is reset
     await eventually(lambda: site.in_state(DART_PUMP, "stopped"), 30, what="switched off")
+    await eventually(lambda: _no_open_sales(site), 30, what="the stopped sale closed at the pump")
     released = await site.post(f"/v1/pumps/{DART_PUMP}/release")
     assert released.status_code == 200, released.text
+    assert released.json()["state"] == "idle"
     await site.dart_command(cmd="hang", pump=1)
     await site.dart_command(cmd="lift", pump=1, nozzle=1, target_ml=2000, hang=True)
     dart_again = await site.post(
@@ -435,6 +437,10 @@ async def test_an_emergency_stop_halts_a_dart_and_a_jsonpts_line_at_once_until_e
     # And each pump's stop and each release is audited
     assert len(site.audits("pump.emergency_stop")) == 5
     assert [a["target"] for a in site.audits("pump.release")] == ["fp:3", f"fp:{DART_PUMP}"]
+
+
+async def _no_open_sales(site: Forecourt) -> bool:
+    return not await site.node.journal.open_sales()
 
 
 async def len_sales(site: Forecourt, count: int) -> bool:

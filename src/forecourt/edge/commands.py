@@ -49,6 +49,7 @@ from forecourt.edge.drivers import (
 from forecourt.edge.journal import Journal
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.errors import Conflict, ForecourtError, InvalidValue, NotFound, Unauthorized
+from forecourt.protocols.driver import Resets
 
 log = get_logger("forecourt.edge.commands")
 
@@ -582,9 +583,18 @@ class PumpCommands:
                         pump=pump,
                         state=status.state.value,
                     )
+                driver = controller.driver
                 if line.protocol in _RELEASED_BY_RESUME:
-                    await controller.driver.resume(pump)
+                    await driver.resume(pump)
                     details["sent"] = "resume"
+                elif isinstance(driver, Resets):
+                    try:
+                        await driver.reset(pump)
+                        details["sent"] = "reset"
+                        controller.machine(pump).move(FpState.IDLE)
+                    except DeviceRejected as exc:  # e.g. the stopped sale is not closed yet
+                        self._awaiting_reset.add(pump)
+                        details["sent"] = f"nothing yet ({exc.message}): reset when authorised"
                 else:
                     self._awaiting_reset.add(pump)
                     details["sent"] = "nothing: reset by the next authorisation"

@@ -151,6 +151,14 @@ class StopsAllAtOnce(Protocol):
 
 
 @runtime_checkable
+class Resets(Protocol):
+    """A pump driver whose pumps take a reset out of a stop (DART's RESET): the edge resets a
+    pump when its emergency stop is released, so it shows idle at once."""
+
+    async def reset(self, pump: int) -> None: ...
+
+
+@runtime_checkable
 class GaugeDriver(Protocol):
     """A tank gauge: request/response readings of the tanks it measures."""
 

@@ -1410,6 +1410,42 @@ class DartDriver:
             if link.status in _BUSY:
                 await self._until_status(link, HOLDING, "stop", code="stop_refused")
 
+    async def reset(self, pump: int) -> None:
+        """RESET ``pump``: out of a switched-off or completed state, ready to be authorised.
+        Refused while it is busy or still holds a filling that is not closed."""
+        link = self._link(pump)
+        self._usable(link)
+        async with link.lock:
+            held = link.unclosed()
+            if held is not None:
+                raise DeviceRejected(
+                    f"pump {pump} holds unclosed filling {held['number']}: close it first",
+                    device_code="unclosed_filling",
+                )
+            if link.status in _BUSY:
+                raise DeviceRejected(
+                    f"pump {pump} is busy (status {link.status})", device_code="pump_busy"
+                )
+            if link.status in HOLDING and not link.resolved:
+                # A RESET releases the filling on display: it must be read first.
+                raise DeviceRejected(
+                    f"pump {pump} shows a filling that is not read yet: reset it later",
+                    device_code="filling_unread",
+                )
+            if link.status != S.RESET:
+                await self._command(link, [Command(PumpCommand.RESET)])
+                await self._until_status(link, {S.RESET}, "reset", code="reset_refused")
+
+    def max_preset(self, pump: int, kind: PresetType) -> int | None:
+        """The pump's own maximum preset as its parameters (DC7) give it: an amount, in minor
+        units; None for a volume, or before the parameters are read."""
+        link = self.links.get(pump)
+        if link is None or kind is not PresetType.AMOUNT or link.parameters is None:
+            return None
+        if link.parameters.max_amount <= 0:
+            return None
+        return link.decimals.amount_minor(link.parameters.max_amount).units
+
     async def emergency_stop(self, pump: int) -> None:
         link = self._link(pump)
         await self._command(link, [Command(PumpCommand.SWITCH_OFF)])
