@@ -388,6 +388,14 @@ async def test_the_price_list_tags_each_price_with_its_set(office: Office) -> No
     prices = (await office.client.get("/v1/network/prices")).json()
     assert sum(1 for p in prices if p["price_set_id"] == set_id) == len(ALL_GRADES)
     assert sum(1 for p in prices if p["price_set_id"] is None) == 7
+    # And a sale's price_version (a price id) leads to its set, one price at a time
+    one = next(p for p in prices if p["price_set_id"] == set_id)
+    found = await office.client.get(f"/v1/network/prices/{one['price_id']}")
+    assert found.status_code == 200
+    assert found.json() == one
+    missing = await office.client.get("/v1/network/prices/no-such-price")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "network.unknown_price"
 
 
 # --- exact conversion of the decimal prices -------------------------------------------------

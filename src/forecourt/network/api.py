@@ -15,7 +15,14 @@ from forecourt.infra.http import STATION_CREDENTIAL, bearer_token, error_respons
 from forecourt.kernel.errors import Forbidden, Unauthorized
 from forecourt.kernel.money import UnitPrice, currency_exponent
 from forecourt.network.contracts import StationDirectory, StationSnapshot
-from forecourt.network.domain import PriceScope, PriceSet, UnknownStation, effective_prices
+from forecourt.network.domain import (
+    Price,
+    PriceScope,
+    PriceSet,
+    UnknownPrice,
+    UnknownStation,
+    effective_prices,
+)
 from forecourt.network.handlers import (
     PriceSetFile,
     build_snapshot,
@@ -82,6 +89,20 @@ def _public(ps: PriceSet, status: str) -> PriceSetPublic:
 
 
 PriceSetId = Annotated[str, Path(min_length=1, max_length=64)]
+PriceId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+def _price_json(p: Price) -> dict[str, Any]:
+    return {
+        "price_id": p.price_id,
+        "grade": p.grade,
+        "scope": p.scope.value,
+        "scope_code": p.scope_code,
+        "milli_minor_per_litre": p.milli_minor_per_litre,
+        "currency": p.currency,
+        "effective_from": p.effective_from.isoformat(),
+        "price_set_id": p.price_set_id,
+    }
 
 
 def build_router(db: Database, directory: StationDirectory) -> APIRouter:
@@ -176,19 +197,18 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
     async def list_prices() -> list[dict[str, Any]]:
         async with db.connection() as conn:
             prices = await NetworkStore(conn).prices()
-        return [
-            {
-                "price_id": p.price_id,
-                "grade": p.grade,
-                "scope": p.scope.value,
-                "scope_code": p.scope_code,
-                "milli_minor_per_litre": p.milli_minor_per_litre,
-                "currency": p.currency,
-                "effective_from": p.effective_from.isoformat(),
-                "price_set_id": p.price_set_id,
-            }
-            for p in prices
-        ]
+        return [_price_json(p) for p in prices]
+
+    @router.get("/v1/network/prices/{price_id}", responses=error_responses(404, 422))
+    async def one_price(price_id: PriceId) -> dict[str, Any]:
+        """One price by its id: a sale's ``price_version`` names the price it ran under, and
+        this says which price set (if any) that price came from."""
+        async with db.connection() as conn:
+            prices = await NetworkStore(conn).prices()
+        found = next((p for p in prices if p.price_id == price_id), None)
+        if found is None:
+            raise UnknownPrice(f"no price {price_id!r}", price_id=price_id)
+        return _price_json(found)
 
     @router.post(
         "/v1/network/price-sets",

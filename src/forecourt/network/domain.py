@@ -230,6 +230,11 @@ class UnknownPriceSet(ForecourtError):
     http_status = 404
 
 
+class UnknownPrice(ForecourtError):
+    code = "network.unknown_price"
+    http_status = 404
+
+
 # A price above this many minor units per litre (100.00 CNY, EUR or USD; 10 000 JPY or KRW)
 # is a slipped decimal point, not a price: 789 typed for 7.89 is refused.
 MAX_MINOR_PER_LITRE = 10_000
