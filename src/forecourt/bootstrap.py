@@ -204,6 +204,7 @@ class HeadOffice:
             await self.telemetry.stop()
         await self.consumers.stop()
         await self.relay.stop()
+        await self.directory.close()
         await self.bus.close()
         self.bus_ready = False
         await self.db.dispose()
@@ -265,7 +266,12 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     bus = build_bus(settings, db)
     relay = build_relay(db, bus, settings)
     registry = CollectorRegistry()
-    directory = DbStationDirectory(db)
+    directory = DbStationDirectory(
+        db,
+        cache_size=settings.station_credential_cache_size,
+        credential_ttl_s=settings.station_credential_cache_s,
+        failures_per_minute=settings.station_auth_failures_per_minute,
+    )
     host = build_consumer_host(db, bus, settings, registry)
     hq = HeadOffice(settings, db, bus, relay, directory, registry, host)
     if runs_devices(settings):

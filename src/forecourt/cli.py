@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -1769,27 +1770,131 @@ def import_(path: Path | None, database_url: str | None, sample: bool) -> None:
     )
 
 
-@main.command()
-@click.argument("station")
-@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
-def credential(station: str, database_url: str | None) -> None:
-    """Issue a new upload credential for STATION (printed once; HQ keeps only its hash)."""
+class _CredentialGroup(ForecourtGroup):
+    """``forecourt credential STATION`` still issues one (as ``credential issue STATION``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["issue", *args]
+        return super().parse_args(ctx, args)
+
+
+def _duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``24h``, ``7d`` (or plain seconds) as a timedelta."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    value = text.strip().lower()
+    factor = units.get(value[-1:], None)
+    number = value[:-1] if factor else value
+    try:
+        seconds = float(number) * (factor or 1)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a duration such as 90s, 15m, 24h or 7d") from None
+    if seconds < 0:
+        raise click.BadParameter(f"{text!r}: a duration cannot be negative")
+    return timedelta(seconds=seconds)
+
+
+def _with_hq_db(database_url: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(db)`` on HQ's database (migrated), the database noted for error messages."""
     from forecourt.bootstrap import open_database
     from forecourt.infra.db import Database
-    from forecourt.network.handlers import issue_credential
+    from forecourt.infra.migrate import upgrade
 
     settings = _hq_settings(database_url)
+    _uses(database_url=settings.database_url)
 
-    async def run() -> tuple[str, str]:
+    async def run() -> T:
         db = Database(settings.database_url)
         await open_database(db)
         try:
-            return await issue_credential(db, station)
+            await upgrade(db)
+            return await work(db)
         finally:
             await db.dispose()
 
-    key_id, token = asyncio.run(run())
+    return asyncio.run(run())
+
+
+@main.group(cls=_CredentialGroup)
+def credential() -> None:
+    """Station credentials: issue, rotate, revoke, list (``forecourt credential STATION``
+    issues one). A credential is printed once; HQ keeps only its hash."""
+
+
+@credential.command("issue")
+@click.argument("station")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def credential_issue(station: str, database_url: str | None) -> None:
+    """Issue a new upload credential for STATION (it expires after
+    station_credential_valid_days when that is set)."""
+    from forecourt.network.handlers import issue_credential
+
+    days = _hq_settings(database_url).station_credential_valid_days
+    valid_for = timedelta(days=days) if days else None
+    key_id, token = _with_hq_db(
+        database_url, lambda db: issue_credential(db, station, valid_for=valid_for)
+    )
     click.echo(json.dumps({"station": station, "key_id": key_id, "credential": token}))
+
+
+@credential.command("rotate")
+@click.argument("station")
+@click.option(
+    "--grace",
+    default=None,
+    help="How long the station's current credentials stay valid, e.g. 24h or 30m "
+    "(default: station_credential_grace_s, 24 h).",
+)
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def credential_rotate(station: str, grace: str | None, database_url: str | None) -> None:
+    """Issue STATION a new credential; its current ones end after the grace period (install
+    the new one at the station meanwhile: FORECOURT_EDGE_CREDENTIAL)."""
+    from forecourt.network.handlers import rotate_credential
+
+    settings = _hq_settings(database_url)
+    period = _duration(grace) if grace else timedelta(seconds=settings.station_credential_grace_s)
+    days = settings.station_credential_valid_days
+    rotated = _with_hq_db(
+        database_url,
+        lambda db: rotate_credential(
+            db, station, grace=period, valid_for=timedelta(days=days) if days else None
+        ),
+    )
+    click.echo(
+        json.dumps(
+            {
+                "station": station,
+                "key_id": rotated.key_id,
+                "credential": rotated.token,
+                "old_keys": rotated.old_keys,
+                "old_valid_until": rotated.old_valid_until.isoformat(),
+            }
+        )
+    )
+
+
+@credential.command("revoke")
+@click.argument("station")
+@click.option("--key", "key_id", default=None, help="Only this key id (default: all of them).")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def credential_revoke(station: str, key_id: str | None, database_url: str | None) -> None:
+    """Revoke STATION's credentials (or one) now: every HQ process refuses them at once."""
+    from forecourt.network.handlers import revoke_credentials
+
+    revoked = _with_hq_db(database_url, lambda db: revoke_credentials(db, station, key_id=key_id))
+    click.echo(json.dumps({"station": station, "revoked": revoked}))
+
+
+@credential.command("list")
+@click.argument("station")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def credential_list(station: str, database_url: str | None) -> None:
+    """STATION's credentials (key id, created, revoked or ending, expiry, valid now); never a
+    secret."""
+    from forecourt.network.handlers import list_credentials
+
+    found = _with_hq_db(database_url, lambda db: list_credentials(db, station))
+    click.echo(json.dumps({"station": station, "credentials": found}))
 
 
 @main.command("publish-prices")

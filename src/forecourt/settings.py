@@ -151,6 +151,14 @@ class Settings(_TomlSettings):
     devices_telemetry_prefix: str = Field(default="forecourt/v1", pattern=r"^[^#+\x00]+[^/]$")
     devices_stale_after_s: float = Field(default=120.0, gt=0)
     devices_history_limit: int = Field(default=500, ge=1, le=100_000)
+    # Station credentials (docs/security.md): issued ones expire after this many days (None:
+    # never); a rotation keeps the old ones valid for the grace period; failed credentials
+    # per source and minute before 429; credentials found valid kept in a bounded cache.
+    station_credential_valid_days: int | None = Field(default=None, ge=1, le=3650)
+    station_credential_grace_s: float = Field(default=86_400.0, ge=0, le=30 * 86_400)
+    station_auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000)
+    station_credential_cache_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    station_credential_cache_s: float = Field(default=300.0, ge=0, le=86_400)
 
     @field_validator("consumers", mode="before")
     @classmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,12 @@ import pytest
 
 from forecourt.infra.db import Database
 from forecourt.kernel.telemetry import DEFAULT_PREFIX, encode, topic
-from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
+from forecourt.network.handlers import (
+    SAMPLE_CHAIN,
+    import_chain,
+    issue_credential,
+    load_chain_file,
+)
 from tests.mqtt_broker import HQ_USER, MqttBroker, mqtt_broker  # noqa: F401 (a fixture)
 from tests.support import eventually, start_workers
 
@@ -87,6 +94,59 @@ async def test_under_workers_one_process_subscribes_to_telemetry_and_every_worke
                     assert await shown(other) is not None
         # One subscriber (the HTTP workers run none): the broker saw HQ's client once
         assert mqtt_broker.log_text().count("as forecourt-hq-devices") == 1
+    finally:
+        await db.dispose()
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(timeout=30)
+
+
+async def test_under_workers_a_revoked_station_credential_is_refused_by_every_worker_at_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given HQ as two HTTP workers that cache station credentials for an hour
+    env = {
+        **os.environ,
+        "FORECOURT_DATABASE_URL": pg_url,
+        "FORECOURT_LOG_LEVEL": "WARNING",
+        "FORECOURT_STATION_CREDENTIAL_CACHE_S": "3600",
+    }
+    supervisor, port = await start_workers(tmp_path, env)
+    db = Database(pg_url)
+    try:
+        await db.connect()
+        await import_chain(db, load_chain_file(SAMPLE_CHAIN))
+        _, token = await issue_credential(db, "S001")
+        headers = {"Authorization": f"Bearer {token}"}
+
+        async def statuses() -> list[int]:
+            """The snapshot asked on eight new connections: both workers answer."""
+            found = []
+            for _ in range(8):
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                    answer = await client.get("/v1/stations/S001/snapshot", headers=headers)
+                    found.append(answer.status_code)
+            return found
+
+        async def all_ok() -> bool:
+            return await statuses() == [200] * 8
+
+        await eventually(all_ok, 30, what="both workers trusting the credential")
+        # When the station's credential is revoked from the command line
+        revoked = subprocess.run(
+            [sys.executable, "-m", "forecourt.cli", "credential", "revoke", "S001"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert revoked.returncode == 0, revoked.stderr
+
+        # Then every worker refuses it at once, whatever its cache
+        async def all_refused() -> bool:
+            return await statuses() == [401] * 8
+
+        await eventually(all_refused, 10, what="every worker refusing the revoked credential")
     finally:
         await db.dispose()
         supervisor.send_signal(signal.SIGTERM)

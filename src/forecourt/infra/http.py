@@ -3,6 +3,7 @@ health, metrics, and API docs that work without internet."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -62,7 +63,9 @@ def install_common(
 
     @app.exception_handler(ForecourtError)
     async def _forecourt_error(_request: Request, exc: ForecourtError) -> JSONResponse:
-        return error_response(exc.http_status, exc.to_dict())
+        retry = exc.details.get("retry_after_s")
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
+        return error_response(exc.http_status, exc.to_dict(), headers)
 
     # Starlette's own errors (no route: 404, wrong method: 405, and any HTTPException a
     # dependency raises) get the same envelope as ours, never FastAPI's ``{"detail": ...}``.
@@ -477,6 +480,7 @@ _ERROR_DESCRIPTIONS = {
     409: "Conflict",
     413: "The request body is larger than the server takes",
     422: "Invalid request: parameters or body",
+    429: "Too many failed credentials from this source: wait (Retry-After), then retry",
     503: "Unavailable: retry later",
 }
 

@@ -54,6 +54,14 @@ class Forbidden(ForecourtError):
     http_status = 403
 
 
+class TooManyRequests(ForecourtError):
+    """Refused for now: too many failures from this source. ``retry_after_s`` in the details
+    becomes the ``Retry-After`` header."""
+
+    code = "kernel.too_many_requests"
+    http_status = 429
+
+
 class Conflict(ForecourtError):
     code = "kernel.conflict"
     http_status = 409

@@ -112,11 +112,13 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
         "/v1/stations/{code}/snapshot",
         response_model=StationSnapshot,
         dependencies=[Security(STATION_CREDENTIAL)],
-        responses=error_responses(401, 403, 404, 422),
+        responses=error_responses(401, 403, 404, 422, 429),
     )
     async def station_snapshot(code: str, request: Request) -> StationSnapshot:
         """The versioned snapshot an edge node runs from (station credential required)."""
-        identity = await directory.authenticate(bearer_token(request))
+        identity = await directory.authenticate(
+            bearer_token(request), request.client.host if request.client else None
+        )
         if identity is None:
             raise Unauthorized("unknown station credential", code="auth.unknown_credential")
         if identity.code != code:

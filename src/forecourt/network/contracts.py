@@ -46,8 +46,10 @@ class StationReferences:
 
 
 class StationDirectory(Protocol):
-    async def authenticate(self, token: str) -> StationIdentity | None:
-        """The station a credential belongs to, or None (unknown or revoked)."""
+    async def authenticate(self, token: str, source: str | None = None) -> StationIdentity | None:
+        """The station a credential belongs to, or None (unknown, revoked or expired).
+        ``source`` (the client's address) counts the failures: past the limit it raises
+        :class:`~forecourt.kernel.errors.TooManyRequests` (429) instead."""
         ...
 
     async def references(self, station_code: str) -> StationReferences | None: ...

@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation, localcontext
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from forecourt.kernel.errors import ForecourtError
+from forecourt.kernel.errors import ForecourtError, TooManyRequests
 from forecourt.kernel.money import MILLI, Rounding, UnitPrice, currency_exponent
 
 
@@ -228,6 +228,15 @@ class PriceSetInForce(ForecourtError):
 class UnknownPriceSet(ForecourtError):
     code = "network.unknown_price_set"
     http_status = 404
+
+
+class UnknownCredential(ForecourtError):
+    code = "network.unknown_credential"
+    http_status = 404
+
+
+class TooManyFailures(TooManyRequests):
+    code = "auth.too_many_failures"
 
 
 class UnknownPrice(ForecourtError):

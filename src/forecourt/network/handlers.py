@@ -7,12 +7,17 @@ from __future__ import annotations
 import secrets
 import time as _time
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 import yaml
+from cachetools import LRUCache
+from limits import parse as parse_limit
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,6 +28,9 @@ from pydantic import (
 )
 
 from forecourt.infra.db import Database, UnitOfWork
+from forecourt.infra.logging import get_logger
+from forecourt.infra.notify import ChannelListener
+from forecourt.kernel.errors import InvalidValue
 from forecourt.kernel.events import Envelope, event_type
 from forecourt.kernel.ids import new_id
 from forecourt.kernel.money import Rounding, UnitPrice
@@ -56,6 +64,8 @@ from forecourt.network.domain import (
     PriceSetInvalid,
     Station,
     Tank,
+    TooManyFailures,
+    UnknownCredential,
     UnknownPriceSet,
     UnknownStation,
     applies_to,
@@ -64,7 +74,7 @@ from forecourt.network.domain import (
     stations_in_scope,
     timing_problems,
 )
-from forecourt.network.store import NetworkStore
+from forecourt.network.store import NetworkStore, hash_secret
 
 SAMPLE_CHAIN = Path(__file__).with_name("sample_chain.yaml")
 
@@ -332,23 +342,140 @@ async def import_chain(db: Database, chain: Chain, *, actor: str = "cli") -> Imp
 
 
 async def issue_credential(
-    db: Database, station_code: str, *, actor: str = "cli"
+    db: Database,
+    station_code: str,
+    *,
+    actor: str = "cli",
+    valid_for: timedelta | None = None,
 ) -> tuple[str, str]:
-    """Create a new credential for a station; the token is shown once and stored hashed."""
+    """Create a new credential for a station; the token is shown once and stored hashed.
+    ``valid_for``: it expires that long after now (None: it never expires)."""
     token = secrets.token_urlsafe(32)
     key_id = str(new_id())
+    now = db.clock.now()
+    expires_at = now + valid_for if valid_for is not None else None
     async with db.begin() as uow:
         store = NetworkStore(uow.conn)
         if await store.station(station_code) is None:
             raise UnknownStation(f"unknown station {station_code!r}")
-        await store.add_credential(station_code, key_id, token, db.clock.now())
+        await store.add_credential(station_code, key_id, token, now, expires_at)
         await uow.record_audit(
             actor=actor,
             action="network.credential.issue",
             target=f"station:{station_code}",
-            details={"key_id": key_id},
+            details={
+                "key_id": key_id,
+                "expires_at": expires_at.isoformat() if expires_at else None,
+            },
         )
     return key_id, token
+
+
+@dataclass(frozen=True)
+class Rotated:
+    key_id: str
+    token: str
+    expires_at: datetime | None
+    old_valid_until: datetime  # the station's earlier credentials end then
+    old_keys: list[str]
+
+
+async def rotate_credential(
+    db: Database,
+    station_code: str,
+    *,
+    grace: timedelta,
+    actor: str = "cli",
+    valid_for: timedelta | None = None,
+) -> Rotated:
+    """A new credential for the station; its earlier ones stay valid for ``grace`` (the time
+    to install the new one at the station), then end. One transaction, audited."""
+    if grace < timedelta(0):
+        raise InvalidValue("the grace period cannot be negative", field="grace")
+    token = secrets.token_urlsafe(32)
+    key_id = str(new_id())
+    now = db.clock.now()
+    expires_at = now + valid_for if valid_for is not None else None
+    async with db.begin() as uow:
+        store = NetworkStore(uow.conn)
+        if await store.station(station_code) is None:
+            raise UnknownStation(f"unknown station {station_code!r}")
+        old = await store.end_credentials(station_code, now + grace)
+        await store.add_credential(station_code, key_id, token, now, expires_at)
+        await _notify_credentials(uow)
+        await uow.record_audit(
+            actor=actor,
+            action="network.credential.rotate",
+            target=f"station:{station_code}",
+            details={
+                "key_id": key_id,
+                "old_keys": old,
+                "old_valid_until": (now + grace).isoformat(),
+                "expires_at": expires_at.isoformat() if expires_at else None,
+            },
+        )
+    return Rotated(key_id, token, expires_at, now + grace, old)
+
+
+async def revoke_credentials(
+    db: Database, station_code: str, *, key_id: str | None = None, actor: str = "cli"
+) -> list[str]:
+    """End the station's credentials (or the one ``key_id``) now, on every HQ process at
+    once; the key ids revoked. Audited."""
+    now = db.clock.now()
+    async with db.begin() as uow:
+        store = NetworkStore(uow.conn)
+        if await store.station(station_code) is None:
+            raise UnknownStation(f"unknown station {station_code!r}")
+        if key_id is not None and key_id not in {
+            r.key_id for r in await store.credentials(station_code)
+        }:
+            raise UnknownCredential(f"station {station_code} has no credential {key_id!r}")
+        revoked = await store.end_credentials(station_code, now, key_id=key_id)
+        await _notify_credentials(uow)
+        await uow.record_audit(
+            actor=actor,
+            action="network.credential.revoke",
+            target=f"station:{station_code}",
+            details={"key_ids": revoked},
+        )
+    return revoked
+
+
+async def list_credentials(db: Database, station_code: str) -> list[dict[str, Any]]:
+    """The station's credentials (never a secret) and whether each is valid now."""
+    now = db.clock.now()
+    async with db.connection() as conn:
+        store = NetworkStore(conn)
+        if await store.station(station_code) is None:
+            raise UnknownStation(f"unknown station {station_code!r}")
+        rows = await store.credentials(station_code)
+
+    def ends(at: datetime | None) -> str | None:
+        return at.isoformat() if at else None
+
+    return [
+        {
+            "key_id": r.key_id,
+            "created_at": r.created_at.isoformat(),
+            "revoked_at": ends(r.revoked_at),
+            "expires_at": ends(r.expires_at),
+            "valid": (r.revoked_at is None or r.revoked_at > now)
+            and (r.expires_at is None or r.expires_at > now),
+        }
+        for r in rows
+    ]
+
+
+CREDENTIALS_CHANNEL = "forecourt_credentials"
+log = get_logger("forecourt.network")
+
+
+async def _notify_credentials(uow: UnitOfWork) -> None:
+    """Tell every HQ process, at commit, that credentials changed (PostgreSQL NOTIFY; on
+    SQLite each process reads the revision instead)."""
+    if uow.conn.dialect.name == "postgresql":
+        await uow.conn.execute(sa.text(f"NOTIFY {CREDENTIALS_CHANNEL}"))
 
 
 async def build_snapshot(db: Database, station_code: str, now: datetime) -> StationSnapshot:
@@ -425,30 +552,114 @@ async def build_snapshot(db: Database, station_code: str, now: datetime) -> Stat
     )
 
 
-class DbStationDirectory:
-    """The network's :class:`StationDirectory` over its own tables, with a short cache.
+@dataclass(frozen=True, slots=True)
+class _Trusted:
+    identity: StationIdentity
+    until: datetime | None  # the credential's end (revoked_at ahead, or expires_at)
+    checked: float  # monotonic
 
-    The cache keeps the ingest hot path to one dictionary lookup per batch; master-data edits
-    show up within ``ttl_s``.
+
+class DbStationDirectory:
+    """The network's :class:`StationDirectory` over its own tables, with short caches.
+
+    A station credential is looked up by its SHA-256 (the cache never holds a secret) in a
+    bounded LRU cache of credentials found valid; an unknown credential is never cached, so
+    random tokens cannot flush the real ones. A rotation or revocation empties every HQ
+    process's cache at once: on PostgreSQL each process LISTENs for the NOTIFY the change
+    commits with (while it does not listen, it does not trust its cache), on SQLite it compares
+    the credential revision before each lookup. Failed lookups are limited per source
+    (``failures_per_minute``): past it a source gets 429 until the window moves on.
+
+    The reference cache keeps the ingest hot path to one dictionary lookup per batch;
+    master-data edits show up within ``ttl_s``.
     """
 
-    def __init__(self, db: Database, ttl_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        ttl_s: float = 5.0,
+        *,
+        cache_size: int = 10_000,
+        credential_ttl_s: float | None = None,
+        failures_per_minute: int = 30,
+    ) -> None:
         self.db = db
         self.ttl_s = ttl_s
-        self._auth: dict[str, tuple[float, StationIdentity | None]] = {}
+        # A change empties the cache at once; the lifetime only bounds how long a credential
+        # is trusted without looking at the database again.
+        self.credential_ttl_s = ttl_s if credential_ttl_s is None else credential_ttl_s
+        self._auth: LRUCache[str, _Trusted] = LRUCache(maxsize=cache_size)
         self._refs: dict[str, tuple[float, StationReferences | None]] = {}
+        self._failures = parse_limit(f"{failures_per_minute}/minute")
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._revision: int | None = None
+        self._listener: ChannelListener | None = None
+        self.lookups = 0  # credential lookups in the database (the cache missed)
 
-    async def authenticate(self, token: str) -> StationIdentity | None:
-        hit = self._auth.get(token)
-        if hit and _time.monotonic() - hit[0] < self.ttl_s:
-            return hit[1]
+    async def authenticate(self, token: str, source: str | None = None) -> StationIdentity | None:
+        source_key = source or "unknown"
+        if not self._limiter.test(self._failures, "station-credential", source_key):
+            stats = self._limiter.get_window_stats(self._failures, "station-credential", source_key)
+            retry = max(1.0, stats.reset_time - _time.time())
+            raise TooManyFailures(
+                "too many failed station credentials from this source: wait, then retry",
+                retry_after_s=round(retry, 1),
+            )
+        key = hash_secret(token)
+        now = self.db.clock.now()
+        if await self._cache_trusted():
+            hit = self._auth.get(key)
+            if (
+                hit is not None
+                and _time.monotonic() - hit.checked < self.credential_ttl_s
+                and (hit.until is None or now < hit.until)
+            ):
+                return hit.identity
+        self.lookups += 1
         async with self.db.connection() as conn:
-            found = await NetworkStore(conn).station_for_secret(token)
-        identity = StationIdentity(code=found[0], region=found[1]) if found else None
-        if len(self._auth) > 10_000:
-            self._auth.clear()
-        self._auth[token] = (_time.monotonic(), identity)
+            found = await NetworkStore(conn).station_for_secret(key, now)
+        if found is None:
+            self._auth.pop(key, None)
+            self._limiter.hit(self._failures, "station-credential", source_key)
+            # The hash's head names the credential tried without showing it.
+            log.warning("network.credential_refused", source=source_key, credential=key[:12])
+            if not self._limiter.test(self._failures, "station-credential", source_key):
+                log.warning("network.credential_source_blocked", source=source_key)
+            return None
+        identity = StationIdentity(code=found[0], region=found[1])
+        self._auth[key] = _Trusted(identity, found[2], _time.monotonic())
         return identity
+
+    @property
+    def cache_trusted(self) -> bool:
+        """Whether cached credentials may be used now (PostgreSQL: while the LISTEN stands)."""
+        if self.db.backend == "postgresql":
+            return self._listener is not None and self._listener.listening
+        return True
+
+    def forget_credentials(self) -> None:
+        """Trust no cached credential (a rotation or revocation happened)."""
+        self._auth.clear()
+
+    async def _cache_trusted(self) -> bool:
+        """Whether a cached credential may be used now, emptying the cache if a change came."""
+        if self.db.backend == "postgresql":
+            if self._listener is None:
+                self._listener = ChannelListener(
+                    self.db, CREDENTIALS_CHANNEL, self.forget_credentials
+                )
+            self._listener.start()
+            return self._listener.listening
+        async with self.db.connection() as conn:
+            revision = await NetworkStore(conn).credential_revision()
+        if revision != self._revision:
+            self._revision = revision
+            self.forget_credentials()
+        return True
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
 
     async def references(self, station_code: str) -> StationReferences | None:
         hit = self._refs.get(station_code)

@@ -141,7 +141,15 @@ credential_t = sa.Table(
     sa.Column("station_code", sa.String(40), nullable=False),
     sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", UTCDateTime(), nullable=False),
+    # Valid until revoked_at (a rotation sets it ahead: the grace period) and expires_at.
     sa.Column("revoked_at", UTCDateTime()),
+    sa.Column("expires_at", UTCDateTime()),
+)
+credential_revision_t = sa.Table(
+    "credential_revision",
+    md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("revision", sa.BigInteger, nullable=False),
 )
 
 
@@ -353,7 +361,12 @@ class NetworkStore:
                 await c.execute(table.insert(), rows)
 
     async def add_credential(
-        self, station_code: str, key_id: str, token: str, now: datetime
+        self,
+        station_code: str,
+        key_id: str,
+        token: str,
+        now: datetime,
+        expires_at: datetime | None = None,
     ) -> None:
         await self.conn.execute(
             credential_t.insert().values(
@@ -361,23 +374,69 @@ class NetworkStore:
                 station_code=station_code,
                 secret_sha256=hash_secret(token),
                 created_at=now,
+                expires_at=expires_at,
             )
         )
 
-    async def station_for_secret(self, token: str) -> tuple[str, str] | None:
+    async def station_for_secret(
+        self, secret_sha256: str, now: datetime
+    ) -> tuple[str, str, datetime | None] | None:
+        """(station, region, until when the credential is valid: None for no end) for a
+        credential valid at ``now``, else None."""
+        c = credential_t.c
         row = (
             await self.conn.execute(
-                sa.select(station_t.c.code, station_t.c.region_code)
-                .select_from(
-                    credential_t.join(station_t, station_t.c.code == credential_t.c.station_code)
-                )
+                sa.select(station_t.c.code, station_t.c.region_code, c.revoked_at, c.expires_at)
+                .select_from(credential_t.join(station_t, station_t.c.code == c.station_code))
                 .where(
-                    credential_t.c.secret_sha256 == hash_secret(token),
-                    credential_t.c.revoked_at.is_(None),
+                    c.secret_sha256 == secret_sha256,
+                    sa.or_(c.revoked_at.is_(None), c.revoked_at > now),
+                    sa.or_(c.expires_at.is_(None), c.expires_at > now),
                 )
             )
         ).first()
-        return (row.code, row.region_code) if row else None
+        if row is None:
+            return None
+        ends = [t for t in (row.revoked_at, row.expires_at) if t is not None]
+        return row.code, row.region_code, min(ends) if ends else None
+
+    async def credentials(self, station_code: str) -> list[sa.Row]:
+        """A station's credentials, oldest first (never their secrets)."""
+        c = credential_t.c
+        rows = await self.conn.execute(
+            sa.select(c.key_id, c.created_at, c.revoked_at, c.expires_at)
+            .where(c.station_code == station_code)
+            .order_by(c.created_at, c.key_id)
+        )
+        return list(rows)
+
+    async def end_credentials(
+        self, station_code: str, at: datetime, *, key_id: str | None = None
+    ) -> list[str]:
+        """Make the station's credentials (or one) invalid from ``at``, keeping an earlier
+        end; the key ids it changed. Raises the credential revision."""
+        c = credential_t.c
+        where = [c.station_code == station_code, sa.or_(c.revoked_at.is_(None), c.revoked_at > at)]
+        if key_id is not None:
+            where.append(c.key_id == key_id)
+        changed = [r.key_id for r in await self.conn.execute(sa.select(c.key_id).where(*where))]
+        if changed:
+            await self.conn.execute(
+                credential_t.update().where(c.key_id.in_(changed)).values(revoked_at=at)
+            )
+        await self.bump_credential_revision()
+        return changed
+
+    async def bump_credential_revision(self) -> None:
+        r = credential_revision_t.c
+        await self.conn.execute(
+            credential_revision_t.update().where(r.id == 1).values(revision=r.revision + 1)
+        )
+
+    async def credential_revision(self) -> int:
+        r = credential_revision_t.c
+        found = await self.conn.scalar(sa.select(r.revision).where(r.id == 1))
+        return int(found or 0)
 
     async def chain_row(self) -> sa.Row | None:
         return (await self.conn.execute(sa.select(chain_t))).first()

@@ -276,7 +276,7 @@ def build_router(
         "/v1/stations/{code}/sales:batch",
         response_model=BatchResult,
         dependencies=[Security(STATION_CREDENTIAL)],
-        responses=error_responses(401, 403, 404, 413, 422),
+        responses=error_responses(401, 403, 404, 413, 422, 429),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -286,7 +286,9 @@ def build_router(
     )
     async def upload_sales(code: str, request: Request) -> Response:
         """Upload journaled sales. The station is the credential's, never the body's."""
-        identity = await directory.authenticate(bearer_token(request))
+        identity = await directory.authenticate(
+            bearer_token(request), request.client.host if request.client else None
+        )
         if identity is None:
             raise Unauthorized("unknown station credential", code="auth.unknown_credential")
         if identity.code != code:
