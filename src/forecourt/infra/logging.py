@@ -4,9 +4,11 @@ process, for our own events and for the stdlib loggers of the libraries we use."
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import ParseResult, SplitResult
 
 import structlog
 
@@ -24,6 +26,26 @@ def _add_trace_id(
     trace_id = trace_id_var.get()
     if trace_id and "trace_id" not in event:
         event["trace_id"] = trace_id
+    return event
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^@/\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", text) if "@" in text else text
+
+
+def _redact_urls(
+    _logger: object, _name: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """No log line shows a URL's password (a bus or broker URL may carry one)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact(value)
+        elif isinstance(value, ParseResult | SplitResult):
+            event[key] = redact(value.geturl())
     return event
 
 
@@ -59,6 +81,7 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                _redact_urls,
                 renderer,
             ],
         )
@@ -78,6 +101,7 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
             structlog.processors.add_log_level,
             timestamper,
             structlog.processors.format_exc_info,
+            _redact_urls,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
