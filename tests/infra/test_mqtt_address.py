@@ -65,3 +65,23 @@ def test_the_address_prints_as_a_url_it_parses_back_to() -> None:
     for url in ("mqtt://a:1", "mqtts://b:8883", "unix:///x/y.sock"):
         address = BrokerAddress.parse(url)
         assert BrokerAddress.parse(str(address)) == address
+
+
+def test_a_user_name_alone_in_the_url_is_a_login_too() -> None:
+    # Given a URL naming a user without a password
+    url = "mqtt://S001@mq"
+    # Then the edge refuses it like any login in the URL
+    with pytest.raises(InvalidValue, match="credentials in their own settings"):
+        BrokerAddress.parse(url)
+    # And HQ reads the user, with no password
+    address = BrokerAddress.parse(url, login=True)
+    assert address == BrokerAddress("tcp", "mq", 1883, username="S001")
+
+
+@pytest.mark.parametrize("url", ["unix://mq/run/mqtt.sock", "unix://user@/run/mqtt.sock"])
+def test_a_unix_socket_url_with_a_host_or_login_is_refused(url: str) -> None:
+    # When a unix socket URL carries anything before its path
+    with pytest.raises(InvalidValue, match="absolute path") as refused:
+        BrokerAddress.parse(url, login=True)
+    # Then it is refused, naming the setting, rather than the host being silently dropped
+    assert refused.value.details["field"] == "mqtt_url"
