@@ -22,7 +22,7 @@ from forecourt.edge.domain import FpState
 from forecourt.edge.journal import Journal
 from forecourt.kernel.errors import ForecourtError
 from forecourt.protocols.driver import EventSink
-from forecourt.protocols.jsonpts.codec import Packet, decode_envelope, dumps
+from forecourt.protocols.jsonpts.codec import Packet, decode_envelope, dumps, encode_envelope
 from forecourt.protocols.model import (
     Capability,
     DeviceHealth,
@@ -586,3 +586,54 @@ def test_a_missing_wrong_or_partial_terminal_credential_is_refused(header: str |
 def test_an_edge_without_terminal_credentials_refuses_every_credential_saying_so() -> None:
     with pytest.raises(ForecourtError, match="no terminal credentials configured"):
         check_terminal("Bearer till-two-secret-0123456789", {})
+
+
+async def test_a_released_pump_reset_on_a_later_release_no_longer_awaits_its_reset(
+    tmp_path: Path,
+) -> None:
+    async with station(tmp_path, Resetting()) as site:
+        driver, service = site.driver, site.commands
+        # Given an emergency-stopped pump whose first release could not reset it (its sale
+        # was still open), so it awaits its reset
+        await service.emergency_stop("till1")
+        driver.refuse = "pump 1 holds unclosed filling 3: close it first"
+        await service.release("till1", 1)
+        # When, the sale closed, a second release resets it
+        driver.refuse = None
+        assert (await service.release("till1", 1))["state"] == "idle"
+        # Then it awaits nothing: switched off later by something else, it is not authorised
+        driver.states[1] = PumpState.STOPPED
+        error = await refused(service.authorise("till1", 1, amount(1_000)))
+        assert error.code == "pump.state_forbids"
+
+
+async def test_an_emergency_stop_of_many_pumps_sends_every_post_even_when_one_fails() -> None:
+    # Given a PTS-2 that takes two packets per POST and answers one of the POSTs 503
+    for failing in (1, 2):
+        posts: list[list[int]] = []
+
+        def handler(
+            request: httpx.Request, failing: int = failing, posts: list[list[int]] = posts
+        ) -> httpx.Response:
+            packets = decode_envelope(request.content)
+            posts.append([p.data["Pump"] for p in packets])
+            if posts[-1][0] == 2 * failing - 1:
+                return httpx.Response(503, text="busy")
+            answers = [Packet(p.id, "PumpEmergencyStop", message="OK") for p in packets]
+            return httpx.Response(200, content=encode_envelope(answers))
+
+        async with make_driver(handler, max_packets_per_post=2) as driver:
+            # When its four pumps are emergency-stopped
+            failed = await driver.emergency_stop_all([1, 2, 3, 4])
+        # Then both POSTs went out, and only the pumps of the failed one are reported
+        assert sorted(sorted(p) for p in posts) == [[1, 2], [3, 4]]
+        assert sorted(failed) == ([1, 2] if failing == 1 else [3, 4])
+
+
+async def test_an_emergency_stop_whose_every_post_fails_raises() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, text="down")
+
+    async with make_driver(handler, max_packets_per_post=2) as driver:
+        with pytest.raises(DriverUnavailable):
+            await driver.emergency_stop_all([1, 2, 3])

@@ -62,7 +62,7 @@ def test_a_url_that_names_no_broker_is_refused_naming_the_setting(url: str) -> N
 
 
 def test_the_address_prints_as_a_url_it_parses_back_to() -> None:
-    for url in ("mqtt://a:1", "mqtts://b:8883", "unix:///x/y.sock"):
+    for url in ("mqtt://a:1", "mqtts://b:8883", "unix:///x/y.sock", "mqtt://[::1]:1884"):
         address = BrokerAddress.parse(url)
         assert BrokerAddress.parse(str(address)) == address
 
@@ -85,3 +85,8 @@ def test_a_unix_socket_url_with_a_host_or_login_is_refused(url: str) -> None:
         BrokerAddress.parse(url, login=True)
     # Then it is refused, naming the setting, rather than the host being silently dropped
     assert refused.value.details["field"] == "mqtt_url"
+
+
+def test_an_explicitly_empty_password_is_a_password() -> None:
+    address = BrokerAddress.parse("mqtt://hq:@mq", login=True)
+    assert (address.username, address.password) == ("hq", "")

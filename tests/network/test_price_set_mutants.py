@@ -5,11 +5,13 @@ test_price_sets (the sample chain, 2026-06-01 12:00 in Shanghai)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from forecourt.network.domain import MAX_LEAD, MAX_MINOR_PER_LITRE, parse_unit_price
+from tests.cli import support as cli
 from tests.network.test_price_sets import NOW, US, Office, office, refusal, revision
 
 __all__ = ["office"]  # a fixture, imported for pytest
@@ -72,3 +74,37 @@ def test_the_ceiling_is_max_minor_units_per_litre_in_the_currency_s_own_minor_un
     assert value is None
     assert problem is not None
     assert f"above the ceiling of {highest} {currency}/L" in problem
+
+
+async def test_a_grade_priced_twice_in_one_body_is_refused_not_priced_at_its_last_figure(
+    office: Office,
+) -> None:
+    # Given a body that gives 92 twice (JSON would keep the second figure)
+    body = (
+        '{"effective_from": "2026-12-24T00:00:00+08:00", "scope": "chain", "prices": '
+        '{"92": "7.89", "95": "8.41", "98": "9.20", "0": "7.35", "92": "78.90"}}'
+    )
+    # When it is published
+    response = await office.client.post(
+        "/v1/network/price-sets", content=body, headers={"content-type": "application/json"}
+    )
+    # Then it is refused, naming the grade, and nothing is stored
+    assert refusal(response, 422, "network.price_set_invalid") == ["92: given twice"]
+    assert await revision(office.db) == 1
+
+
+def test_a_price_set_file_giving_a_grade_twice_is_refused_in_one_line(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'hq.db'}"
+    assert cli.run(["import", "--sample", "--database-url", database], tmp_path).code == 0
+    starts = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+    twice = tmp_path / "prices.yaml"
+    twice.write_text(
+        f"effective_from: '{starts.isoformat()}'\n"
+        "prices:\n  '92': '7.89'\n  '95': '8.41'\n  '98': '9.20'\n  '0': '7.35'\n"
+        "  '92': '78.90'\n",
+        encoding="utf-8",
+    )
+    refused = cli.run(["publish-prices", str(twice), "--database-url", database], tmp_path)
+    assert refused.code == 1
+    assert "'92' is given twice" in refused.one_line_error()
+    assert "Traceback" not in refused.stderr

@@ -591,6 +591,7 @@ class PumpCommands:
                     try:
                         await driver.reset(pump)
                         details["sent"] = "reset"
+                        self._awaiting_reset.discard(pump)
                         controller.machine(pump).move(FpState.IDLE)
                     except DeviceRejected as exc:  # e.g. the stopped sale is not closed yet
                         self._awaiting_reset.add(pump)

@@ -74,8 +74,16 @@ TRANSITIONS: dict[FpState, frozenset[FpState]] = {
     FpState.STOPPED: frozenset({FpState.FINISHED_UNPAID, FpState.IDLE, FpState.FUELLING}),
     # A pump holding an unclosed sale starts nothing new until it is closed.
     FpState.FINISHED_UNPAID: frozenset({FpState.CLOSED}),
+    # A closed sale's pump may show stopped: emergency-stopped mid-sale, switched off until
+    # it is released.
     FpState.CLOSED: frozenset(
-        {FpState.IDLE, FpState.CALLING, FpState.AUTHORISED, FpState.FINISHED_UNPAID}
+        {
+            FpState.IDLE,
+            FpState.CALLING,
+            FpState.AUTHORISED,
+            FpState.FINISHED_UNPAID,
+            FpState.STOPPED,
+        }
     ),
     FpState.ERROR: _ANY,
     FpState.OFFLINE: _ANY,

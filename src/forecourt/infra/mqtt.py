@@ -70,13 +70,14 @@ class BrokerAddress:
             port or (MQTTS_PORT if tls else MQTT_PORT),
             tls,
             unquote(parts.username) if parts.username else None,
-            unquote(parts.password) if parts.password else None,
+            unquote(parts.password) if parts.password is not None else None,
         )
 
     def __str__(self) -> str:
         if self.transport == "unix":
             return f"unix://{self.host}"
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 __all__ = ["MQTTS_PORT", "MQTT_PORT", "BrokerAddress"]

@@ -29,6 +29,7 @@ from forecourt.network.handlers import (
     get_price_set,
     list_price_sets,
     publish_price_set,
+    refuse_duplicate_grades,
     withdraw_price_set,
 )
 from forecourt.network.store import NetworkStore
@@ -224,8 +225,9 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
             **error_responses(400, 409, 413, 422),
         },
     )
-    async def publish(body: PriceSetFile) -> Any:
+    async def publish(body: PriceSetFile, request: Request) -> Any:
         """Publish a price set ahead of its instant (see docs/prices.md for the rules)."""
+        refuse_duplicate_grades(await request.body())
         published = await publish_price_set(db, body, actor="api")
         public = _public(published.price_set, published.status)
         if published.created:

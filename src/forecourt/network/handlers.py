@@ -4,6 +4,7 @@ snapshots, and the station directory other contexts authenticate and validate ag
 
 from __future__ import annotations
 
+import json
 import secrets
 import time as _time
 from dataclasses import dataclass
@@ -956,13 +957,53 @@ async def get_price_set(db: Database, price_set_id: str) -> tuple[PriceSet, str]
     raise UnknownPriceSet(f"unknown price set {price_set_id!r}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice (``safe_load`` would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def duplicate_keys(body: bytes) -> list[str]:
+    """Every key a JSON document gives twice in one object (``json`` would keep the last:
+    a grade priced twice must be refused, not silently priced at its second figure)."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        found.extend(sorted({key for key in keys if keys.count(key) > 1}))
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except ValueError:
+        return []  # not JSON: the request's own validation says so
+    return found
+
+
+def refuse_duplicate_grades(body: bytes) -> None:
+    """PriceSetInvalid when the body gives a key (a grade) twice."""
+    twice = duplicate_keys(body)
+    if twice:
+        raise _refused([f"{key}: given twice" for key in twice])
+
+
 def load_price_set_file(path: Path) -> PriceSetFile:
     """A price set from a YAML or JSON file (the body ``POST /v1/network/price-sets`` takes),
     or PriceSetInvalid listing every problem with its shape."""
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (OSError, yaml.YAMLError) as exc:
-        raise PriceSetInvalid(f"cannot read {path}: {exc}", problems=[str(exc)]) from None
+        reason = str(exc).replace("\n", " ")
+        raise PriceSetInvalid(f"cannot read {path}: {reason}", problems=[reason]) from None
     try:
         return PriceSetFile.model_validate(document)
     except ValidationError as exc:

@@ -300,3 +300,35 @@ async def test_the_line_counts_its_rounds_and_the_time_they_take_on_the_line() -
         rounds_run = after["cycles"] - before["cycles"]
         assert after["busy_s"] - before["busy_s"] >= 0.04 * (rounds_run - 1)
         assert after["busy_s"] - first["busy_s"] <= time.monotonic() - opened + 0.1
+
+
+async def test_a_sale_stopped_in_an_emergency_is_closed_and_its_pump_shows_stopped(
+    tmp_path: Path,
+) -> None:
+    async with DartSimulator(pumps=2, speed=40, flow_l_per_min=60) as sim:
+        await sim.start("127.0.0.1:0")
+        async with edge(sim, tmp_path) as controller:
+            await parameters_read(controller)
+            service = commands(controller)
+            # Given a fuelling stopped in an emergency
+            sim.lift(1, 1, target_ml=60_000, hang=True)
+            await service.authorise("till1", 1, {"nozzle": 1, "full": True})
+
+            async def flowing() -> bool:
+                filling = sim.pump(1).filling
+                return filling is not None and filling.volume >= 100
+
+            await run_until(controller, flowing, what="product flowing")
+            await service.emergency_stop("till1")
+
+            # When its sale is journaled and closed, the pump still switched off
+            async def closed_and_stopped() -> bool:
+                state = (await controller.read_status(1)).state
+                return controller.stats.closed >= 1 and state is PumpState.STOPPED
+
+            await run_until(controller, closed_and_stopped, what="the sale closed")
+            for _ in range(3):
+                await controller.poll_once()
+            # Then the edge's machine follows the pump to stopped, refusing no move
+            assert controller.machine(1).state is FpState.STOPPED
+            assert controller.stats.refused_moves == 0

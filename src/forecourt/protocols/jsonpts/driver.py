@@ -671,9 +671,33 @@ class JsonPtsDriver:
     async def emergency_stop_all(self, pumps: Sequence[int]) -> dict[int, Exception]:
         """Every pump in one request (a ``PumpEmergencyStop`` packet each, in as few POSTs as
         the controller takes packets); the pumps whose packet was refused or not answered."""
-        replies = await self._exchange_each([("PumpEmergencyStop", {"Pump": p}) for p in pumps])
+        # Every chunk is sent, side by side: one POST that fails must not leave the pumps of
+        # the next ones running.
+        chunks = [
+            list(pumps[start : start + self._max_packets])
+            for start in range(0, len(pumps), self._max_packets)
+        ]
+        outcomes = await asyncio.gather(
+            *(self._post([("PumpEmergencyStop", {"Pump": p}) for p in chunk]) for chunk in chunks),
+            return_exceptions=True,
+        )
         failed: dict[int, Exception] = {}
-        for pump, reply in zip(pumps, replies, strict=True):
+        replies: list[Packet | _BadReply] = []
+        answered: list[int] = []
+        for chunk, outcome in zip(chunks, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, (DriverUnavailable, DeviceRejected)):
+                failed.update(dict.fromkeys(chunk, outcome))
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome
+            answered.extend(chunk)
+            replies.extend(outcome)
+        if not answered and pumps:
+            first = failed[pumps[0]]
+            raise first  # no request got through: none is known to have stopped
+        for pump, reply in zip(answered, replies, strict=True):
             if isinstance(reply, _BadReply):
                 failed[pump] = DriverUnavailable(
                     f"unreadable jsonPTS reply: {reply.reason}", code="jsonpts.malformed_reply"
