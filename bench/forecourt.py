@@ -107,6 +107,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def fsync_latency(path: Path, seconds: float) -> dict[str, float]:
+    """The disk's own fsync latency over ``seconds`` (a reference for the edge's figures: it
+    fsyncs its journal, with each command's audit record, before it answers)."""
+    found: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.write(fd, b"x" * 128)
+            started = time.perf_counter()
+            os.fsync(fd)
+            found.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
+    return {
+        "fsync_p50_ms": round(pct(found, 50) or 0.0, 2),
+        "fsync_p99_ms": round(pct(found, 99) or 0.0, 2),
+        "fsync_max_ms": round(max(found, default=0.0), 2),
+    }
+
+
 def bench_chain() -> Chain:
     """The sample chain with one station of 32 fuelling points and 8 tanks."""
     base = load_chain_file(SAMPLE_CHAIN)
@@ -362,6 +384,8 @@ class Timings:
     authorise: list[float] = field(default_factory=list)
     stop: list[float] = field(default_factory=list)
     by_protocol: dict[str, list[float]] = field(default_factory=dict)  # authorisations
+    # (ms, pump, seconds into the window) of every authorisation, for the slowest ones
+    each: list[tuple[float, int, float]] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)
 
     def refusal(self, what: str, answer: httpx.Response) -> None:
@@ -387,7 +411,8 @@ async def terminal(
     headers = {"Authorization": f"Bearer {TERMINAL_SECRET}"}
     body = {"nozzle": 1, "preset": {"volume_ml": PRESET_ML}}
     index = 0
-    next_at = time.monotonic() + offset_s
+    opened_at = time.monotonic()
+    next_at = opened_at + offset_s
     while time.monotonic() < until:
         if every_s is not None:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -404,6 +429,7 @@ async def terminal(
             await asyncio.sleep(0.05)
             continue
         timings.authorise.append(took)
+        timings.each.append((round(took, 1), pump, round(time.monotonic() - opened_at, 1)))
         protocol = "jsonpts" if pump in JSONPTS_PUMPS else "dart"
         timings.by_protocol.setdefault(protocol, []).append(took)
         started = time.perf_counter()
@@ -459,6 +485,7 @@ async def commands(
             name: {"p50_ms": _round(pct(found, 50)), "p99_ms": _round(pct(found, 99))}
             for name, found in sorted(timings.by_protocol.items())
         },
+        "slowest": sorted(timings.each, reverse=True)[:5],  # (ms, pump, s into the window)
         "authorisations": len(timings.authorise),
         "authorisations_per_s": round(len(timings.authorise) / w.seconds, 1),
         "refused": timings.refused,
@@ -480,7 +507,9 @@ async def one_run(args: argparse.Namespace, baud: int | None) -> dict[str, Any]:
                 await ready(api)
                 log(f"{label}: ready; {args.idle:.0f} s idle")
                 async with window(api, pid) as idle:
-                    await asyncio.sleep(args.idle)
+                    disk = await asyncio.to_thread(
+                        fsync_latency, Path(tmp) / "fsync-probe", args.idle
+                    )
                 log(f"{label}: {args.seconds:.0f} s of commands at {args.rate:g}/s")
                 paced = await commands(api, pid, args, args.rate)
                 closed = None
@@ -494,6 +523,7 @@ async def one_run(args: argparse.Namespace, baud: int | None) -> dict[str, Any]:
     cycles = [c for c in idle_w.cycles.values() if c["cycle_ms"] is not None]
     return {
         "idle": {"cpu_share": round(idle_w.cpu_share, 3), "lines": idle_w.cycles},
+        "disk": disk,
         "poll_cycle_ms": max((c["cycle_ms"] or 0.0 for c in cycles), default=None),
         "poll_busy_ms": max((c["busy_ms"] or 0.0 for c in cycles), default=None),
         "paced": paced,
@@ -522,6 +552,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "authorise_p99_ms_9600": paced["paced"]["authorise_p99_ms"] if paced else None,
         "cpu_share": at_rate["cpu_share"],
         "cpu_share_idle": unpaced["idle"]["cpu_share"],
+        **unpaced["disk"],
         "closed_loop_authorisations_per_s": closed["authorisations_per_s"],
         "closed_loop_authorise_p99_ms": closed["authorise_p99_ms"],
         "closed_loop_cpu_share": closed["cpu_share"],
