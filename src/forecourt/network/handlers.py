@@ -351,14 +351,9 @@ async def issue_credential(
 ) -> tuple[str, str]:
     """Create a new credential for a station; the token is shown once and stored hashed.
     ``valid_for``: it expires that long after now (None: it never expires)."""
-    token = secrets.token_urlsafe(32)
-    key_id = str(new_id())
-    now = db.clock.now()
-    expires_at = now + valid_for if valid_for is not None else None
+    token, key_id, now, expires_at = _new_credential(db, valid_for)
     async with db.begin() as uow:
-        store = NetworkStore(uow.conn)
-        if await store.station(station_code) is None:
-            raise UnknownStation(f"unknown station {station_code!r}")
+        store = await _station_store(uow, station_code)
         await store.add_credential(station_code, key_id, token, now, expires_at)
         await uow.record_audit(
             actor=actor,
@@ -370,6 +365,23 @@ async def issue_credential(
             },
         )
     return key_id, token
+
+
+def _new_credential(
+    db: Database, valid_for: timedelta | None
+) -> tuple[str, str, datetime, datetime | None]:
+    """(token, key id, now, expiry) of a credential about to be issued."""
+    now = db.clock.now()
+    expires_at = now + valid_for if valid_for is not None else None
+    return secrets.token_urlsafe(32), str(new_id()), now, expires_at
+
+
+async def _station_store(uow: UnitOfWork, station_code: str) -> NetworkStore:
+    """The network's store in ``uow``, once the station is known."""
+    store = NetworkStore(uow.conn)
+    if await store.station(station_code) is None:
+        raise UnknownStation(f"unknown station {station_code!r}")
+    return store
 
 
 @dataclass(frozen=True)
@@ -393,14 +405,9 @@ async def rotate_credential(
     to install the new one at the station), then end. One transaction, audited."""
     if grace < timedelta(0):
         raise InvalidValue("the grace period cannot be negative", field="grace")
-    token = secrets.token_urlsafe(32)
-    key_id = str(new_id())
-    now = db.clock.now()
-    expires_at = now + valid_for if valid_for is not None else None
+    token, key_id, now, expires_at = _new_credential(db, valid_for)
     async with db.begin() as uow:
-        store = NetworkStore(uow.conn)
-        if await store.station(station_code) is None:
-            raise UnknownStation(f"unknown station {station_code!r}")
+        store = await _station_store(uow, station_code)
         old = await store.end_credentials(station_code, now + grace)
         await store.add_credential(station_code, key_id, token, now, expires_at)
         await _notify_credentials(uow)
@@ -425,9 +432,7 @@ async def revoke_credentials(
     once; the key ids revoked. Audited."""
     now = db.clock.now()
     async with db.begin() as uow:
-        store = NetworkStore(uow.conn)
-        if await store.station(station_code) is None:
-            raise UnknownStation(f"unknown station {station_code!r}")
+        store = await _station_store(uow, station_code)
         if key_id is not None and key_id not in {
             r.key_id for r in await store.credentials(station_code)
         }:

@@ -416,6 +416,18 @@ class _Link:
         return self.totals.get(counter)
 
 
+def _free(link: _Link, pump: int) -> None:
+    """Refuse a command that needs the pump free: it holds an unclosed filling, or is busy."""
+    held = link.unclosed()
+    if held is not None:
+        raise DeviceRejected(
+            f"pump {pump} holds unclosed filling {held['number']}: close it first",
+            device_code="unclosed_filling",
+        )
+    if link.status in _BUSY:
+        raise DeviceRejected(f"pump {pump} is busy (status {link.status})", device_code="pump_busy")
+
+
 def _retrieved(future: asyncio.Future[None]) -> None:
     """Mark a failure as seen: its waiter may have given up already (a timeout)."""
     if not future.cancelled():
@@ -1331,16 +1343,7 @@ class DartDriver:
                 raise InvalidValue("an amount preset needs a positive amount_minor")
             steps.append(PresetAmount(d.raw_amount(preset.amount_minor)))
         async with link.lock:
-            held = link.unclosed()
-            if held is not None:
-                raise DeviceRejected(
-                    f"pump {pump} holds unclosed filling {held['number']}: close it first",
-                    device_code="unclosed_filling",
-                )
-            if link.status in _BUSY:
-                raise DeviceRejected(
-                    f"pump {pump} is busy (status {link.status})", device_code="pump_busy"
-                )
+            _free(link, pump)
             await self._program(link, nozzle, price)
             if link.status != S.RESET:
                 await self._command(link, [Command(PumpCommand.RESET)])
@@ -1416,16 +1419,7 @@ class DartDriver:
         link = self._link(pump)
         self._usable(link)
         async with link.lock:
-            held = link.unclosed()
-            if held is not None:
-                raise DeviceRejected(
-                    f"pump {pump} holds unclosed filling {held['number']}: close it first",
-                    device_code="unclosed_filling",
-                )
-            if link.status in _BUSY:
-                raise DeviceRejected(
-                    f"pump {pump} is busy (status {link.status})", device_code="pump_busy"
-                )
+            _free(link, pump)
             if link.status in HOLDING and not link.resolved:
                 # A RESET releases the filling on display: it must be read first.
                 raise DeviceRejected(
