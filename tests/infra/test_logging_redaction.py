@@ -7,6 +7,7 @@ import logging
 from urllib.parse import urlparse
 
 import pytest
+import structlog
 
 from forecourt.infra.logging import configure_logging, get_logger, redact
 
@@ -25,6 +26,11 @@ def test_a_urls_password_is_masked_wherever_it_sits_in_the_text() -> None:
 def test_neither_our_events_nor_library_lines_show_a_password(
     capsys: pytest.CaptureFixture[str], json_lines: bool
 ) -> None:
+    # The suite's own logging, restored afterwards: the handler installed here writes to this
+    # test's captured stderr, which is closed once the test ends.
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     configure_logging("INFO", json_lines=json_lines)
     try:
         get_logger("forecourt.test").warning(
@@ -36,6 +42,8 @@ def test_neither_our_events_nor_library_lines_show_a_password(
         )
         err = capsys.readouterr().err
     finally:
-        configure_logging("INFO", json_lines=True)
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
     assert "s3cret" not in err
     assert err.count("bus:***@10.0.0.5:4222") == 3
