@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -267,6 +268,11 @@ class AnswerUnexpectedErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # The client went away before its request was read (an edge stopping mid-upload):
+            # nothing to answer, and nothing happened that it asked for.
+            log.info("http.client_disconnected", method=scope.get("method"), path=scope.get("path"))
+            return
         except Exception:
             log.exception(
                 "http.unexpected_error",
