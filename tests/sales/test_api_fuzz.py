@@ -261,8 +261,8 @@ def test_station_routes_document_the_station_credential_and_queries_need_none() 
 @pytest.mark.parametrize(
     ("label", "statuses"),
     [
-        (BATCH, {"200", "401", "403", "404", "413", "422"}),
-        ("GET /v1/stations/{code}/snapshot", {"200", "401", "403", "404", "422"}),
+        (BATCH, {"200", "401", "403", "404", "413", "422", "429"}),
+        ("GET /v1/stations/{code}/snapshot", {"200", "401", "403", "404", "422", "429"}),
         ("GET /v1/network/stations/{code}", {"200", "404", "422"}),
         ("GET /v1/sales", {"200", "422"}),
         ("GET /v1/sales/summary", {"200", "422"}),
