@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -62,9 +61,10 @@ from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.demo import (
     DemoOptions,
     DeviceProcess,
-    gauge_config,
     serve_until_started,
     simulator_config,
+    start_dart_simulator,
+    start_gauge_simulator,
 )
 from forecourt.infra.listener import listening_socket
 from forecourt.network.domain import Chain, Dispenser, FuellingPoint, Nozzle, Tank
@@ -240,39 +240,19 @@ class Station32:
         await self._edge(token, lines)
 
     async def _dart(self, index: int, pumps: int) -> str:
-        workdir = self.workdir / f"dart{index}"
-        workdir.mkdir()
-        port_file = workdir / "port"
-        args = ["--listen", "127.0.0.1:0", "--pumps", str(pumps), "--nozzles", "2"]
-        args += ["--port-file", str(port_file)]
+        args = ["--pumps", str(pumps), "--nozzles", "2"]
         if self.baud:
             args += ["--fault", f"baud={self.baud}"]
-        process = DeviceProcess("dart", args, workdir)
-        self.devices.append(process)
-
-        def port() -> int | None:
-            text = port_file.read_text().strip() if port_file.exists() else ""
-            return int(text) if text.isdigit() else None
-
-        return f"tcp://127.0.0.1:{await process.start(port)}"
+        _, port, _ = await start_dart_simulator(
+            self.workdir / f"dart{index}", args, self.devices.append
+        )
+        return f"tcp://127.0.0.1:{port}"
 
     async def _gauge(self, snapshot: Any) -> str:
-        workdir = self.workdir / "tls"
-        workdir.mkdir()
-        config = workdir / "gauge.json"
-        config.write_text(json.dumps(gauge_config(snapshot)), encoding="utf-8")
-        process = DeviceProcess(
-            "tls", ["--listen", "127.0.0.1:0", "--config", str(config)], workdir
+        _, endpoint = await start_gauge_simulator(
+            self.workdir / "tls", snapshot, self.devices.append
         )
-        self.devices.append(process)
-        announced = re.compile(r"TLS gauge simulator on (tcp://\S+)")
-
-        def endpoint() -> str | None:
-            found = announced.search(process.log_text())
-            return found.group(1) if found else None
-
-        endpoint_found: str = await process.start(endpoint)
-        return endpoint_found
+        return endpoint
 
     async def _edge(self, token: str, lines: list[dict[str, Any]]) -> None:
         port_file = self.workdir / "edge-port"

@@ -26,6 +26,11 @@ settings.load_profile(
     os.environ.get("FORECOURT_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
 )
 
+# Staff passwords are hashed with argon2id at its cheapest in the suite (and in the
+# processes it starts): the cost is a deployment's setting; what is tested is the logic.
+os.environ.setdefault("FORECOURT_IDENTITY_ARGON2_TIME_COST", "1")
+os.environ.setdefault("FORECOURT_IDENTITY_ARGON2_MEMORY_KIB", "8")
+
 PG_ADMIN_URL = os.environ.get(
     "FORECOURT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )

@@ -80,3 +80,50 @@ async def start_workers(
         supervisor.wait()
         raise
     return supervisor, int(port_file.read_text())
+
+
+# --- staff access tokens ----------------------------------------------------------------------
+
+Assignment = tuple[str, str]  # (role, scope text: "chain", "region:NORTH", "station:S001")
+ADMIN: tuple[Assignment, ...] = (("hq_admin", "chain"),)
+
+
+async def staff_headers(
+    identity: object, *grants: Assignment, name: str | None = None
+) -> dict[str, str]:
+    """The Authorization header of a new staff member holding ``grants`` (HQ admin over
+    the chain when none are given), signed in through ``identity`` (an IdentityService:
+    ``hq.identity``) as any user would be."""
+    from uuid import uuid4
+
+    from forecourt.identity.handlers import IdentityService
+
+    from forecourt.kernel.access import Scope
+
+    assert isinstance(identity, IdentityService)
+    username = name or f"t-{uuid4().hex[:12]}"
+    password = f"pw-{uuid4().hex}"
+    await identity.create_user(username, password=password, actor="test")
+    for role, scope in grants or ADMIN:
+        await identity.grant(username, role, Scope.parse(scope), actor="test")
+    tokens = await identity.sign_in(username, password, source="127.0.0.1")
+    return {"authorization": f"Bearer {tokens.access_token}"}
+
+
+async def staff_headers_at(database_url: str, *grants: Assignment) -> dict[str, str]:
+    """:func:`staff_headers` for an HQ running in another process on ``database_url``
+    (tokens are signed with keys kept in its database, so every HQ process takes them)."""
+    from forecourt.identity.handlers import IdentityConfig, IdentityService
+
+    from forecourt.infra.db import Database
+    from forecourt.infra.migrate import upgrade
+    from forecourt.settings import Settings
+
+    db = Database(database_url)
+    await db.connect()
+    try:
+        await upgrade(db)
+        config = IdentityConfig.from_settings(Settings(database_url=database_url))
+        return await staff_headers(IdentityService(db, config), *grants)
+    finally:
+        await db.dispose()

@@ -25,15 +25,20 @@ from forecourt import __version__
 from forecourt.devices import api as devices_api
 from forecourt.devices.handlers import DevicesService
 from forecourt.devices.subscriber import DevicesMetrics, TelemetrySubscriber
+from forecourt.identity import api as identity_api
+from forecourt.identity.handlers import IdentityConfig, IdentityService, looks_like_jwt
+from forecourt.infra.access import install_access
 from forecourt.infra.bus import Bus, make_bus
 from forecourt.infra.consumers import Consumer, ConsumerHost
 from forecourt.infra.db import Database
-from forecourt.infra.http import install_common
+from forecourt.infra.http import METRICS_POLICY, OPEN, install_common
 from forecourt.infra.migrate import upgrade
 from forecourt.infra.relay import OutboxRelay
 from forecourt.kernel.clock import Clock, SimulatedClock
-from forecourt.kernel.errors import ForecourtError
+from forecourt.kernel.access import Grant, Permission, Principal, PrincipalKind, Scope
+from forecourt.kernel.errors import ForecourtError, Unauthorized
 from forecourt.network import api as network_api
+from forecourt.network.contracts import StationDirectory
 from forecourt.network.handlers import DbStationDirectory
 from forecourt.sales import api as sales_api
 from forecourt.settings import Settings
@@ -168,6 +173,29 @@ class LiveFigures(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
 
+# What a station's credential allows: its own uploads and its own snapshot, nothing else.
+STATION_PERMISSIONS = frozenset({Permission.SALES_UPLOAD, Permission.NETWORK_SNAPSHOT})
+
+
+class HeadOfficeAuthenticator:
+    """HQ's :class:`~forecourt.infra.access.Authenticator`: a signed access token (staff, a
+    service account) is the identity context's to verify; anything else is taken for a
+    station's credential, the network's."""
+
+    def __init__(self, identity: IdentityService, stations: StationDirectory) -> None:
+        self.identity = identity
+        self.stations = stations
+
+    async def principal(self, token: str, source: str | None) -> Principal:
+        if looks_like_jwt(token):
+            return await self.identity.verifier.verify(token, source)
+        station = await self.stations.authenticate(token, source)
+        if station is None:
+            raise Unauthorized("unknown station credential", code="auth.unknown_credential")
+        grant = Grant("station", Scope.station(station.code), STATION_PERMISSIONS)
+        return Principal(PrincipalKind.STATION, station.code, (grant,))
+
+
 @dataclass
 class HeadOffice:
     settings: Settings
@@ -177,6 +205,7 @@ class HeadOffice:
     directory: DbStationDirectory
     registry: CollectorRegistry
     consumers: ConsumerHost
+    identity: IdentityService
     app: FastAPI = field(init=False)
     bus_ready: bool = False
     devices: DevicesService | None = None  # the devices context, when this process runs it
@@ -273,7 +302,8 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         failures_per_minute=settings.station_auth_failures_per_minute,
     )
     host = build_consumer_host(db, bus, settings, registry)
-    hq = HeadOffice(settings, db, bus, relay, directory, registry, host)
+    identity = IdentityService(db, IdentityConfig.from_settings(settings))
+    hq = HeadOffice(settings, db, bus, relay, directory, registry, host, identity)
     if runs_devices(settings):
         hq.devices, hq.telemetry = build_devices(settings, db, directory, registry)
 
@@ -314,9 +344,18 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         refresh_metrics=refresh_metrics,
         live=figures,
         max_body_bytes=settings.max_body_bytes,
+        metrics_policy=OPEN if settings.metrics_open else METRICS_POLICY,
     )
+
+    async def region_of(code: str) -> str | None:
+        refs = await directory.references(code)
+        return refs.region if refs is not None else None
+
+    install_access(app, HeadOfficeAuthenticator(identity, directory), region_of)
+    if "identity" in settings.services:
+        app.include_router(identity_api.build_router(identity))
     if "network" in settings.services:
-        app.include_router(network_api.build_router(db, directory))
+        app.include_router(network_api.build_router(db))
     if "sales" in settings.services:
         app.include_router(
             sales_api.build_router(

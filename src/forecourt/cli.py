@@ -1897,6 +1897,229 @@ def credential_list(station: str, database_url: str | None) -> None:
     click.echo(json.dumps({"station": station, "credentials": found}))
 
 
+# --- staff identity -------------------------------------------------------------------------
+
+
+def _grants(values: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``ROLE@SCOPE`` (``cashier@station:S001``, ``finance@region:EAST``, ``hq_admin`` for
+    the whole chain) as (role, Scope)."""
+    from forecourt.kernel.access import Scope
+
+    out = []
+    for value in values:
+        role, _, scope = value.partition("@")
+        try:
+            out.append((role.strip(), Scope.parse(scope.strip() or "chain")))
+        except ValueError as exc:
+            raise click.BadParameter(f"{value!r}: {exc}", param_hint="--grant") from None
+    return out
+
+
+def _scope(text: str) -> Any:
+    from forecourt.kernel.access import Scope
+
+    try:
+        return Scope.parse(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="SCOPE") from None
+
+
+def _password(from_stdin: bool) -> str | None:
+    """The password on standard input (its first line), or None: one is generated."""
+    if not from_stdin:
+        return None
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise click.BadParameter("standard input held no password", param_hint="--password-stdin")
+    return line
+
+
+def _identity(database_url: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(service)`` with the identity context on HQ's database."""
+    from forecourt.identity.handlers import IdentityConfig, IdentityService
+
+    config = IdentityConfig.from_settings(_hq_settings(database_url))
+    return _with_hq_db(database_url, lambda db: work(IdentityService(db, config)))
+
+
+def _user_json(user: Any) -> dict[str, Any]:
+    return {
+        "username": user.username,
+        "kind": user.kind,
+        "display_name": user.display_name,
+        "grants": [f"{role}@{scope}" for role, scope in user.grants],
+        "disabled": user.disabled,
+        "locked_until": user.locked_until.isoformat() if user.locked_until else None,
+    }
+
+
+_GRANT_HELP = (
+    "A role and where it holds: ROLE@SCOPE, e.g. cashier@station:S001, finance@region:EAST, "
+    "hq_admin (the chain). Repeat for more."
+)
+_STDIN_HELP = "Read the password from standard input (default: generate one and print it)."
+_ACTOR = "cli"
+
+
+@main.group(cls=ForecourtGroup)
+def users() -> None:
+    """Staff and service accounts: create, grant, revoke, reset, disable, list (on HQ's
+    database, as an operator on the HQ host). Roles and scopes: docs/security.md."""
+
+
+@users.command("create")
+@click.argument("username")
+@click.option("--grant", "grants", multiple=True, help=_GRANT_HELP)
+@click.option("--display-name", default=None, help="The name shown for the user.")
+@click.option("--password-stdin", is_flag=True, help=_STDIN_HELP)
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_create(
+    username: str,
+    grants: tuple[str, ...],
+    display_name: str | None,
+    password_stdin: bool,
+    database_url: str | None,
+) -> None:
+    """Create staff member USERNAME with the roles given; a generated password is printed
+    once (HQ keeps only its argon2 hash)."""
+    chosen = _grants(grants)
+    password = _password(password_stdin)
+
+    async def work(service: Any) -> tuple[Any, str | None]:
+        user, generated = await service.create_user(
+            username, password=password, display_name=display_name, actor=_ACTOR
+        )
+        for role, scope in chosen:
+            await service.grant(username, role, scope, actor=_ACTOR)
+        return await service.get_user(username), generated
+
+    user, generated = _identity(database_url, work)
+    click.echo(json.dumps({**_user_json(user), "password": generated}))
+
+
+@users.command("service")
+@click.argument("name")
+@click.option("--grant", "grants", multiple=True, required=True, help=_GRANT_HELP)
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_service(name: str, grants: tuple[str, ...], database_url: str | None) -> None:
+    """Create service account NAME (an integration, a metrics scraper): its client id and
+    secret are printed once, for POST /v1/auth/token (OAuth2 client credentials)."""
+    chosen = _grants(grants)
+    user, secret = _identity(
+        database_url,
+        lambda service: service.create_service_account(name, grants=chosen, actor=_ACTOR),
+    )
+    click.echo(json.dumps({**_user_json(user), "client_id": name, "client_secret": secret}))
+
+
+@users.command("grant")
+@click.argument("username")
+@click.argument("role")
+@click.argument("scope", default="chain")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_grant(username: str, role: str, scope: str, database_url: str | None) -> None:
+    """Give USERNAME the ROLE over SCOPE (chain, region:CODE or station:CODE); it holds from
+    their next sign-in or refresh."""
+    where = _scope(scope)
+
+    async def work(service: Any) -> Any:
+        await service.grant(username, role, where, actor=_ACTOR)
+        return await service.get_user(username)
+
+    click.echo(json.dumps(_user_json(_identity(database_url, work))))
+
+
+@users.command("revoke")
+@click.argument("username")
+@click.argument("role")
+@click.argument("scope", default="chain")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_revoke(username: str, role: str, scope: str, database_url: str | None) -> None:
+    """Take ROLE over SCOPE from USERNAME (gone at their next refresh; access tokens live
+    identity_access_token_s at most)."""
+    where = _scope(scope)
+
+    async def work(service: Any) -> Any:
+        await service.revoke(username, role, where, actor=_ACTOR)
+        return await service.get_user(username)
+
+    click.echo(json.dumps(_user_json(_identity(database_url, work))))
+
+
+@users.command("reset")
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help=_STDIN_HELP)
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_reset(username: str, password_stdin: bool, database_url: str | None) -> None:
+    """Set USERNAME's password (a generated one is printed once), unlock the account and end
+    every session it has."""
+    password = _password(password_stdin)
+    generated = _identity(
+        database_url, lambda service: service.reset_password(username, password, actor=_ACTOR)
+    )
+    click.echo(json.dumps({"username": username, "password": generated}))
+
+
+@users.command("disable")
+@click.argument("username")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_disable(username: str, database_url: str | None) -> None:
+    """Disable USERNAME: no sign-in, and every session it has ends."""
+    _identity(database_url, lambda service: service.disable(username, actor=_ACTOR))
+    click.echo(json.dumps({"username": username, "disabled": True}))
+
+
+@users.command("list")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_list(database_url: str | None) -> None:
+    """Every account with its grants (never a password or a hash)."""
+    found = _identity(database_url, lambda service: service.list_users())
+    click.echo(json.dumps([_user_json(u) for u in found]))
+
+
+@users.command("rotate-key")
+@click.option("--database-url", default=None, help=_DB_OPTION_HELP)
+def users_rotate_key(database_url: str | None) -> None:
+    """Sign new access tokens with a new key; tokens signed by the old one stay valid until
+    they expire."""
+    kid = _identity(database_url, lambda service: service.rotate_signing_key(actor=_ACTOR))
+    click.echo(json.dumps({"kid": kid}))
+
+
+@main.command("sign-in")
+@click.argument("username")
+@click.option(
+    "--hq-url",
+    default="http://127.0.0.1:8400",
+    show_default=True,
+    help="The head office to sign in to.",
+)
+@click.option("--terminal", default=None, help="The terminal signing in (kept in the token).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def sign_in(username: str, hq_url: str, terminal: str | None, password_stdin: bool) -> None:
+    """Sign in to HQ as USERNAME; prints the access and refresh tokens as JSON (send the
+    access token as Authorization: Bearer <token>)."""
+    import httpx
+
+    password = _password(True) if password_stdin else click.prompt("password", hide_input=True)
+    body: dict[str, Any] = {"username": username, "password": password}
+    if terminal:
+        body["terminal"] = terminal
+    try:
+        answer = httpx.post(f"{hq_url.rstrip('/')}/v1/auth/sign-in", json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(
+            f"cannot reach HQ at {hq_url}: {exc} — is forecourt serve running there?"
+        ) from None
+    if answer.status_code != 200:
+        try:
+            message = answer.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = answer.text.strip().splitlines()[0] if answer.text.strip() else ""
+        raise click.ClickException(f"sign-in refused ({answer.status_code}): {message}")
+    click.echo(answer.text)
+
+
 @main.command("publish-prices")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--database-url", default=None, help=_DB_OPTION_HELP)

@@ -49,6 +49,7 @@ from forecourt.edge.controller import ForecourtController
 from forecourt.edge.node import EdgeNode, PumpLine, build_edge_node, jsonpts_factory
 from forecourt.infra.db import SCHEMAS, Database
 from forecourt.infra.listener import listening_socket
+from forecourt.kernel.access import Scope
 from forecourt.kernel.clock import SimulatedClock
 from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.money import UnitPrice
@@ -90,6 +91,7 @@ DRAIN_BUDGET_S = 60.0  # wall seconds allowed for fuellings to end and outboxes 
 START_BUDGET_S = 20.0  # wall seconds a device simulator has to start serving
 GAUGE_INTERVAL_S = 2.0  # the edges read their tank gauges this often in the demo
 PTS_PASSWORD = "demo-controller"
+DEMO_AUDITOR = "demo-auditor"  # the staff account the reconciliation reads HQ with
 
 PUMP_PROTOCOLS = ("jsonpts", "dart")  # in the order they take a station's fuelling points
 GAUGE_PROTOCOLS = ("tls",)
@@ -241,6 +243,61 @@ def _port_in(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+async def start_dart_simulator(
+    workdir: Path,
+    args: Sequence[str],
+    keep: Callable[[DeviceProcess], object],
+    *,
+    control: bool = False,
+) -> tuple[DeviceProcess, int, int | None]:
+    """A DART line simulator (``forecourt simulate dart ARGS``) in ``workdir``, on a port the
+    kernel picks (and with ``control``, a control port too), handed to ``keep`` (to stop it
+    later) before it starts; once it serves, the process, its line port and its control port
+    (None without ``control``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file, control_file = workdir / "port", workdir / "control-port"
+    for path in (port_file, control_file):
+        path.unlink(missing_ok=True)
+    command = ["--listen", "127.0.0.1:0", *args, "--port-file", str(port_file)]
+    if control:
+        command += ["--control", "127.0.0.1:0", "--control-port-file", str(control_file)]
+    process = DeviceProcess("dart", command, workdir)
+    keep(process)
+
+    def ports() -> tuple[int, int | None] | None:
+        # The control port is written first, so both are there once the line's port is.
+        line = _port_in(port_file)
+        if line is None:
+            return None
+        if not control:
+            return line, None
+        control_port = _port_in(control_file)
+        return None if control_port is None else (line, control_port)
+
+    line_port, control_port = await process.start(ports)
+    return process, line_port, control_port
+
+
+async def start_gauge_simulator(
+    workdir: Path, snapshot: StationSnapshot, keep: Callable[[DeviceProcess], object]
+) -> tuple[DeviceProcess, str]:
+    """A TLS gauge console simulator in ``workdir`` holding the station's tanks, handed to
+    ``keep`` before it starts; the process and its endpoint, from the line it prints once it
+    listens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "gauge.json"
+    config.write_text(json.dumps(gauge_config(snapshot), indent=2), encoding="utf-8")
+    process = DeviceProcess("tls", ["--listen", "127.0.0.1:0", "--config", str(config)], workdir)
+    keep(process)
+    announced = re.compile(r"TLS gauge simulator on (tcp://\S+)")
+
+    def endpoint() -> str | None:
+        found = announced.search(process.log_text())
+        return found.group(1) if found else None
+
+    return process, await process.start(endpoint)
 
 
 @dataclass
@@ -499,6 +556,7 @@ class DemoChain:
         self.sim_start = self.clock.now()
         self.hq: HeadOffice | None = None
         self.hq_url = ""
+        self._auditor_password: str | None = None
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         self.stations: list[StationRun] = []
@@ -542,6 +600,8 @@ class DemoChain:
             nats_subject_prefix=opts.nats_subject_prefix,
             port=port,
             log_json=False,
+            # Tokens live in HQ's (simulated) time: a day of it lasts minutes of the demo.
+            identity_access_token_s=86_400.0,
         )
         # HQ lives in the same simulated time as the stations, so prices, business days and
         # snapshots agree across the demo.
@@ -566,6 +626,11 @@ class DemoChain:
         if opts.price_change:
             chain = self._with_price_change(chain)
         await import_chain(self.hq.db, chain, actor="demo")
+        # The reconciliation reads HQ as staff do: an auditor of the whole chain, signed in.
+        _, self._auditor_password = await self.hq.identity.create_user(
+            DEMO_AUDITOR, password=None, display_name="demo reconciliation", actor="demo"
+        )
+        await self.hq.identity.grant(DEMO_AUDITOR, "auditor", Scope.chain(), actor="demo")
         grade_ids = {g.code: i + 1 for i, g in enumerate(chain.grades)}
         plans = []
         for station in chain.stations:
@@ -685,31 +750,22 @@ class DemoChain:
         addresses = {fp: 0x50 + i for i, fp in enumerate(fps)}
         record = workdir / "fillings.jsonl"
         record.unlink(missing_ok=True)  # the simulator appends; this run's fillings only
-        port_file, control_file = workdir / "port", workdir / "control-port"
-        for path in (port_file, control_file):
-            path.unlink(missing_ok=True)
         per_pump = self.opts.arrivals_per_hour / max(len(snapshot.fuelling_points), 1)
         options = {
-            "--listen": "127.0.0.1:0",
-            "--control": "127.0.0.1:0",
             "--pumps": str(len(fps)),
             "--nozzles": str(_nozzles(snapshot, addresses)),
             "--record": str(record),
             "--customers-per-hour": repr(per_pump),
             "--speed": repr(self.opts.speed),
             "--seed": str(seed),
-            "--port-file": str(port_file),
-            "--control-port-file": str(control_file),
         }
-        process = DeviceProcess("dart", [w for pair in options.items() for w in pair], workdir)
-        self._processes.append(process)
-
-        def ports() -> tuple[int, int] | None:
-            # The control port is written first, so both are there once the line's port is.
-            line, control = _port_in(port_file), _port_in(control_file)
-            return None if line is None or control is None else (line, control)
-
-        line_port, control_port = await process.start(ports)
+        process, line_port, control_port = await start_dart_simulator(
+            workdir,
+            [w for pair in options.items() for w in pair],
+            self._processes.append,
+            control=True,
+        )
+        assert control_port is not None  # asked for
         return DartLine(
             process,
             record,
@@ -723,20 +779,7 @@ class DemoChain:
     ) -> tuple[DeviceProcess, str]:
         """A TLS gauge process holding the station's tanks; its endpoint from the line it
         prints once it listens."""
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = workdir / "gauge.json"
-        config.write_text(json.dumps(gauge_config(snapshot), indent=2), encoding="utf-8")
-        process = DeviceProcess(
-            "tls", ["--listen", "127.0.0.1:0", "--config", str(config)], workdir
-        )
-        self._processes.append(process)
-        announced = re.compile(r"TLS gauge simulator on (tcp://\S+)")
-
-        def endpoint() -> str | None:
-            found = announced.search(process.log_text())
-            return found.group(1) if found else None
-
-        return process, await process.start(endpoint)
+        return await start_gauge_simulator(workdir, snapshot, self._processes.append)
 
     async def restart_controller(
         self, code: str, sig: int = signal.SIGTERM, *, reset_counters: bool = True
@@ -888,6 +931,12 @@ class DemoChain:
     async def reconcile(self) -> Reconciliation:
         rec = Reconciliation()
         async with httpx.AsyncClient(base_url=self.hq_url, timeout=30.0) as hq:
+            signed_in = await hq.post(
+                "/v1/auth/sign-in",
+                json={"username": DEMO_AUDITOR, "password": self._auditor_password},
+            )
+            signed_in.raise_for_status()
+            hq.headers["authorization"] = f"Bearer {signed_in.json()['access_token']}"
             for st in self.stations:
                 snapshot = st.edge.snapshots.current
                 assert snapshot is not None

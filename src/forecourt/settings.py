@@ -29,7 +29,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from forecourt.kernel.errors import ForecourtError
 
-KNOWN_SERVICES = ("network", "sales", "devices")
+KNOWN_SERVICES = ("network", "sales", "devices", "identity")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "sqlite", "sqlite+aiosqlite")
 BUS_SCHEMES = ("memory", "nats")
@@ -159,6 +159,24 @@ class Settings(_TomlSettings):
     station_auth_failures_per_minute: int = Field(default=30, ge=1, le=100_000)
     station_credential_cache_size: int = Field(default=10_000, ge=1, le=10_000_000)
     station_credential_cache_s: float = Field(default=300.0, ge=0, le=86_400)
+    # Staff identity (docs/security.md). Access tokens (signed, by key id) live this long;
+    # a refresh token this long, each use rotating it (a reused one revokes its family);
+    # passwords are hashed with argon2id at these costs; an account locks for
+    # identity_lockout_s after identity_lockout_failures failed sign-ins in a row; failed
+    # sign-ins or tokens per source and minute before 429.
+    identity_issuer: str = Field(default="forecourt", min_length=1, max_length=200)
+    identity_audience: str = Field(default="forecourt", min_length=1, max_length=200)
+    identity_access_token_s: float = Field(default=300.0, ge=10, le=86_400)
+    identity_refresh_token_s: float = Field(default=12 * 3600.0, ge=60, le=90 * 86_400)
+    identity_argon2_time_cost: int = Field(default=3, ge=1, le=20)
+    identity_argon2_memory_kib: int = Field(default=65_536, ge=8, le=4 * 1024 * 1024)
+    identity_lockout_failures: int = Field(default=5, ge=1, le=1000)
+    identity_lockout_s: float = Field(default=900.0, ge=1, le=86_400)
+    identity_failures_per_minute: int = Field(default=30, ge=1, le=100_000)
+    identity_min_password_length: int = Field(default=12, ge=8, le=256)
+    # /metrics: a scraper's credential (metrics:read, a service account) unless open (only
+    # on a bind address nobody else reaches).
+    metrics_open: bool = False
 
     @field_validator("consumers", mode="before")
     @classmethod
@@ -288,10 +306,13 @@ class EdgeSettings(_TomlSettings):
     # refused. A preset above a maximum (lowered by the device's own, where it reports one)
     # is refused.
     terminal_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
+    # Read-only credentials, the same way (name -> secret): the station's status, pumps,
+    # tanks, journal figures and /metrics, never a command (a scraper, a back-office screen).
+    reader_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
     max_preset_volume_ml: int = Field(default=500_000, ge=1)
     max_preset_amount_minor: int = Field(default=1_000_000, ge=1)
 
-    @field_validator("terminal_tokens", mode="before")
+    @field_validator("terminal_tokens", "reader_tokens", mode="before")
     @classmethod
     def _terminal_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -304,7 +325,7 @@ class EdgeSettings(_TomlSettings):
             return {name.strip(): secret.strip() for name, _, secret in pairs}
         return value
 
-    @field_validator("terminal_tokens")
+    @field_validator("terminal_tokens", "reader_tokens")
     @classmethod
     def _real_terminal_secrets(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
         for name, secret in value.items():

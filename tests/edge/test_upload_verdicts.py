@@ -223,7 +223,7 @@ def _other_stations_credential(hq: HeadOffice, tokens: dict[str, str]) -> Any:
     [
         (_unsupported_version, "upload refused by HQ: sales.unsupported_schema_version"),
         (_unknown_credential, "credential rejected by HQ: auth.unknown_credential"),
-        (_other_stations_credential, "credential rejected by HQ: sales.station_mismatch"),
+        (_other_stations_credential, "credential rejected by HQ: auth.wrong_station"),
     ],
     ids=["422-unsupported-version", "401", "403"],
 )

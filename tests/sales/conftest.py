@@ -15,13 +15,15 @@ from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.kernel.ids import new_id
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 from forecourt.settings import Settings
+from tests.support import staff_headers
 
 
 @dataclass
 class Hq:
     office: HeadOffice
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # signed in as an HQ admin
     tokens: dict[str, str]
+    anonymous: httpx.AsyncClient  # no credential at all
 
     def auth(self, station: str) -> dict[str, str]:
         return {"authorization": f"Bearer {self.tokens[station]}"}
@@ -40,8 +42,13 @@ async def hq(db_url: str) -> AsyncIterator[Hq]:
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
     tokens = {code: (await issue_credential(office.db, code))[1] for code in ("S001", "S002")}
     transport = httpx.ASGITransport(app=office.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
-        yield Hq(office, client, tokens)
+    # Staff reads go as an HQ admin; uploads send their station's credential instead.
+    staff = await staff_headers(office.identity)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://hq", headers=staff) as client,
+        httpx.AsyncClient(transport=transport, base_url="http://hq") as anonymous,
+    ):
+        yield Hq(office, client, tokens, anonymous)
     await office.stop()
 
 

@@ -200,8 +200,8 @@ async def test_an_unsupported_schema_version_is_refused_with_the_supported_list(
 
 async def test_an_unknown_or_missing_credential_is_refused(hq: Hq) -> None:
     body = {"schema_version": 1, "sales": [make_sale()]}
-    missing = await hq.client.post("/v1/stations/S001/sales:batch", json=body)
-    unknown = await hq.client.post(
+    missing = await hq.anonymous.post("/v1/stations/S001/sales:batch", json=body)
+    unknown = await hq.anonymous.post(
         "/v1/stations/S001/sales:batch", json=body, headers={"authorization": "Bearer nope"}
     )
     assert missing.status_code == 401
@@ -217,7 +217,7 @@ async def test_the_station_comes_from_the_credential_not_the_path(hq: Hq) -> Non
         headers=hq.auth("S001"),
     )
     assert response.status_code == 403
-    assert response.json()["error"]["code"] == "sales.station_mismatch"
+    assert response.json()["error"]["code"] == "auth.wrong_station"
     assert await count(hq, sale_t) == 0
 
 
@@ -332,7 +332,7 @@ async def test_the_callers_trace_context_travels_into_the_events(hq: Hq) -> None
 async def test_every_answer_carries_a_trace_context_and_a_malformed_one_is_replaced(
     hq: Hq,
 ) -> None:
-    refused = await hq.client.post(
+    refused = await hq.anonymous.post(
         "/v1/stations/S001/sales:batch",
         json={"schema_version": 1, "sales": [make_sale()]},
         headers={"traceparent": "00-not-a-trace-01"},

@@ -17,7 +17,9 @@ from forecourt.devices.contracts import (
     TankDevices,
 )
 from forecourt.devices.handlers import DevicesService
+from forecourt.infra.access import require
 from forecourt.infra.http import error_responses
+from forecourt.kernel.access import Permission, Policy
 
 _DECIMAL = re.compile(r"[0-9]{1,9}")
 
@@ -39,13 +41,20 @@ TankNumber = Annotated[StrictInt, Path(ge=1, le=9999)]
 Limit = Annotated[StrictInt, Query(ge=1, le=1000, description="history entries, newest first")]
 
 
+# Every station's devices: chain-wide; one station's: where the reader holds devices:read.
+READ_CHAIN = Policy(Permission.DEVICES_READ)
+READ_STATION = Policy(Permission.DEVICES_READ, station="path:station")
+ERRORS = error_responses(401, 403, 422, 429)
+
+
 def build_router(service: DevicesService) -> APIRouter:
     router = APIRouter(tags=["devices"])
 
     @router.get(
         "/v1/devices/stations",
         response_model=list[StationSummary],
-        responses=error_responses(422),
+        dependencies=[require(READ_CHAIN)],
+        responses=ERRORS,
     )
     async def list_stations() -> list[StationSummary]:
         """Every station that sent telemetry: its link, staleness and active alarms."""
@@ -54,7 +63,8 @@ def build_router(service: DevicesService) -> APIRouter:
     @router.get(
         "/v1/devices/stations/{station}",
         response_model=StationDevices,
-        responses=error_responses(404, 422),
+        dependencies=[require(READ_STATION)],
+        responses={**ERRORS, **error_responses(404)},
     )
     async def station(station: StationCode) -> StationDevices:
         """A station's link, pumps, tanks, device lines, active alarms and discards."""
@@ -63,7 +73,8 @@ def build_router(service: DevicesService) -> APIRouter:
     @router.get(
         "/v1/devices/stations/{station}/pumps/{pump}",
         response_model=PumpDevices,
-        responses=error_responses(404, 422),
+        dependencies=[require(READ_STATION)],
+        responses={**ERRORS, **error_responses(404)},
     )
     async def pump(station: StationCode, pump: PumpNumber, limit: Limit = 100) -> PumpDevices:
         """A pump's (fuelling point's) current state and its history, newest first."""
@@ -72,7 +83,8 @@ def build_router(service: DevicesService) -> APIRouter:
     @router.get(
         "/v1/devices/stations/{station}/tanks/{tank}",
         response_model=TankDevices,
-        responses=error_responses(404, 422),
+        dependencies=[require(READ_STATION)],
+        responses={**ERRORS, **error_responses(404)},
     )
     async def tank(station: StationCode, tank: TankNumber, limit: Limit = 100) -> TankDevices:
         """A tank's last measurement and its history, newest first."""
@@ -81,7 +93,8 @@ def build_router(service: DevicesService) -> APIRouter:
     @router.get(
         "/v1/devices/stations/{station}/alarms",
         response_model=StationAlarms,
-        responses=error_responses(404, 422),
+        dependencies=[require(READ_STATION)],
+        responses={**ERRORS, **error_responses(404)},
     )
     async def alarms(station: StationCode, limit: Limit = 100) -> StationAlarms:
         """A station's active alarms (the edge's and HQ's) and the recent transitions."""

@@ -31,7 +31,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, model_validator
 
@@ -48,8 +48,9 @@ from forecourt.edge.drivers import (
 )
 from forecourt.edge.journal import Journal
 from forecourt.infra.logging import get_logger
+from forecourt.kernel.access import Grant, Permission, Principal, PrincipalKind, Scope
 from forecourt.kernel.errors import Conflict, ForecourtError, InvalidValue, NotFound, Unauthorized
-from forecourt.protocols.driver import Resets
+from forecourt.protocols.driver import ReportsPresetLimits, Resets
 
 log = get_logger("forecourt.edge.commands")
 
@@ -156,14 +157,6 @@ class AuthoriseRequest(BaseModel):
     full: StrictBool = False
 
 
-@runtime_checkable
-class ReportsPresetLimits(Protocol):
-    """A driver that knows a pump's own maximum preset (e.g. a DART pump's maximum amount from
-    its parameters); None where it does not know. The edge's maxima apply either way."""
-
-    def max_preset(self, pump: int, kind: PresetType) -> int | None: ...
-
-
 @dataclass(frozen=True)
 class CommandLine:
     """One pump device line as the commands see it."""
@@ -200,6 +193,53 @@ def check_terminal(header: str | None, tokens: Mapping[str, str]) -> str:
     if found is None:
         raise TerminalUnauthorized("unknown terminal credential")
     return found
+
+
+# What an edge credential allows, at its own station only: a terminal commands the pumps
+# and reads the station; a reader (reader_tokens) only reads it.
+TERMINAL_PERMISSIONS = frozenset(
+    {
+        Permission.PUMPS_COMMAND,
+        Permission.PUMPS_EMERGENCY_STOP,
+        Permission.STATION_READ,
+        Permission.METRICS_READ,
+    }
+)
+READER_PERMISSIONS = frozenset({Permission.STATION_READ, Permission.METRICS_READ})
+
+
+class TerminalAuthenticator:
+    """The edge's :class:`~forecourt.infra.access.Authenticator`: a terminal's or a reader's
+    secret (each compared in constant time) as a principal scoped to this station."""
+
+    def __init__(
+        self, station: str, terminals: Mapping[str, str], readers: Mapping[str, str]
+    ) -> None:
+        self.station = station
+        self.terminals = dict(terminals)
+        self.readers = dict(readers)
+
+    async def principal(self, token: str, source: str | None) -> Principal:
+        header = f"Bearer {token}"
+        scope = Scope.station(self.station)
+        for tokens, role, permissions in (
+            (self.terminals, "terminal", TERMINAL_PERMISSIONS),
+            (self.readers, "reader", READER_PERMISSIONS),
+        ):
+            try:
+                name = check_terminal(header, tokens)
+            except TerminalUnauthorized:
+                continue
+            return Principal(PrincipalKind.TERMINAL, name, (Grant(role, scope, permissions),))
+        if not self.terminals and not self.readers:
+            refused = TerminalUnauthorized(
+                "this edge has no terminal credentials configured "
+                "(FORECOURT_EDGE_TERMINAL_TOKENS, FORECOURT_EDGE_READER_TOKENS)"
+            )
+        else:
+            refused = TerminalUnauthorized("unknown terminal credential")
+        log.warning("edge.terminal_refused", source=source, reason=refused.message)
+        raise refused
 
 
 def _state(status: PumpStatus) -> str:

@@ -11,12 +11,16 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI, Request, Security
-from fastapi.security import HTTPBearer
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Gauge
 
 from forecourt import __version__
-from forecourt.edge.commands import AuthoriseRequest, CommandLine, PumpCommands, check_terminal
+from forecourt.edge.commands import (
+    AuthoriseRequest,
+    CommandLine,
+    PumpCommands,
+    TerminalAuthenticator,
+)
 from forecourt.edge.controller import ForecourtController
 from forecourt.edge.drivers import DeviceConfig, ForecourtDriver, PumpDriver
 from forecourt.edge.gauges import GaugeReader
@@ -26,11 +30,12 @@ from forecourt.edge.retention import JournalRetention
 from forecourt.edge.sync import HqClient, SnapshotKeeper, SyncAgent
 from forecourt.edge.telemetry import TelemetryPublisher, telemetry_from_settings
 from forecourt.edge.totalizers import TotalizerWatch
+from forecourt.infra.access import install_access, require
 from forecourt.infra.background import BackgroundService, SupervisedTask
 from forecourt.infra.http import error_responses, install_common, json_too_deep
 from forecourt.infra.logging import get_logger
+from forecourt.kernel.access import Permission, Policy, PrincipalKind
 from forecourt.kernel.clock import Clock
-from forecourt.kernel.errors import ForecourtError
 from forecourt.network.contracts import StationSnapshot
 from forecourt.protocols.driver import (
     DeviceConfigError,
@@ -405,6 +410,14 @@ class EdgeNode:
         }
 
 
+# The edge's routes: a terminal (terminal_tokens) commands this station's pumps and reads it;
+# a reader (reader_tokens) only reads it. Emergency stop is a permission of its own.
+_EDGE = frozenset({PrincipalKind.TERMINAL})
+READ = Policy(Permission.STATION_READ, station="self", kinds=_EDGE)
+COMMAND = Policy(Permission.PUMPS_COMMAND, station="self", kinds=_EDGE)
+EMERGENCY_STOP = Policy(Permission.PUMPS_EMERGENCY_STOP, station="self", kinds=_EDGE)
+
+
 def build_edge_node(
     settings: EdgeSettings, clock: Clock, driver_factory: DriverFactory | None = None
 ) -> EdgeNode:
@@ -576,13 +589,24 @@ def build_edge_node(
         return {"started": node.started, "snapshot": snapshots.current is not None}
 
     app = FastAPI(title=f"Forecourt edge {settings.station}", version=__version__)
-    install_common(app, registry, ready)
+    install_common(app, registry, ready, metrics_policy=READ)
+    app.state.station_code = settings.station
+    install_access(
+        app,
+        TerminalAuthenticator(
+            settings.station,
+            {n: secret.get_secret_value() for n, secret in settings.terminal_tokens.items()},
+            {n: secret.get_secret_value() for n, secret in settings.reader_tokens.items()},
+        ),
+    )
+    reads = [require(READ)]
+    read_errors = error_responses(401, 403)
 
-    @app.get("/v1/status")
+    @app.get("/v1/status", dependencies=reads, responses=read_errors)
     async def status() -> dict[str, Any]:
         return await node.status()
 
-    @app.get("/v1/tanks")
+    @app.get("/v1/tanks", dependencies=reads, responses=read_errors)
     async def tanks() -> list[dict[str, Any]]:
         """The latest reading of every tank gauge (inventory, deliveries, alarms, health)."""
         return [gauge.as_json() for gauge in node.gauges]
@@ -600,33 +624,20 @@ def build_edge_node(
         max_amount_minor=settings.max_preset_amount_minor,
     )
     app.state.commands = commands
-    terminals = {
-        name: secret.get_secret_value() for name, secret in settings.terminal_tokens.items()
-    }
-    terminal_credential = HTTPBearer(
-        scheme_name="TerminalCredential",
-        description="a cashier terminal's secret (terminal_tokens): Bearer <secret>",
-        auto_error=False,
-    )
 
     def terminal(request: Request) -> str:
         """The name of the terminal the request's credential belongs to (the audit's actor)."""
-        try:
-            return check_terminal(request.headers.get("authorization"), terminals)
-        except ForecourtError as exc:
-            log.warning("edge.terminal_refused", path=request.url.path, reason=exc.message)
-            raise
+        return str(request.state.principal.subject)
 
-    # Declared for the document (and Swagger UI's Authorize button); checked by terminal().
-    credential = [Security(terminal_credential)]
-    refusals: dict[int | str, dict[str, Any]] = error_responses(401, 404, 409, 422, 503)
+    credential = [require(COMMAND)]
+    refusals: dict[int | str, dict[str, Any]] = error_responses(401, 403, 404, 409, 422, 503)
 
-    @app.get("/v1/pumps", responses=error_responses(503))
+    @app.get("/v1/pumps", dependencies=reads, responses=error_responses(401, 403, 503))
     async def pumps() -> list[dict[str, Any]]:
         """Every pump of the station as its device shows it now (state, nozzle, volume)."""
         return await commands.statuses()
 
-    @app.get("/v1/pumps/{pump}", responses=error_responses(404, 503))
+    @app.get("/v1/pumps/{pump}", dependencies=reads, responses=error_responses(401, 403, 404, 503))
     async def pump_status(pump: int) -> dict[str, Any]:
         return await commands.status(pump)
 
@@ -671,13 +682,15 @@ def build_edge_node(
         return await commands.release(terminal(request), pump)
 
     @app.post(
-        "/v1/forecourt/emergency-stop", responses=error_responses(401), dependencies=credential
+        "/v1/forecourt/emergency-stop",
+        responses=error_responses(401, 403),
+        dependencies=[require(EMERGENCY_STOP)],
     )
     async def emergency_stop(request: Request) -> dict[str, Any]:
         """Stop every pump of every line at once; says per pump whether it stopped."""
         return await commands.emergency_stop(terminal(request))
 
-    @app.get("/v1/journal/summary")
+    @app.get("/v1/journal/summary", dependencies=reads, responses=read_errors)
     async def journal_summary() -> list[dict[str, Any]]:
         return await journal.summary()
 

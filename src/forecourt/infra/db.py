@@ -26,12 +26,12 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from forecourt.infra.logging import trace_id_var
+from forecourt.infra.logging import source_var, trace_id_var
 from forecourt.kernel.clock import Clock, SystemClock
 from forecourt.kernel.events import Envelope, EventRecord, check_records
 from forecourt.kernel.ids import new_id
 
-SCHEMAS = ("platform", "network", "sales", "devices")
+SCHEMAS = ("platform", "network", "sales", "devices", "identity", "audit")
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -330,6 +330,7 @@ audit_outbox_table = sa.Table(
     sa.Column("target", sa.String(200), nullable=False),
     sa.Column("details", sa.Text(), nullable=False),
     sa.Column("trace_id", sa.String(32)),
+    sa.Column("source", sa.String(100)),
 )
 
 
@@ -398,9 +399,18 @@ class UnitOfWork:
         self.emitted += len(records)
 
     async def record_audit(
-        self, *, actor: str, action: str, target: str, details: dict[str, Any] | None = None
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        details: dict[str, Any] | None = None,
+        source: str | None = None,
     ) -> None:
-        """Append to the audit outbox in this transaction (chained and verified downstream)."""
+        """Append to the audit outbox in this transaction (chained and verified downstream).
+        ``source``: where the action came from (default: the HTTP client of the request
+        being answered, if any); the trace id is the request's."""
+        origin = source if source is not None else source_var.get()
         await self.conn.execute(
             audit_outbox_table.insert().values(
                 record_id=str(new_id()),
@@ -410,5 +420,6 @@ class UnitOfWork:
                 target=target,
                 details=json.dumps(details or {}, sort_keys=True, default=str),
                 trace_id=trace_id_var.get(),
+                source=origin[:100] if origin else None,
             )
         )

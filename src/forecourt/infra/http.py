@@ -26,8 +26,10 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from forecourt.infra.logging import get_logger, trace_id_var
-from forecourt.kernel.errors import ForecourtError, Unauthorized
+from forecourt.infra.access import declare, require
+from forecourt.infra.logging import get_logger, source_var, trace_id_var
+from forecourt.kernel.access import Permission, Policy
+from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.events import new_traceparent, trace_id_of
 
 log = get_logger("forecourt.http")
@@ -46,6 +48,10 @@ _DOCS_ASSETS_PACKAGE = ("fastapi_offline", "static")
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_JSON_DEPTH = 32
 
+OPEN = Policy.open()
+# /metrics: a scraper (a service account with the metrics_scraper role) over the whole chain.
+METRICS_POLICY = Policy(Permission.METRICS_READ)
+
 
 def install_common(
     app: FastAPI,
@@ -55,12 +61,14 @@ def install_common(
     refresh_metrics: Callable[[], Awaitable[None]] | None = None,
     live: Collector | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics_policy: Policy = METRICS_POLICY,
 ) -> None:
     """Error mapping (the one place errors become HTTP), traceparent, request limits,
     /health /ready /metrics, offline /docs and /redoc. ``refresh_metrics`` runs before every
     scrape (figures read fresh from the database); ``live`` (registered in ``registry``
     too) gives the figures that are read at the scrape rather than added up across
-    processes (see :func:`metrics_text`)."""
+    processes (see :func:`metrics_text`). ``/health``, ``/ready`` and the docs are open;
+    ``/metrics`` needs ``metrics_policy`` (a scraper's credential unless set open)."""
 
     @app.exception_handler(ForecourtError)
     async def _forecourt_error(_request: Request, exc: ForecourtError) -> JSONResponse:
@@ -92,11 +100,11 @@ def install_common(
     _wrap_outermost(app)
     _install_offline_docs(app)
 
-    @app.get("/health", include_in_schema=False)
+    @app.get("/health", include_in_schema=False, dependencies=[require(OPEN)])
     async def _health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", include_in_schema=False)
+    @app.get("/ready", include_in_schema=False, dependencies=[require(OPEN)])
     async def _ready() -> JSONResponse:
         checks = await ready()
         ok = all(checks.values())
@@ -105,7 +113,12 @@ def install_common(
             content={"status": "ready" if ok else "not_ready", "checks": checks},
         )
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get(
+        "/metrics",
+        include_in_schema=False,
+        dependencies=[require(metrics_policy)],
+        responses=error_responses(401, 403, 429),
+    )
     async def _metrics() -> Response:
         if refresh_metrics is not None:
             await refresh_metrics()
@@ -214,6 +227,20 @@ def _wrap_outermost(app: FastAPI) -> None:
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
+# Sent with every answer. No CORS headers are ever sent: a browser page from another origin
+# cannot read an answer (CORS closed); nothing may frame a page or sniff a type.
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+# The API's answers are data, never a page: no script, style or frame of any origin. The
+# docs pages (Swagger UI, ReDoc: their own assets and an inline start script) go without.
+_API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_DOCS_PAGES = ("/docs", "/redoc", DOCS_ASSETS_PATH)
+
+
 class TraceContextMiddleware:
     """W3C trace context: adopt the caller's ``traceparent`` (or start a trace), make it
     ``request.state.traceparent`` and the logs' trace id, and answer with it.
@@ -232,17 +259,22 @@ class TraceContextMiddleware:
         text = incoming.decode("latin-1") if incoming else None
         traceparent = text if text and trace_id_of(text) else new_traceparent()
         scope.setdefault("state", {})["traceparent"] = traceparent
-        header = (b"traceparent", traceparent.encode("latin-1"))
+        headers = [(b"traceparent", traceparent.encode("latin-1")), *SECURITY_HEADERS]
+        if not scope["path"].startswith(_DOCS_PAGES):
+            headers.append(_API_CSP)
 
         async def send_with_trace(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
+                message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
         token = trace_id_var.set(trace_id_of(traceparent))
+        client = scope.get("client")
+        source = source_var.set(str(client[0]) if client else None)
         try:
             await self.app(scope, receive, send_with_trace)
         finally:
+            source_var.reset(source)
             trace_id_var.reset(token)
 
 
@@ -556,6 +588,12 @@ def _install_offline_docs(app: FastAPI) -> None:
         StaticFiles(packages=[_DOCS_ASSETS_PACKAGE]),
         name="docs-assets",
     )
+    declare(OPEN, app.router.routes[-1])
+    # FastAPI's own: the document and Swagger UI's OAuth2 redirect page.
+    own = {openapi_url, app.swagger_ui_oauth2_redirect_url}
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.path in own:
+            declare(OPEN, route)
 
     def assets(request: Request) -> str:
         return request.scope.get("root_path", "").rstrip("/") + DOCS_ASSETS_PATH
@@ -577,7 +615,7 @@ def _install_offline_docs(app: FastAPI) -> None:
                 swagger_ui_parameters={"validatorUrl": None, **(app.swagger_ui_parameters or {})},
             )
 
-        app.add_route(app.docs_url, swagger_ui, include_in_schema=False)
+        app.add_route(app.docs_url, declare(OPEN, swagger_ui), include_in_schema=False)
 
     if app.redoc_url:
 
@@ -591,7 +629,7 @@ def _install_offline_docs(app: FastAPI) -> None:
                 with_google_fonts=False,
             )
 
-        app.add_route(app.redoc_url, redoc, include_in_schema=False)
+        app.add_route(app.redoc_url, declare(OPEN, redoc), include_in_schema=False)
 
 
 def _is_route_at(route: BaseRoute, paths: set[str]) -> bool:
@@ -602,12 +640,3 @@ def _clean(error: object) -> object:
     if isinstance(error, dict):
         return {k: v for k, v in error.items() if k in ("loc", "msg", "type")}
     return str(error)
-
-
-def bearer_token(request: Request) -> str:
-    """The bearer token of a request, or a 401 error with a stable code."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer credential", code="auth.missing_credential")
-    return token.strip()

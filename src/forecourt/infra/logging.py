@@ -13,6 +13,8 @@ from urllib.parse import ParseResult, SplitResult
 import structlog
 
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
+# The address of the HTTP client whose request is being answered (the audit's source).
+source_var: ContextVar[str | None] = ContextVar("source", default=None)
 
 # Libraries whose INFO lines are noise in production: httpx logs every request the edge makes
 # to its controller ("HTTP Request: POST ..." ten times a second); alembic lists its plugins

@@ -20,9 +20,11 @@ TREES: dict[str, Path] = {
     "network": _ROOT / "network" / "migrations",
     "sales": _ROOT / "sales" / "migrations",
     "devices": _ROOT / "devices" / "migrations",
+    "identity": _ROOT / "identity" / "migrations",
     "edge": _ROOT / "edge" / "migrations",
+    "audit": _ROOT / "audit" / "migrations",
 }
-HQ_TREES = ("platform", "network", "sales", "devices")
+HQ_TREES = ("platform", "network", "sales", "devices", "identity", "audit")
 
 
 def _config(tree: str, connection: sa.Connection, schema: str | None) -> Config:

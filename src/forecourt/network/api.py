@@ -6,15 +6,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Security
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from forecourt.infra.access import require
 from forecourt.infra.db import Database
-from forecourt.infra.http import STATION_CREDENTIAL, bearer_token, error_responses
-from forecourt.kernel.errors import Forbidden, Unauthorized
+from forecourt.infra.http import error_responses
+from forecourt.kernel.access import Permission, Policy, PrincipalKind
 from forecourt.kernel.money import UnitPrice, currency_exponent
-from forecourt.network.contracts import StationDirectory, StationSnapshot
+from forecourt.network.contracts import StationSnapshot
 from forecourt.network.domain import (
     Price,
     PriceScope,
@@ -106,29 +107,33 @@ def _price_json(p: Price) -> dict[str, Any]:
     }
 
 
-def build_router(db: Database, directory: StationDirectory) -> APIRouter:
+# The station's own snapshot (its credential); staff read the network where they may: the
+# station list is chain-wide, one station needs it for that station, and the catalogue
+# (grades, prices, price sets) is read by anyone holding network:read anywhere.
+SNAPSHOT = Policy(
+    Permission.NETWORK_SNAPSHOT, station="path:code", kinds=frozenset({PrincipalKind.STATION})
+)
+READ_CHAIN = Policy(Permission.NETWORK_READ)
+READ_STATION = Policy(Permission.NETWORK_READ, station="path:code")
+READ_CATALOGUE = Policy(Permission.NETWORK_READ, anywhere=True)
+WRITE_PRICES = Policy(Permission.PRICES_WRITE)
+STAFF_ERRORS = error_responses(401, 403, 422, 429)
+
+
+def build_router(db: Database) -> APIRouter:
     router = APIRouter(tags=["network"])
 
     @router.get(
         "/v1/stations/{code}/snapshot",
         response_model=StationSnapshot,
-        dependencies=[Security(STATION_CREDENTIAL)],
+        dependencies=[require(SNAPSHOT)],
         responses=error_responses(401, 403, 404, 422, 429),
     )
-    async def station_snapshot(code: str, request: Request) -> StationSnapshot:
-        """The versioned snapshot an edge node runs from (station credential required)."""
-        identity = await directory.authenticate(
-            bearer_token(request), request.client.host if request.client else None
-        )
-        if identity is None:
-            raise Unauthorized("unknown station credential", code="auth.unknown_credential")
-        if identity.code != code:
-            raise Forbidden(
-                f"credential is for {identity.code}, not {code}", code="auth.wrong_station"
-            )
+    async def station_snapshot(code: str) -> StationSnapshot:
+        """The versioned snapshot an edge node runs from (its station's credential only)."""
         return await build_snapshot(db, code, db.clock.now())
 
-    @router.get("/v1/network/stations")
+    @router.get("/v1/network/stations", dependencies=[require(READ_CHAIN)], responses=STAFF_ERRORS)
     async def list_stations() -> list[dict[str, Any]]:
         async with db.connection() as conn:
             store = NetworkStore(conn)
@@ -150,7 +155,11 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
                 )
             return out
 
-    @router.get("/v1/network/stations/{code}", responses=error_responses(404, 422))
+    @router.get(
+        "/v1/network/stations/{code}",
+        dependencies=[require(READ_STATION)],
+        responses={**STAFF_ERRORS, **error_responses(404)},
+    )
     async def get_station(code: str) -> dict[str, Any]:
         async with db.connection() as conn:
             store = NetworkStore(conn)
@@ -191,24 +200,31 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
             },
         }
 
-    @router.get("/v1/network/grades")
+    @router.get(
+        "/v1/network/grades", dependencies=[require(READ_CATALOGUE)], responses=STAFF_ERRORS
+    )
     async def list_grades() -> list[dict[str, str]]:
         async with db.connection() as conn:
             return [g.__dict__ for g in await NetworkStore(conn).grades()]
 
-    @router.get("/v1/network/prices")
+    @router.get(
+        "/v1/network/prices", dependencies=[require(READ_CATALOGUE)], responses=STAFF_ERRORS
+    )
     async def list_prices() -> list[dict[str, Any]]:
         async with db.connection() as conn:
             prices = await NetworkStore(conn).prices()
         return [_price_json(p) for p in prices]
 
-    @router.get("/v1/network/prices/{price_id}", responses=error_responses(404, 422))
+    @router.get(
+        "/v1/network/prices/{price_id}",
+        dependencies=[require(READ_CATALOGUE)],
+        responses={**STAFF_ERRORS, **error_responses(404)},
+    )
     async def one_price(price_id: PriceId) -> dict[str, Any]:
         """One price by its id: a sale's ``price_version`` names the price it ran under, and
         this says which price set (if any) that price came from."""
         async with db.connection() as conn:
-            prices = await NetworkStore(conn).prices()
-        found = next((p for p in prices if p.price_id == price_id), None)
+            found = await NetworkStore(conn).price(price_id)
         if found is None:
             raise UnknownPrice(f"no price {price_id!r}", price_id=price_id)
         return _price_json(found)
@@ -217,25 +233,30 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
         "/v1/network/price-sets",
         status_code=201,
         response_model=PriceSetPublic,
+        dependencies=[require(WRITE_PRICES)],
         responses={
             200: {
                 "model": PriceSetPublic,
                 "description": "The same set was already published: answered, nothing changed",
             },
-            **error_responses(400, 409, 413, 422),
+            **STAFF_ERRORS,
+            **error_responses(400, 409, 413),
         },
     )
     async def publish(body: PriceSetFile, request: Request) -> Any:
         """Publish a price set ahead of its instant (see docs/prices.md for the rules)."""
         refuse_duplicate_grades(await request.body())
-        published = await publish_price_set(db, body, actor="api")
+        published = await publish_price_set(db, body, actor=request.state.principal.actor)
         public = _public(published.price_set, published.status)
         if published.created:
             return public
         return JSONResponse(public.model_dump(mode="json"), status_code=200)
 
     @router.get(
-        "/v1/network/price-sets", response_model=PriceSetList, responses=error_responses(422)
+        "/v1/network/price-sets",
+        response_model=PriceSetList,
+        dependencies=[require(READ_CATALOGUE)],
+        responses=STAFF_ERRORS,
     )
     async def price_sets(
         scope: PriceScope | None = None,
@@ -249,7 +270,8 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
     @router.get(
         "/v1/network/price-sets/{price_set_id}",
         response_model=PriceSetPublic,
-        responses=error_responses(404, 422),
+        dependencies=[require(READ_CATALOGUE)],
+        responses={**STAFF_ERRORS, **error_responses(404)},
     )
     async def price_set(price_set_id: PriceSetId) -> PriceSetPublic:
         return _public(*await get_price_set(db, price_set_id))
@@ -257,11 +279,12 @@ def build_router(db: Database, directory: StationDirectory) -> APIRouter:
     @router.delete(
         "/v1/network/price-sets/{price_set_id}",
         response_model=PriceSetPublic,
-        responses=error_responses(404, 409, 422),
+        dependencies=[require(WRITE_PRICES)],
+        responses={**STAFF_ERRORS, **error_responses(404, 409)},
     )
-    async def withdraw(price_set_id: PriceSetId) -> PriceSetPublic:
+    async def withdraw(price_set_id: PriceSetId, request: Request) -> PriceSetPublic:
         """Withdraw a set not yet in force; one in force is refused (409)."""
-        withdrawn = await withdraw_price_set(db, price_set_id, actor="api")
+        withdrawn = await withdraw_price_set(db, price_set_id, actor=request.state.principal.actor)
         return _public(withdrawn.price_set, withdrawn.status)
 
     return router

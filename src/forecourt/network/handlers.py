@@ -455,7 +455,7 @@ async def list_credentials(db: Database, station_code: str) -> list[dict[str, An
         store = NetworkStore(conn)
         if await store.station(station_code) is None:
             raise UnknownStation(f"unknown station {station_code!r}")
-        rows = await store.credentials(station_code)
+        rows = await store.credentials(station_code, now)
 
     def ends(at: datetime | None) -> str | None:
         return at.isoformat() if at else None
@@ -466,8 +466,7 @@ async def list_credentials(db: Database, station_code: str) -> list[dict[str, An
             "created_at": r.created_at.isoformat(),
             "revoked_at": ends(r.revoked_at),
             "expires_at": ends(r.expires_at),
-            "valid": (r.revoked_at is None or r.revoked_at > now)
-            and (r.expires_at is None or r.expires_at > now),
+            "valid": bool(r.valid),
         }
         for r in rows
     ]
@@ -573,7 +572,8 @@ class DbStationDirectory:
     random tokens cannot flush the real ones. A rotation or revocation empties every HQ
     process's cache at once: on PostgreSQL each process LISTENs for the NOTIFY the change
     commits with (while it does not listen, it does not trust its cache), on SQLite it compares
-    the credential revision before each lookup. Failed lookups are limited per source
+    the credential revision before it answers from its cache (a lookup reads the revision in
+    the same statement, so a miss costs one query). Failed lookups are limited per source
     (``failures_per_minute``): past it a source gets 429 until the window moves on.
 
     The reference cache keeps the ingest hot path to one dictionary lookup per batch;
@@ -613,14 +613,14 @@ class DbStationDirectory:
             )
         key = hash_secret(token)
         now = self.db.clock.now()
-        if await self._cache_trusted():
-            hit = self._auth.get(key)
-            if (
-                hit is not None
-                and _time.monotonic() - hit.checked < self.credential_ttl_s
-                and (hit.until is None or now < hit.until)
-            ):
-                return hit.identity
+        hit = self._auth.get(key) if await self._cache_trusted() else None
+        if (
+            hit is not None
+            and _time.monotonic() - hit.checked < self.credential_ttl_s
+            and (hit.until is None or now < hit.until)
+            and await self._cache_current()
+        ):
+            return hit.identity
         self.lookups += 1
         async with self.db.connection() as conn:
             found = await NetworkStore(conn).station_for_secret(key, now)
@@ -632,8 +632,10 @@ class DbStationDirectory:
             if not self._limiter.test(self._failures, "station-credential", source_key):
                 log.warning("network.credential_source_blocked", source=source_key)
             return None
-        identity = StationIdentity(code=found[0], region=found[1])
-        self._auth[key] = _Trusted(identity, found[2], _time.monotonic())
+        if self.db.backend != "postgresql":
+            self._note_revision(found.revision)
+        identity = StationIdentity(code=found.code, region=found.region)
+        self._auth[key] = _Trusted(identity, found.until, _time.monotonic())
         return identity
 
     @property
@@ -648,7 +650,8 @@ class DbStationDirectory:
         self._auth.clear()
 
     async def _cache_trusted(self) -> bool:
-        """Whether a cached credential may be used now, emptying the cache if a change came."""
+        """Whether the cache may be used now: on PostgreSQL while the LISTEN stands (started
+        here); on SQLite always, each entry found being checked by :meth:`_cache_current`."""
         if self.db.backend == "postgresql":
             if self._listener is None:
                 self._listener = ChannelListener(
@@ -656,12 +659,25 @@ class DbStationDirectory:
                 )
             self._listener.start()
             return self._listener.listening
+        return True
+
+    async def _cache_current(self) -> bool:
+        """Whether no credential changed since the cache was filled (PostgreSQL: the NOTIFY
+        empties it; SQLite: the revision is read), emptying the cache if one did."""
+        if self.db.backend == "postgresql":
+            return True
         async with self.db.connection() as conn:
             revision = await NetworkStore(conn).credential_revision()
-        if revision != self._revision:
-            self._revision = revision
-            self.forget_credentials()
-        return True
+        return self._note_revision(revision)
+
+    def _note_revision(self, revision: int) -> bool:
+        """Keep the credential revision the cache holds to, emptying it on a change; whether
+        the revision was the one held."""
+        if revision == self._revision:
+            return True
+        self._revision = revision
+        self.forget_credentials()
+        return False
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections import Counter
 from datetime import datetime, time
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -151,6 +152,25 @@ credential_revision_t = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
+
+
+class SecretMatch(NamedTuple):
+    """A credential found valid: its station and region, until when it is valid (None for
+    no end), and the credential revision it was read at."""
+
+    code: str
+    region: str
+    until: datetime | None
+    revision: int
+
+
+def credential_valid_at(now: datetime) -> sa.ColumnElement[bool]:
+    """The one rule for a credential valid at ``now``: neither revoked nor expired by then."""
+    c = credential_t.c
+    return sa.and_(
+        sa.or_(c.revoked_at.is_(None), c.revoked_at > now),
+        sa.or_(c.expires_at.is_(None), c.expires_at > now),
+    )
 
 
 def hash_secret(token: str) -> str:
@@ -378,33 +398,44 @@ class NetworkStore:
             )
         )
 
-    async def station_for_secret(
-        self, secret_sha256: str, now: datetime
-    ) -> tuple[str, str, datetime | None] | None:
-        """(station, region, until when the credential is valid: None for no end) for a
-        credential valid at ``now``, else None."""
+    async def station_for_secret(self, secret_sha256: str, now: datetime) -> SecretMatch | None:
+        """The station, region and end of a credential valid at ``now`` (else None), with the
+        credential revision read in the same statement."""
         c = credential_t.c
+        r = credential_revision_t.c
+        revision = sa.select(r.revision).where(r.id == 1).scalar_subquery()
         row = (
             await self.conn.execute(
-                sa.select(station_t.c.code, station_t.c.region_code, c.revoked_at, c.expires_at)
-                .select_from(credential_t.join(station_t, station_t.c.code == c.station_code))
-                .where(
-                    c.secret_sha256 == secret_sha256,
-                    sa.or_(c.revoked_at.is_(None), c.revoked_at > now),
-                    sa.or_(c.expires_at.is_(None), c.expires_at > now),
+                sa.select(
+                    station_t.c.code,
+                    station_t.c.region_code,
+                    c.revoked_at,
+                    c.expires_at,
+                    revision.label("credential_revision"),
                 )
+                .select_from(credential_t.join(station_t, station_t.c.code == c.station_code))
+                .where(c.secret_sha256 == secret_sha256, credential_valid_at(now))
             )
         ).first()
         if row is None:
             return None
         ends = [t for t in (row.revoked_at, row.expires_at) if t is not None]
-        return row.code, row.region_code, min(ends) if ends else None
+        return SecretMatch(
+            row.code,
+            row.region_code,
+            min(ends) if ends else None,
+            int(row.credential_revision or 0),
+        )
 
-    async def credentials(self, station_code: str) -> list[sa.Row]:
-        """A station's credentials, oldest first (never their secrets)."""
+    async def credentials(self, station_code: str, now: datetime | None = None) -> list[sa.Row]:
+        """A station's credentials, oldest first (never their secrets); given ``now``, each
+        row's ``valid`` says whether it is valid then (the rule authentication applies)."""
         c = credential_t.c
+        columns: list[sa.ColumnElement[Any]] = [c.key_id, c.created_at, c.revoked_at, c.expires_at]
+        if now is not None:
+            columns.append(credential_valid_at(now).label("valid"))
         rows = await self.conn.execute(
-            sa.select(c.key_id, c.created_at, c.revoked_at, c.expires_at)
+            sa.select(*columns)
             .where(c.station_code == station_code)
             .order_by(c.created_at, c.key_id)
         )
@@ -510,19 +541,14 @@ class NetworkStore:
 
     async def prices(self) -> list[Price]:
         rows = await self.conn.execute(sa.select(price_t).order_by(price_t.c.effective_from))
-        return [
-            Price(
-                grade=r.grade,
-                scope=PriceScope(r.scope),
-                scope_code=r.scope_code,
-                milli_minor_per_litre=r.milli_minor_per_litre,
-                currency=r.currency,
-                effective_from=r.effective_from,
-                price_id=r.price_id,
-                price_set_id=r.price_set_id,
-            )
-            for r in rows
-        ]
+        return [_price(r) for r in rows]
+
+    async def price(self, price_id: str) -> Price | None:
+        """One price by its id (a sale's ``price_version``), or None."""
+        row = (
+            await self.conn.execute(sa.select(price_t).where(price_t.c.price_id == price_id))
+        ).first()
+        return _price(row) if row is not None else None
 
     # --- price sets ---------------------------------------------------------------------
 
@@ -643,4 +669,17 @@ def _price_set(r: sa.Row) -> PriceSet:
         prices=tuple(sorted((g, int(v)) for g, v in json.loads(r.prices).items())),
         created_at=r.created_at,
         withdrawn_at=r.withdrawn_at,
+    )
+
+
+def _price(r: Any) -> Price:
+    return Price(
+        grade=r.grade,
+        scope=PriceScope(r.scope),
+        scope_code=r.scope_code,
+        milli_minor_per_litre=r.milli_minor_per_litre,
+        currency=r.currency,
+        effective_from=r.effective_from,
+        price_id=r.price_id,
+        price_set_id=r.price_set_id,
     )

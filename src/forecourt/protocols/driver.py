@@ -53,6 +53,7 @@ from forecourt.protocols.model import (
     DeviceTransaction,
     NozzleTotals,
     Preset,
+    PresetType,
     PumpStatus,
     TankDelivery,
     TankMeasurement,
@@ -156,6 +157,14 @@ class Resets(Protocol):
     pump when its emergency stop is released, so it shows idle at once."""
 
     async def reset(self, pump: int) -> None: ...
+
+
+@runtime_checkable
+class ReportsPresetLimits(Protocol):
+    """A driver that knows a pump's own maximum preset (e.g. a DART pump's maximum amount from
+    its parameters); None where it does not know. The edge's maxima apply either way."""
+
+    def max_preset(self, pump: int, kind: PresetType) -> int | None: ...
 
 
 @runtime_checkable

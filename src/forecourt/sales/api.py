@@ -9,20 +9,19 @@ from datetime import date
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Path, Query, Request, Response, Security
+from fastapi import APIRouter, Path, Query, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BeforeValidator, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import PydanticSerializationError, to_json
 
+from forecourt.infra.access import require
 from forecourt.infra.db import Database
 from forecourt.infra.http import (
     DEFAULT_MAX_JSON_DEPTH,
-    STATION_CREDENTIAL,
-    bearer_token,
     error_responses,
     json_too_deep,
 )
-from forecourt.kernel.errors import Unauthorized
+from forecourt.kernel.access import Permission, Policy, PrincipalKind
 from forecourt.network.contracts import StationDirectory
 from forecourt.sales.contracts import (
     BIG,
@@ -35,7 +34,7 @@ from forecourt.sales.contracts import (
     SalesBatch,
     SaleV1,
 )
-from forecourt.sales.domain import SchemaInvalid, StationMismatch, UnsupportedSchemaVersion
+from forecourt.sales.domain import SchemaInvalid, UnsupportedSchemaVersion
 from forecourt.sales.handlers import (
     IngestCounters,
     RefusedItem,
@@ -238,6 +237,16 @@ def _readable_seq(item: Any) -> int | None:
     return value if type(value) is int and -BIG < value < BIG else None
 
 
+# A station uploads its own sales (its credential); staff read them where they may: a
+# station-scoped reader names the station (?station=CODE), a chain-wide one need not.
+UPLOAD = Policy(
+    Permission.SALES_UPLOAD, station="path:code", kinds=frozenset({PrincipalKind.STATION})
+)
+READ = Policy(Permission.SALES_READ, station="query:station")
+READ_STATION = Policy(Permission.SALES_READ, station="path:code")
+STAFF_READ_ERRORS = error_responses(401, 403, 422, 429)
+
+
 def build_router(
     db: Database,
     directory: StationDirectory,
@@ -275,7 +284,7 @@ def build_router(
     @router.post(
         "/v1/stations/{code}/sales:batch",
         response_model=BatchResult,
-        dependencies=[Security(STATION_CREDENTIAL)],
+        dependencies=[require(UPLOAD)],
         responses=error_responses(401, 403, 404, 413, 422, 429),
         openapi_extra={
             "requestBody": {
@@ -284,15 +293,10 @@ def build_router(
             }
         },
     )
-    async def upload_sales(code: str, request: Request) -> Response:
-        """Upload journaled sales. The station is the credential's, never the body's."""
-        identity = await directory.authenticate(
-            bearer_token(request), request.client.host if request.client else None
-        )
-        if identity is None:
-            raise Unauthorized("unknown station credential", code="auth.unknown_credential")
-        if identity.code != code:
-            raise StationMismatch(f"credential is for {identity.code}, not {code}")
+    async def upload_sales(code: str, request: Request) -> Response:  # noqa: ARG001
+        """Upload journaled sales. The station is the credential's, never the body's (the
+        policy refuses a credential of another station: 403 ``auth.wrong_station``)."""
+        station = request.state.principal.subject
         body = await request.body()
         async with admission:
             batch = parse_batch(body, max_json_depth=max_json_depth)
@@ -300,7 +304,7 @@ def build_router(
                 result = await ingest_batch(
                     db,
                     directory,
-                    identity.code,
+                    station,
                     batch,
                     traceparent=request.state.traceparent,
                     counters=counters,
@@ -309,7 +313,7 @@ def build_router(
         # than the rest of the answer.
         return Response(result.to_json(), media_type="application/json")
 
-    @router.get("/v1/sales", responses=error_responses(422))
+    @router.get("/v1/sales", dependencies=[require(READ)], responses=STAFF_READ_ERRORS)
     async def list_sales(
         station: QueryCode | None = None,
         business_date: QueryDate | None = None,
@@ -324,7 +328,7 @@ def build_router(
         items = [_sale_json(r) for r in rows]
         return {"items": items, "next_after": items[-1]["sale_id"] if len(items) == limit else None}
 
-    @router.get("/v1/sales/summary", responses=error_responses(422))
+    @router.get("/v1/sales/summary", dependencies=[require(READ)], responses=STAFF_READ_ERRORS)
     async def summary(
         station: QueryCode | None = None,
         business_date: QueryDate | None = None,
@@ -332,7 +336,11 @@ def build_router(
     ) -> dict[str, Any]:
         return await sales_summary(db, station=station, business_date=business_date, grade=grade)
 
-    @router.get("/v1/stations/{code}/sequence", responses=error_responses(422))
+    @router.get(
+        "/v1/stations/{code}/sequence",
+        dependencies=[require(READ_STATION)],
+        responses=STAFF_READ_ERRORS,
+    )
     async def sequence(code: Annotated[str, Path(max_length=CODE_LENGTH)]) -> dict[str, Any]:
         async with db.connection() as conn:
             book = await SalesStore(conn).sequence_book(code)
@@ -343,7 +351,7 @@ def build_router(
             "missing": book.missing_count(),
         }
 
-    @router.get("/v1/sales/alerts", responses=error_responses(422))
+    @router.get("/v1/sales/alerts", dependencies=[require(READ)], responses=STAFF_READ_ERRORS)
     async def alerts(
         station: QueryCode | None = None,
         limit: Annotated[QueryInt, Query(ge=1, le=1000)] = 100,

@@ -65,11 +65,6 @@ class UnsupportedSchemaVersion(SalesError):
     http_status = 422
 
 
-class StationMismatch(SalesError):
-    code = "sales.station_mismatch"
-    http_status = 403
-
-
 class DispenseType(enum.StrEnum):
     SALE = "sale"
     PUMP_TEST = "pump_test"

@@ -18,6 +18,7 @@ from forecourt.kernel.errors import ForecourtError
 from forecourt.protocols.dart.simulator import DartSimulator
 from forecourt.protocols.model import PresetType, PumpState
 from tests.edge.forecourt_rig import PRICE_92
+from tests.protocols.dart.support import flowing
 from tests.protocols.dart.test_driver import reach
 from tests.protocols.dart.test_edge_controller import edge, run_until
 
@@ -115,7 +116,7 @@ async def test_a_dart_pump_holding_its_stopped_filling_is_released_and_reset_whe
             sim.lift(1, 1)
             await run_until(
                 controller,
-                lambda: _flowing(sim),
+                lambda: flowing(sim),
                 what="product to flow",
             )
             await service.emergency_stop("till1")
@@ -136,8 +137,3 @@ async def test_a_dart_pump_holding_its_stopped_filling_is_released_and_reset_whe
             assert int(sim.pump(1).status) == 7
             (audit,) = audits(controller, "pump.release")
             assert audit["sent"].startswith("nothing yet (pump 1 holds unclosed filling")
-
-
-async def _flowing(sim: DartSimulator) -> bool:
-    filling = sim.pump(1).filling
-    return filling is not None and filling.volume >= 100

@@ -30,6 +30,7 @@ from forecourt.protocols.model import (
     PumpState,
 )
 from forecourt.protocols.store import MemoryDriverStore
+from tests.protocols.dart.support import emergency_stop_while_flowing
 from tests.protocols.dart.test_driver import PRICE, reach, rig, until
 from tests.protocols.dart.test_edge_commands import audits, commands, parameters_read
 from tests.protocols.dart.test_edge_controller import edge, run_until
@@ -157,16 +158,8 @@ async def test_a_dart_pump_holding_its_stopped_filling_is_authorised_once_its_sa
         async with edge(sim, tmp_path, auto_settle=False) as controller:
             await parameters_read(controller)
             service = commands(controller)
-            sim.lift(1, 1, target_ml=60_000, hang=True)
-            full = await service.authorise("till1", 1, {"nozzle": 1, "full": True})
+            full = await emergency_stop_while_flowing(controller, service, sim)
             assert full["preset"]["type"] == "full_tank"
-
-            async def flowing() -> bool:
-                filling = sim.pump(1).filling
-                return filling is not None and filling.volume >= 100
-
-            await run_until(controller, flowing, what="product to flow")
-            await service.emergency_stop("till1")
 
             async def journaled() -> bool:
                 return int(sim.pump(1).status) == SWITCHED_OFF and controller.stats.journaled >= 1
@@ -311,15 +304,7 @@ async def test_a_sale_stopped_in_an_emergency_is_closed_and_its_pump_shows_stopp
             await parameters_read(controller)
             service = commands(controller)
             # Given a fuelling stopped in an emergency
-            sim.lift(1, 1, target_ml=60_000, hang=True)
-            await service.authorise("till1", 1, {"nozzle": 1, "full": True})
-
-            async def flowing() -> bool:
-                filling = sim.pump(1).filling
-                return filling is not None and filling.volume >= 100
-
-            await run_until(controller, flowing, what="product flowing")
-            await service.emergency_stop("till1")
+            await emergency_stop_while_flowing(controller, service, sim)
 
             # When its sale is journaled and closed, the pump still switched off
             async def closed_and_stopped() -> bool:

@@ -77,7 +77,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
@@ -162,6 +162,10 @@ class _BadReply:
     """A request the controller's reply did not answer usably (the reason, for the log)."""
 
     reason: str
+
+
+# What one POST of several packets came to: each packet's reply, or the error of the whole POST.
+_ChunkOutcome: TypeAlias = list[Packet | _BadReply] | DriverUnavailable | DeviceRejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,9 +329,48 @@ class JsonPtsDriver:
     ) -> list[Packet | _BadReply]:
         """Send packets (chunked); each reply, or why that one request got no usable reply."""
         replies: list[Packet | _BadReply] = []
-        for start in range(0, len(requests), self._max_packets):
-            replies.extend(await self._post(requests[start : start + self._max_packets]))
+        for _, outcome in await self._post_chunks(requests):
+            if isinstance(outcome, Exception):
+                raise outcome
+            replies.extend(outcome)
         return replies
+
+    async def _post_chunks(
+        self,
+        requests: Sequence[tuple[str, dict[str, Any] | None]],
+        *,
+        side_by_side: bool = False,
+    ) -> list[tuple[slice, _ChunkOutcome]]:
+        """Send packets in as few POSTs as the controller takes; for each POST sent, the
+        requests it carried (a slice of ``requests``) and its replies, or the
+        :class:`DriverUnavailable` or :class:`DeviceRejected` it failed with.
+
+        One POST after the other, stopping at the first that fails; or (``side_by_side``)
+        all at once, each sent whatever the others meet."""
+        chunks = [
+            slice(start, start + self._max_packets)
+            for start in range(0, len(requests), self._max_packets)
+        ]
+        done: list[tuple[slice, _ChunkOutcome]] = []
+        if not side_by_side:
+            for chunk in chunks:
+                try:
+                    done.append((chunk, await self._post(requests[chunk])))
+                except (DriverUnavailable, DeviceRejected) as exc:
+                    done.append((chunk, exc))
+                    break
+            return done
+        outcomes = await asyncio.gather(
+            *(self._post(requests[chunk]) for chunk in chunks), return_exceptions=True
+        )
+        for chunk, outcome in zip(chunks, outcomes, strict=True):
+            # A cancellation, or any error but a failed POST, is raised.
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, (DriverUnavailable, DeviceRejected)
+            ):
+                raise outcome
+            done.append((chunk, outcome))
+        return done
 
     async def _send(self, body: bytes) -> httpx.Response:
         client = self._client
@@ -673,26 +716,17 @@ class JsonPtsDriver:
         the controller takes packets); the pumps whose packet was refused or not answered."""
         # Every chunk is sent, side by side: one POST that fails must not leave the pumps of
         # the next ones running.
-        chunks = [
-            list(pumps[start : start + self._max_packets])
-            for start in range(0, len(pumps), self._max_packets)
-        ]
-        outcomes = await asyncio.gather(
-            *(self._post([("PumpEmergencyStop", {"Pump": p}) for p in chunk]) for chunk in chunks),
-            return_exceptions=True,
+        outcomes = await self._post_chunks(
+            [("PumpEmergencyStop", {"Pump": p}) for p in pumps], side_by_side=True
         )
         failed: dict[int, Exception] = {}
         replies: list[Packet | _BadReply] = []
         answered: list[int] = []
-        for chunk, outcome in zip(chunks, outcomes, strict=True):
-            if isinstance(outcome, asyncio.CancelledError):
-                raise outcome
-            if isinstance(outcome, (DriverUnavailable, DeviceRejected)):
-                failed.update(dict.fromkeys(chunk, outcome))
+        for chunk, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                failed.update(dict.fromkeys(pumps[chunk], outcome))
                 continue
-            if isinstance(outcome, BaseException):
-                raise outcome
-            answered.extend(chunk)
+            answered.extend(pumps[chunk])
             replies.extend(outcome)
         if not answered and pumps:
             first = failed[pumps[0]]

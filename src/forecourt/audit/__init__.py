@@ -1,0 +1,1 @@
+"""audit: the tamper-evident, hash-chained audit trail (see domain.py)."""
