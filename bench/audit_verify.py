@@ -116,8 +116,7 @@ async def fill(url: str, records: int, checkpoint_every: int, batch: int = 50_00
             count = min(batch, records - seq + 1)
             chained = chain(prev, seq, _rows(seq, count, base, rng))
             rows = [
-                (r.seq, r.record_id, base + timedelta(milliseconds=r.seq), *r[3:])
-                for r in chained
+                (r.seq, r.record_id, base + timedelta(milliseconds=r.seq), *r[3:]) for r in chained
             ]
             await conn.copy_records_to_table(
                 "audit_record", schema_name="audit", columns=RECORD_COLUMNS, records=rows

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -34,9 +34,9 @@ from forecourt.infra.db import Database
 from forecourt.infra.http import METRICS_POLICY, OPEN, install_common
 from forecourt.infra.migrate import upgrade
 from forecourt.infra.relay import OutboxRelay
-from forecourt.kernel.clock import Clock, SimulatedClock
 from forecourt.kernel.access import Grant, Permission, Principal, PrincipalKind, Scope
-from forecourt.kernel.errors import ForecourtError, Unauthorized
+from forecourt.kernel.clock import Clock, SimulatedClock
+from forecourt.kernel.errors import ForecourtError, TooManyRequests, Unauthorized
 from forecourt.network import api as network_api
 from forecourt.network.contracts import StationDirectory
 from forecourt.network.handlers import DbStationDirectory
@@ -196,6 +196,40 @@ class HeadOfficeAuthenticator:
         return Principal(PrincipalKind.STATION, station.code, (grant,))
 
 
+class RefusalAudit:
+    """Every refused request (401, 403) is an audit record in a transaction of its own: who
+    (the caller, or ``anonymous``), what route, why. A source refused with 429 is recorded
+    once a minute, not once a request: a flood must not become a flood of writes."""
+
+    def __init__(self, db: Database) -> None:
+        from cachetools import TTLCache
+
+        self.db = db
+        self._throttled: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=60)
+
+    async def __call__(
+        self, request: Request, refused: ForecourtError, principal: Principal | None, policy: Any
+    ) -> None:
+        source = request.client.host if request.client else None
+        if isinstance(refused, TooManyRequests):
+            if (source or "") in self._throttled:
+                return
+            self._throttled[source or ""] = True
+        async with self.db.begin() as uow:
+            await uow.record_audit(
+                actor=principal.actor if principal is not None else "anonymous",
+                action="auth.refused",
+                target=f"{request.method} {request.url.path}"[:200],
+                details={
+                    "code": refused.code,
+                    "status": refused.http_status,
+                    "reason": refused.message,
+                    "permission": policy.permission,
+                },
+                source=source,
+            )
+
+
 @dataclass
 class HeadOffice:
     settings: Settings
@@ -351,7 +385,7 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         refs = await directory.references(code)
         return refs.region if refs is not None else None
 
-    install_access(app, HeadOfficeAuthenticator(identity, directory), region_of)
+    install_access(app, HeadOfficeAuthenticator(identity, directory), region_of, RefusalAudit(db))
     if "identity" in settings.services:
         app.include_router(identity_api.build_router(identity))
     if "network" in settings.services:

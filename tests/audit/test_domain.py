@@ -37,7 +37,7 @@ fields = st.tuples(
     text,
     text,
     text,
-    text.map(lambda t: '{"v": %s}' % __import__("json").dumps(t)),
+    text.map(lambda t: '{{"v": {}}}'.format(__import__("json").dumps(t))),
     st.none() | st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
     st.none() | text,
 )
@@ -45,9 +45,7 @@ fields = st.tuples(
 
 def build(rows: list[tuple[object, ...]], every: int) -> tuple[list[AuditRecord], list[Checkpoint]]:
     records = chain(GENESIS_HASH, 1, rows)
-    cps = [
-        sign_checkpoint(KEY, KID, r.seq, r.hash, r.at) for r in records if r.seq % every == 0
-    ]
+    cps = [sign_checkpoint(KEY, KID, r.seq, r.hash, r.at) for r in records if r.seq % every == 0]
     return records, cps
 
 
@@ -96,8 +94,8 @@ def test_one_tamper_is_found_at_its_seq(
         i = data.draw(st.integers(0, n - 1))
         column = data.draw(st.integers(1, 8))
         old = records[i][column]
-        new = (old or "") + "x"
-        records[i] = AuditRecord(*(*records[i][:column], new, *records[i][column + 1 :]))
+        new = f"{old or ''}x"
+        records[i] = AuditRecord._make((*records[i][:column], new, *records[i][column + 1 :]))
         expected = i + 1
     elif tamper == "edit_hash":
         i = data.draw(st.integers(0, n - 1))
@@ -144,8 +142,9 @@ def test_one_tamper_is_found_at_its_seq(
 
 
 def test_messages_name_the_break() -> None:
-    records, cps = build([("r%d" % i, format_at(BASE), "a", "b", "c", "{}", None, None)
-                          for i in range(100)], 50)
+    records, cps = build(
+        [(f"r{i}", format_at(BASE), "a", "b", "c", "{}", None, None) for i in range(100)], 50
+    )
     assert verify_chain(records, cps, KEYS).ok
     edited = [*records[:16], records[16]._replace(actor="mallory"), *records[17:]]
     assert verify_chain(edited, cps, KEYS).problem == (
@@ -153,7 +152,9 @@ def test_messages_name_the_break() -> None:
     )
     gone = [*records[:41], *records[42:]]
     assert verify_chain(gone, cps, KEYS).problem == "record 42 missing (sequence jumps 41 → 43)"
-    assert verify_chain(records[1:], cps, KEYS).problem == "record 1 missing (the chain starts at 2)"
+    assert (
+        verify_chain(records[1:], cps, KEYS).problem == "record 1 missing (the chain starts at 2)"
+    )
     verdict = verify_chain(records[:90], cps, KEYS)
     assert verdict.problem == (
         "chain ends at 90 but checkpoint at 100 was signed: records 91–100 removed (truncated)"
@@ -170,16 +171,20 @@ def test_messages_name_the_break() -> None:
 
 
 def test_a_partial_check_trusts_the_record_before() -> None:
-    records, cps = build([("r%d" % i, format_at(BASE), "a", "b", "c", "{}", None, None)
-                          for i in range(30)], 10)
+    records, cps = build(
+        [(f"r{i}", format_at(BASE), "a", "b", "c", "{}", None, None) for i in range(30)], 10
+    )
     tampered = [records[0]._replace(actor="x"), *records[1:]]
     verdict = verify_chain(tampered[10:], cps, KEYS, start_seq=11, prev_hash=records[9].hash)
-    assert verdict.ok and verdict.records_checked == 20 and verdict.checkpoints_checked == 2
+    assert verdict.ok
+    assert verdict.records_checked == 20
+    assert verdict.checkpoints_checked == 2
 
 
 def test_encoded_rows_and_recheck() -> None:
-    records, cps = build([("r%d" % i, format_at(BASE), "ü", "b", "c", "{}", "t", None)
-                          for i in range(20)], 5)
+    records, cps = build(
+        [(f"r{i}", format_at(BASE), "ü", "b", "c", "{}", "t", None) for i in range(20)], 5
+    )
     encoded = [(r.seq, canonical(r), r.hash) for r in records]
     verifier = ChainVerifier(cps, KEYS)
     assert verifier.feed(encoded, encoded=True)

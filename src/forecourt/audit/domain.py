@@ -114,9 +114,9 @@ def chain(prev_hash: str, first_seq: int, rows: Iterable[Sequence[Any]]) -> list
     prev = bytes.fromhex(prev_hash)
     seq = first_seq
     for row in rows:
-        fields = (seq, *row[:8])
-        digest = _sha256(prev + canonical(fields)).digest()
-        out.append(AuditRecord(*fields, digest.hex()))  # type: ignore[arg-type]
+        record = AuditRecord._make((seq, *row[:8], ""))
+        digest = _sha256(prev + canonical(record)).digest()
+        out.append(record._replace(hash=digest.hex()))
         prev = digest
         seq += 1
     return out

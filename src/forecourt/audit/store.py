@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -334,7 +334,7 @@ FROM audit.audit_record WHERE seq >= $1 ORDER BY seq
 
 async def stream_chain(
     conn: AsyncConnection, from_seq: int, chunk: int = 20_000
-) -> AsyncIterator[tuple[Sequence[Sequence[Any]], bool]]:
+) -> AsyncGenerator[tuple[Sequence[Sequence[Any]], bool]]:
     """The records from ``from_seq`` on, in seq order, in chunks: (rows, encoded). Rows are
     laid out as AuditRecord, or when ``encoded`` as (seq, canonical bytes, hash).
 

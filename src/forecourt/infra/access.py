@@ -18,8 +18,11 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from starlette.routing import BaseRoute
 
+from forecourt.infra.logging import get_logger
 from forecourt.kernel.access import Level, Permission, Policy, Principal, PrincipalKind
-from forecourt.kernel.errors import Forbidden, Unauthorized
+from forecourt.kernel.errors import Forbidden, ForecourtError, TooManyRequests, Unauthorized
+
+log = get_logger("forecourt.access")
 
 RegionOf = Callable[[str], Awaitable[str | None]]
 
@@ -47,11 +50,19 @@ BEARER = HTTPBearer(
 _POLICY_ATTR = "forecourt_policy"
 
 
+# Told of every refusal (401, 403, 429) before it is answered: the audit trail's entry.
+RefusalHook = Callable[[Request, ForecourtError, "Principal | None", Policy], Awaitable[None]]
+
+
 def install_access(
-    app: FastAPI, authenticator: Authenticator, region_of: RegionOf | None = None
+    app: FastAPI,
+    authenticator: Authenticator,
+    region_of: RegionOf | None = None,
+    on_refusal: RefusalHook | None = None,
 ) -> None:
     app.state.authenticator = authenticator
     app.state.region_of = region_of
+    app.state.on_refusal = on_refusal
 
 
 def bearer_token(request: Request) -> str:
@@ -91,9 +102,14 @@ def require(policy: Policy) -> Any:
         authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
         if authenticator is None:
             raise Unauthorized("this server has no authenticator", code="auth.not_configured")
-        principal = await authenticator.principal(bearer_token(request), source_of(request))
-        request.state.principal = principal
-        await authorize(request, policy, principal)
+        principal: Principal | None = None
+        try:
+            principal = await authenticator.principal(bearer_token(request), source_of(request))
+            request.state.principal = principal
+            await authorize(request, policy, principal)
+        except (Unauthorized, Forbidden, TooManyRequests) as refused:
+            await _tell_refusal(request, refused, principal, policy)
+            raise
         return principal
 
     if policy.permission is None:
@@ -106,6 +122,18 @@ def require(policy: Policy) -> Any:
         return Depends(open_route)
     setattr(check, _POLICY_ATTR, policy)
     return Depends(check)
+
+
+async def _tell_refusal(
+    request: Request, refused: ForecourtError, principal: Principal | None, policy: Policy
+) -> None:
+    hook: RefusalHook | None = getattr(request.app.state, "on_refusal", None)
+    if hook is None:
+        return
+    try:
+        await hook(request, refused, principal, policy)
+    except Exception:  # noqa: BLE001 - the refusal is answered whatever happens to its record
+        log.exception("access.refusal_not_recorded", path=request.url.path, code=refused.code)
 
 
 async def authorize(request: Request, policy: Policy, principal: Principal) -> None:
