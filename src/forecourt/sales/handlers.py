@@ -377,6 +377,19 @@ async def ingest_batch(
         if new_book != book:
             await store.save_sequence_book(station_code, new_book, now)
         await uow.emit_records(events)
+        # One audit record per upload, in its transaction: which station sent what.
+        await uow.record_audit(
+            actor=f"station:{station_code}",
+            action="sales.upload",
+            target=f"station:{station_code}",
+            details={
+                "sales": len(sales) + len(batch.refused),
+                "stored": len(rows),
+                "conflicts": len(conflicts),
+                "refused": len(batch.refused),
+                "station_seq": [min(seqs), max(seqs)] if seqs else None,
+            },
+        )
     # Said once the batch is committed: a rolled-back batch raised nothing.
     for row in alerts:
         log.warning(
