@@ -22,6 +22,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from forecourt import __version__
+from forecourt.audit import api as audit_api
+from forecourt.audit.handlers import AuditChainer
 from forecourt.devices import api as devices_api
 from forecourt.devices.handlers import DevicesService
 from forecourt.devices.subscriber import DevicesMetrics, TelemetrySubscriber
@@ -240,6 +242,7 @@ class HeadOffice:
     registry: CollectorRegistry
     consumers: ConsumerHost
     identity: IdentityService
+    chainer: AuditChainer
     app: FastAPI = field(init=False)
     bus_ready: bool = False
     devices: DevicesService | None = None  # the devices context, when this process runs it
@@ -257,6 +260,7 @@ class HeadOffice:
         self.bus_ready = True
         if self.settings.relay if relay is None else relay:
             self.relay.start()
+            self.chainer.start()  # one chainer at a time chains, whatever the processes
         if self.consumers.consumers or "none" not in self.settings.consumers:
             await self.consumers.start()
         if self.telemetry is not None and (self.settings.relay if telemetry is None else telemetry):
@@ -267,6 +271,7 @@ class HeadOffice:
             await self.telemetry.stop()
         await self.consumers.stop()
         await self.relay.stop()
+        await self.chainer.stop()
         await self.directory.close()
         await self.bus.close()
         self.bus_ready = False
@@ -337,7 +342,13 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     )
     host = build_consumer_host(db, bus, settings, registry)
     identity = IdentityService(db, IdentityConfig.from_settings(settings))
-    hq = HeadOffice(settings, db, bus, relay, directory, registry, host, identity)
+    chainer = AuditChainer(
+        db,
+        interval_s=settings.audit_chain_interval_s,
+        checkpoint_every=settings.audit_checkpoint_every,
+        checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+    )
+    hq = HeadOffice(settings, db, bus, relay, directory, registry, host, identity, chainer)
     if runs_devices(settings):
         hq.devices, hq.telemetry = build_devices(settings, db, directory, registry)
 
@@ -388,6 +399,8 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     install_access(app, HeadOfficeAuthenticator(identity, directory), region_of, RefusalAudit(db))
     if "identity" in settings.services:
         app.include_router(identity_api.build_router(identity))
+    if "audit" in settings.services:
+        app.include_router(audit_api.build_router(db))
     if "network" in settings.services:
         app.include_router(network_api.build_router(db))
     if "sales" in settings.services:

@@ -2261,9 +2261,11 @@ def edge(
 
 
 def _register_chaos() -> None:
+    from forecourt.audit.cli import audit
     from forecourt.chaos.cli import chaos
     from forecourt.protocols.cli import device, protocol, simulate
 
+    main.add_command(audit)
     main.add_command(chaos)
     main.add_command(protocol)
     main.add_command(simulate)

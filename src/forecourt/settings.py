@@ -29,7 +29,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from forecourt.kernel.errors import ForecourtError
 
-KNOWN_SERVICES = ("network", "sales", "devices", "identity")
+KNOWN_SERVICES = ("network", "sales", "devices", "identity", "audit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "sqlite", "sqlite+aiosqlite")
 BUS_SCHEMES = ("memory", "nats")
@@ -174,6 +174,11 @@ class Settings(_TomlSettings):
     identity_lockout_s: float = Field(default=900.0, ge=1, le=86_400)
     identity_failures_per_minute: int = Field(default=30, ge=1, le=100_000)
     identity_min_password_length: int = Field(default=12, ge=8, le=256)
+    # The audit trail (docs/security.md): waiting records are chained this often where the
+    # relay runs; a signed checkpoint of the chain's head every so many records or seconds.
+    audit_chain_interval_s: float = Field(default=0.5, gt=0, le=60)
+    audit_checkpoint_every: int = Field(default=10_000, ge=1)
+    audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
     # /metrics: a scraper's credential (metrics:read, a service account) unless open (only
     # on a bind address nobody else reaches).
     metrics_open: bool = False

@@ -77,6 +77,9 @@ HQ_ROUTES: dict[tuple[str, str], tuple[str, str | None] | str] = {
     ("POST", "/v1/identity/users/{username}/password"): ("identity:users:manage", None),
     ("POST", "/v1/identity/users/{username}/disable"): ("identity:users:manage", None),
     ("POST", "/v1/identity/service-accounts"): ("identity:users:manage", None),
+    # audit
+    ("GET", "/v1/audit/records"): ("audit:read", None),
+    ("GET", "/v1/audit/verify"): ("audit:read", None),
 }
 
 EDGE_ROUTES: dict[tuple[str, str], tuple[str, str | None] | str] = {
@@ -191,7 +194,11 @@ def _check_declared(
 
 
 def _hq(db_url: str) -> HeadOffice:
-    return build_head_office(Settings(database_url=db_url, log_json=False))
+    # Every guarded route tried with a forged token from one address: past the failure
+    # limit that is 429, tested on its own (test_refusal_audit).
+    return build_head_office(
+        Settings(database_url=db_url, log_json=False, identity_failures_per_minute=10_000)
+    )
 
 
 def test_every_hq_route_declares_its_policy(tmp_path: Path) -> None:
