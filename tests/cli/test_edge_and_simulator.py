@@ -30,6 +30,7 @@ from tests.cli.support import CLI, SIMULATOR, Running, clean_env, json_lines
 from tests.sim.support import config_dict
 
 CREDENTIAL = "a-real-station-credential-0123456789"
+READER = "a-reader-token-of-the-test-0123456789"  # the edge's read-only credential
 SIGNALS = pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 
 
@@ -85,6 +86,7 @@ async def test_an_edge_polling_its_controller_logs_json_lines_only_and_no_reques
     env = clean_env(
         FORECOURT_EDGE_CREDENTIAL=station.credential,
         FORECOURT_EDGE_CONTROLLER_PASSWORD="demo-controller",
+        FORECOURT_EDGE_READER_TOKENS=f"test={READER}",
     )
     args = ["edge", "--station", "S001", "--hq-url", station.hq_url, "--port", "0"]
     args += ["--controller-url", station.simulator.base_url, "--journal", str(tmp_path / "e.db")]
@@ -94,7 +96,9 @@ async def test_an_edge_polling_its_controller_logs_json_lines_only_and_no_reques
         deadline = time.monotonic() + 20
         polled = False
         while not polled and time.monotonic() < deadline:
-            status = httpx.get(f"{url}/v1/status", timeout=5).json()
+            status = httpx.get(
+                f"{url}/v1/status", headers={"authorization": f"Bearer {READER}"}, timeout=5
+            ).json()
             polled = bool(status.get("device", {}).get("reachable"))
             time.sleep(0.1)
         assert polled, json.dumps(status)

@@ -4,6 +4,7 @@ once it serves, and an orderly stop with status 0 on SIGINT and on SIGTERM — a
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from tests.cli.support import CLI, Running, alive, children_of, clean_env
+from tests.support import staff_headers_at
 
 QUIET = {"FORECOURT_LOG_LEVEL": "WARNING"}  # the listening line is said at any level
 
@@ -45,7 +47,8 @@ def test_serve_runs_the_services_given_by_option_or_environment(
     try:
         url = hq.wait_listening()
         ready = httpx.get(f"{url}/ready", timeout=5)
-        stations = httpx.get(f"{url}/v1/network/stations", timeout=5)
+        headers = asyncio.run(staff_headers_at(f"sqlite:///{tmp_path / 'hq.db'}"))
+        stations = httpx.get(f"{url}/v1/network/stations", headers=headers, timeout=5)
     finally:
         code = hq.stop(signal.SIGINT)
     assert ready.status_code == 200

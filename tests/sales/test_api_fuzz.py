@@ -2,6 +2,9 @@
 document describes, with data that fits the document and data that does not, sent with a
 valid station credential for S001. No answer may be a 500, nor have a status, a content
 type or a body the document does not describe.
+Each operation is called signed in: the station routes (uploads, snapshot) with S001's
+credential, every other one with an HQ admin's access token (the sign-in routes take
+it and ignore it).
 
 Bounded and deterministic: a fixed number of cases per operation, derandomized. HQ runs in
 schemathesis' own event loop (the one its ASGI client serves requests in): it starts and
@@ -36,9 +39,11 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from forecourt.bootstrap import build_head_office
+from forecourt.infra.access import app_routes, route_policy
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 from forecourt.settings import Settings
 from tests.conftest import PG_ADMIN_URL, _port_open, fresh_pg_database, service_missing
+from tests.support import staff_headers
 
 CHECKS: list[CheckFunction] = [
     not_a_server_error,
@@ -52,12 +57,19 @@ BATCH = "POST /v1/stations/{code}/sales:batch"
 SNAPSHOT = "GET /v1/stations/{code}/snapshot"
 # Operations that take the station credential: the station in their path is the credential's.
 CREDENTIALED = {"/v1/stations/{code}/sales:batch", "/v1/stations/{code}/snapshot"}
+# Access tokens outlive the fuzzing of a database (the default, 300 s, may not).
+TOKEN_S = 3600.0
 
 
 # HQ's OpenAPI document, from an HQ built (not started: building connects nothing).
-DOCUMENT = build_head_office(
-    Settings(database_url="sqlite+aiosqlite://", log_json=False)
-).app.openapi()
+APP = build_head_office(Settings(database_url="sqlite+aiosqlite://", log_json=False)).app
+DOCUMENT = APP.openapi()
+# The paths of its routes open to anyone (no credential): sign-in, health, docs.
+OPEN_PATHS = {
+    getattr(route, "path", "")
+    for route in app_routes(APP.routes)
+    if (policy := route_policy(route)) is not None and policy.is_open
+}
 # Its operations, uploads first.
 OPERATIONS = sorted(
     (f"{method.upper()} {path}" for path, item in DOCUMENT["paths"].items() for method in item),
@@ -67,11 +79,13 @@ OPERATIONS = sorted(
 
 @dataclass
 class Fuzzed:
-    """HQ under fuzzing: its document as schemathesis loaded it, the credential HQ issued
-    when it started, and what it answered (per operation and status; upload verdicts)."""
+    """HQ under fuzzing: its document as schemathesis loaded it, the station credential
+    HQ issued when it started, the access token of an HQ admin signed in then, and what it
+    answered (per operation and status; upload verdicts)."""
 
     schema: OpenApiSchema
     token: str
+    staff: dict[str, str]
     answers: Counter[tuple[str, int]] = field(default_factory=Counter)
     verdicts: Counter[str] = field(default_factory=Counter)
 
@@ -79,15 +93,22 @@ class Fuzzed:
     def auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"}
 
+    def auth_for(self, operation: APIOperation) -> dict[str, str]:
+        """The station credential on the station routes, the admin's token elsewhere."""
+        return self.auth if operation.path in CREDENTIALED else self.staff
+
 
 def _app_with_lifespan(database_url: str, credential: dict[str, str]) -> FastAPI:
-    office = build_head_office(Settings(database_url=database_url, log_json=False))
+    office = build_head_office(
+        Settings(database_url=database_url, log_json=False, identity_access_token_s=TOKEN_S)
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await office.start(relay=False)
         await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
         credential["token"] = (await issue_credential(office.db, STATION))[1]
+        credential["staff"] = (await staff_headers(office.identity))["authorization"]
         try:
             yield
         finally:
@@ -115,7 +136,8 @@ def fuzzed(
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         stack.callback(shutdown_lifespans)  # HQ stops in its loop, before its database goes
         assert credential.get("token"), "HQ started in its lifespan and issued a credential"
-        result = Fuzzed(schema, credential["token"])
+        assert credential.get("staff"), "an HQ admin signed in"
+        result = Fuzzed(schema, credential["token"], {"authorization": credential["staff"]})
         yield result
         print(
             f"\nfuzzed on {request.param}: {sum(result.answers.values())} requests, "
@@ -145,6 +167,7 @@ def fuzz(
     max_examples: int,
 ) -> None:
     fixed = {"code": STATION} if operation.path in CREDENTIALED else None
+    auth = fuzzed.auth_for(operation)
 
     @settings(
         max_examples=max_examples,
@@ -155,11 +178,11 @@ def fuzz(
     )
     @given(case=operation.as_strategy(generation_mode=mode, path_parameters=fixed))
     def run(case: Case) -> None:
-        response = case.call(headers=fuzzed.auth)
+        response = case.call(headers=auth)
         fuzzed.answers[(operation.label, response.status_code)] += 1
         if operation.label == BATCH and response.status_code == 200:
             fuzzed.verdicts.update(r["status"] for r in json.loads(response.content)["results"])
-        case.validate_response(response, checks=checks, headers=fuzzed.auth)
+        case.validate_response(response, checks=checks, headers=auth)
 
     run()
 
@@ -242,20 +265,27 @@ def test_every_reference_in_the_document_resolves() -> None:
     assert "$defs" not in str(DOCUMENT["paths"])
 
 
-def test_station_routes_document_the_station_credential_and_queries_need_none() -> None:
-    assert DOCUMENT["components"]["securitySchemes"]["StationCredential"] == {
+def test_guarded_routes_document_the_bearer_credential_and_open_ones_need_none() -> None:
+    # One scheme for every credential (staff or service access token, station credential);
+    # every route but the open ones (sign-in, health, docs) requires it.
+    assert DOCUMENT["components"]["securitySchemes"]["Bearer"] == {
         "type": "http",
         "scheme": "bearer",
-        "description": DOCUMENT["components"]["securitySchemes"]["StationCredential"][
-            "description"
-        ],
+        "description": DOCUMENT["components"]["securitySchemes"]["Bearer"]["description"],
     }
+    assert set(DOCUMENT["components"]["securitySchemes"]) == {"Bearer"}
+    assert {"/v1/auth/sign-in", "/v1/auth/token", "/health"} <= OPEN_PATHS
+    assert not CREDENTIALED & OPEN_PATHS
     for label in OPERATIONS:
         security = operation_of(label).get("security")
-        if label.split(" ", 1)[1] in CREDENTIALED:
-            assert security == [{"StationCredential": []}], label
-        else:
+        if label.split(" ", 1)[1] in OPEN_PATHS:
             assert security is None, label
+        else:
+            assert security == [{"Bearer": []}], label
+    # Its description names both kinds: where a staff token comes from, and a station's.
+    description = DOCUMENT["components"]["securitySchemes"]["Bearer"]["description"]
+    assert "/v1/auth/sign-in" in description
+    assert "station" in description
 
 
 @pytest.mark.parametrize(
@@ -263,12 +293,15 @@ def test_station_routes_document_the_station_credential_and_queries_need_none() 
     [
         (BATCH, {"200", "401", "403", "404", "413", "422", "429"}),
         ("GET /v1/stations/{code}/snapshot", {"200", "401", "403", "404", "422", "429"}),
-        ("GET /v1/network/stations/{code}", {"200", "404", "422"}),
-        ("GET /v1/sales", {"200", "422"}),
-        ("GET /v1/sales/summary", {"200", "422"}),
-        ("GET /v1/sales/alerts", {"200", "422"}),
-        ("GET /v1/stations/{code}/sequence", {"200", "422"}),
-        ("GET /v1/network/grades", {"200", "422"}),  # a control character in the query
+        # Staff reads: 401 without a (valid) token, 403 beyond its grants, 429 after too
+        # many bad tokens from one source.
+        ("GET /v1/network/stations/{code}", {"200", "401", "403", "404", "422", "429"}),
+        ("GET /v1/sales", {"200", "401", "403", "422", "429"}),
+        ("GET /v1/sales/summary", {"200", "401", "403", "422", "429"}),
+        ("GET /v1/sales/alerts", {"200", "401", "403", "422", "429"}),
+        ("GET /v1/stations/{code}/sequence", {"200", "401", "403", "422", "429"}),
+        # 422: a control character in the query
+        ("GET /v1/network/grades", {"200", "401", "403", "422", "429"}),
     ],
 )
 def test_each_route_documents_every_status_it_answers_errors_as_the_envelope(
