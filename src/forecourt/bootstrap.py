@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from forecourt import __version__
 from forecourt.audit import api as audit_api
-from forecourt.audit.handlers import AuditChainer
+from forecourt.audit.handlers import AuditChainer, StaticSigningKey
 from forecourt.devices import api as devices_api
 from forecourt.devices.handlers import DevicesService
 from forecourt.devices.subscriber import DevicesMetrics, TelemetrySubscriber
@@ -342,8 +342,10 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
     )
     host = build_consumer_host(db, bus, settings, registry)
     identity = IdentityService(db, IdentityConfig.from_settings(settings))
+    key_file = settings.audit_signing_key_file
     chainer = AuditChainer(
         db,
+        signing=StaticSigningKey.from_pem(key_file.read_bytes()) if key_file else None,
         interval_s=settings.audit_chain_interval_s,
         checkpoint_every=settings.audit_checkpoint_every,
         checkpoint_interval_s=settings.audit_checkpoint_interval_s,

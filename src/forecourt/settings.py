@@ -179,6 +179,9 @@ class Settings(_TomlSettings):
     audit_chain_interval_s: float = Field(default=0.5, gt=0, le=60)
     audit_checkpoint_every: int = Field(default=10_000, ge=1)
     audit_checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    # An Ed25519 private key (PEM) the checkpoints are signed with, kept out of the database
+    # (only its public key is stored); None: a key made and kept in the database.
+    audit_signing_key_file: Path | None = None
     # /metrics: a scraper's credential (metrics:read, a service account) unless open (only
     # on a bind address nobody else reaches).
     metrics_open: bool = False

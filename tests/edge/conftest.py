@@ -25,8 +25,13 @@ from forecourt.network.handlers import (
 )
 from forecourt.settings import EdgeSettings, Settings
 from forecourt.sim.pts_controller import SimulatorProcess
+from tests.support import staff_headers
 
 SPEED = 120.0
+# The read-only credential every edge node of these tests accepts (EdgeSettings.reader_tokens):
+# its status, pumps, tanks, journal figures and /metrics need one.
+READER_TOKEN = "edge-tests-reader-secret"
+READER_HEADERS = {"authorization": f"Bearer {READER_TOKEN}"}
 
 
 class HqServer:
@@ -39,6 +44,9 @@ class HqServer:
         self._socket: socket.socket | None = listening_socket("127.0.0.1", 0)
         self.port: int = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # An HQ admin's Authorization header, for the tests' own reads of HQ (set by the
+        # ``hq`` fixture once the office has started).
+        self.headers: dict[str, str] = {}
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -76,6 +84,7 @@ class Station:
         self.journal = journal
 
     def node(self, **overrides: object) -> EdgeNode:
+        overrides.setdefault("reader_tokens", {"tests": READER_TOKEN})
         settings = EdgeSettings(
             station="S001",
             hq_url=self.hq.url,
@@ -108,6 +117,7 @@ async def hq(tmp_path: Path, clock: SimulatedClock) -> AsyncIterator[HqServer]:
     await office.start()
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
     server = HqServer(office)
+    server.headers = await staff_headers(office.identity)
     await server.up()
     yield server
     await server.down()

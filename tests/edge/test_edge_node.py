@@ -11,12 +11,12 @@ import httpx
 
 from forecourt.edge.node import EdgeNode
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
-from tests.edge.conftest import HqServer, Station
+from tests.edge.conftest import READER_HEADERS, HqServer, Station
 from tests.support import eventually
 
 
 async def hq_count(hq: HqServer) -> int:
-    async with httpx.AsyncClient(base_url=hq.url) as client:
+    async with httpx.AsyncClient(base_url=hq.url, headers=hq.headers) as client:
         summary = (await client.get("/v1/sales/summary", params={"station": "S001"})).json()
     return sum(g["sales"] for g in summary["groups"])
 
@@ -92,7 +92,9 @@ async def test_an_edge_starts_from_its_persisted_snapshot_when_hq_is_unreachable
         assert second.snapshots.current is not None
         await eventually(lambda: second.controller.stats.journaled >= 3)
         transport = httpx.ASGITransport(app=second.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as edge_api:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://edge", headers=READER_HEADERS
+        ) as edge_api:
             assert (await edge_api.get("/health")).status_code == 200
             assert (await edge_api.get("/ready")).json()["checks"]["snapshot"] is True
             status = (await edge_api.get("/v1/status")).json()
@@ -157,7 +159,7 @@ async def test_the_edge_starts_and_serves_while_its_controller_is_down(
     try:
         await eventually(lambda: node.controller.stats.driver_errors >= 1)
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(node.app), base_url="http://edge"
+            transport=httpx.ASGITransport(node.app), base_url="http://edge", headers=READER_HEADERS
         ) as edge_api:
             status = (await edge_api.get("/v1/status")).json()
         assert status["fuelling_points"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -99,3 +100,37 @@ async def test_hq_chains_what_it_audits_on_its_own(db_url: str) -> None:
 
 OUTBOX = {True: "audit_outbox", False: "platform.audit_outbox"}
 RECORDS = {True: "audit_record", False: "audit.audit_record"}
+
+
+async def test_checkpoints_signed_by_a_key_kept_out_of_the_database(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from forecourt.audit.handlers import verify
+
+    key = Ed25519PrivateKey.generate()
+    pem = tmp_path / "audit-key.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    hq = build_head_office(
+        Settings(database_url=sqlite_url, log_json=False, audit_signing_key_file=pem)
+    )
+    await hq.start(relay=False)
+    try:
+        await staff_headers(hq.identity)
+        assert await hq.chainer.run_once(force_checkpoint=True) > 0
+        async with hq.db.connection() as conn:
+            keys = (await conn.execute(sa.text("SELECT private_key FROM audit_signing_key"))).all()
+        assert keys == [(None,)]  # only the public half is stored
+        verdict = await verify(hq.db)
+        assert verdict.ok
+        assert verdict.checkpoints_checked == 1
+    finally:
+        await hq.stop()
