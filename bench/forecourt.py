@@ -84,6 +84,7 @@ DART_LINES = (tuple(range(17, 25)), tuple(range(25, 33)))
 TANKS = 8
 PTS_PASSWORD = "bench-pts-secret"
 TERMINAL_SECRET = "bench-terminal-" + "0" * 16
+READER_SECRET = "bench-reader-" + "0" * 16  # the edge's read-only credential: its status
 PRESET_ML = 20_000
 GOAL_P99_MS = 50.0
 GOAL_CPU_SHARE = 0.25
@@ -261,6 +262,7 @@ class Station32:
             "FORECOURT_EDGE_CREDENTIAL": token,
             "FORECOURT_EDGE_DEVICES": json.dumps(lines),
             "FORECOURT_EDGE_TERMINAL_TOKENS": f"bench={TERMINAL_SECRET}",
+            "FORECOURT_EDGE_READER_TOKENS": f"bench={READER_SECRET}",
             "FORECOURT_EDGE_GAUGE_INTERVAL_S": "5",
             "FORECOURT_EDGE_LOG_LEVEL": "WARNING",
         }
@@ -483,7 +485,11 @@ async def one_run(args: argparse.Namespace, baud: int | None) -> dict[str, Any]:
             await station.start()
             assert station.edge is not None
             pid = station.edge.pid
-            async with httpx.AsyncClient(base_url=station.edge_url, timeout=30) as api:
+            # Reads as the reader; each command sends the terminal's credential instead.
+            reader = {"Authorization": f"Bearer {READER_SECRET}"}
+            async with httpx.AsyncClient(
+                base_url=station.edge_url, timeout=30, headers=reader
+            ) as api:
                 await ready(api)
                 log(f"{label}: ready; {args.idle:.0f} s idle")
                 async with window(api, pid) as idle:

@@ -57,13 +57,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import httpx
+# Run as a script, this file's folder comes first on sys.path, and bench/forecourt.py there
+# would hide the package it measures (hence the imports below it, E402).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-from forecourt.demo import free_port, pick_stations
-from forecourt.infra.db import Database
-from forecourt.infra.migrate import upgrade
-from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
+import asyncpg  # noqa: E402
+import httpx  # noqa: E402
+
+from forecourt.demo import free_port, pick_stations  # noqa: E402
+from forecourt.infra.db import Database  # noqa: E402
+from forecourt.infra.migrate import upgrade  # noqa: E402
+from forecourt.network.handlers import (  # noqa: E402
+    SAMPLE_CHAIN,
+    import_chain,
+    issue_credential,
+    load_chain_file,
+)
 
 PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
 PG_USER = os.environ.get("BENCH_PG_USER", "postgres")

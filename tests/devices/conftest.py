@@ -18,6 +18,7 @@ from forecourt.kernel.telemetry import DEFAULT_PREFIX, encode, topic
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
 from forecourt.settings import Settings
 from tests.mqtt_broker import persistent_mqtt_broker  # noqa: F401 (a fixture)
+from tests.network.support import StaffAuth
 from tests.support import ManualClock
 
 START = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
@@ -73,7 +74,7 @@ class Edge:
 @dataclass
 class DevicesHq:
     office: HeadOffice
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # signed in as an HQ admin
     clock: ManualClock
 
     @property
@@ -113,6 +114,10 @@ async def hq(db_url: str) -> AsyncIterator[DevicesHq]:
     await office.start(relay=False)
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
     transport = httpx.ASGITransport(app=office.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
+    # Devices reads go as an HQ admin, signed in again whenever the clock has moved past
+    # the token's lifetime.
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://hq", auth=StaffAuth(office.identity)
+    ) as client:
         yield DevicesHq(office, client, clock)
     await office.stop()

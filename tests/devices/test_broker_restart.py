@@ -20,7 +20,7 @@ from forecourt.kernel.telemetry import DEFAULT_PREFIX, encode, topic
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
 from forecourt.settings import Settings
 from tests.mqtt_broker import HQ_USER, MqttBroker
-from tests.support import eventually
+from tests.support import eventually, staff_headers
 
 STATION = "S001"
 STALE_AFTER_S = 1.0
@@ -60,7 +60,10 @@ async def test_hq_marks_a_station_stale_while_the_broker_is_away_and_recovers(
             payload = encode(STATION, datetime.now(UTC), "boot-1", next(seq), body)
             await edge.publish(topic(DEFAULT_PREFIX, STATION, kind, key), payload, 1, True)
 
-    async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
+    staff = await staff_headers(office.identity)  # the devices reads, as an HQ admin
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://hq", headers=staff
+    ) as client:
 
         async def station() -> Any:
             return (await client.get(f"/v1/devices/stations/{STATION}")).json()

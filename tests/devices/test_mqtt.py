@@ -21,7 +21,7 @@ from forecourt.kernel.telemetry import encode, topic
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, load_chain_file
 from forecourt.settings import Settings
 from tests.conftest import _port_open, service_missing
-from tests.support import eventually
+from tests.support import eventually, staff_headers
 
 BROKER = "mqtt://127.0.0.1:1883"
 STATION = "S001"
@@ -83,10 +83,11 @@ async def rig(broker: str, sqlite_url: str) -> AsyncIterator[Rig]:
     await eventually(office.telemetry.connected.wait, 10, what="HQ subscribed")
     published: set[str] = set()
     transport = httpx.ASGITransport(app=office.app)
+    staff = await staff_headers(office.identity)  # the devices reads, as an HQ admin
     try:
         async with (
             aiomqtt.Client("127.0.0.1", 1883, identifier=f"edge-{client_id}") as publisher,
-            httpx.AsyncClient(transport=transport, base_url="http://hq") as client,
+            httpx.AsyncClient(transport=transport, base_url="http://hq", headers=staff) as client,
         ):
             yield Rig(office, client, prefix, publisher, published)
             for name in published:  # leave no retained message on the shared broker

@@ -44,6 +44,7 @@ from forecourt.network.handlers import (
 from forecourt.settings import DeviceLine, EdgeSettings, Settings
 from tests.cli.support import CLI, clean_env
 from tests.edge.conftest import HqServer
+from tests.support import staff_headers
 
 STATION = "S001"
 LINE = "dart1"
@@ -51,6 +52,7 @@ PUMPS = {1: 0x50, 2: 0x51}  # station fuelling point -> DART address
 SPEED = 30.0  # simulated seconds per wall second: 40 L/min becomes 20 L/s
 START_S = 60.0  # a process announces its port within this
 FILLING = (2, 4, 6, 8)  # DART statuses with a filling running (authorised, filling, max, susp.)
+READER = "a-reader-token-of-the-test-0123456789"  # the edge's read-only credential
 
 # A filling as the dispenser measured it: (pump, nozzle, volume_ml, amount_minor, totalizer_ml).
 Filling = tuple[int, int, int, int, int]
@@ -221,10 +223,10 @@ def stored_numbers(store: Path) -> dict[tuple[int, int], int]:
     return found
 
 
-async def hq_sales(hq_url: str) -> list[Filling]:
+async def hq_sales(hq_url: str, headers: dict[str, str]) -> list[Filling]:
     rows: list[dict[str, Any]] = []
     after = None
-    async with httpx.AsyncClient(base_url=hq_url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=hq_url, timeout=10, headers=headers) as client:
         while True:
             params: dict[str, Any] = {"station": STATION, "limit": 5000}
             if after:
@@ -242,7 +244,8 @@ async def hq_sales(hq_url: str) -> list[Filling]:
 
 async def edge_status(url: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=5) as client:
-        return dict((await client.get(f"{url}/v1/status")).json())
+        answer = await client.get(f"{url}/v1/status", headers={"authorization": f"Bearer {READER}"})
+        return dict(answer.json())
 
 
 @pytest.mark.e2e
@@ -260,6 +263,7 @@ async def test_a_pump_rebooted_mid_filling_and_a_killed_edge_lose_and_double_no_
     try:
         await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
         _, credential = await issue_credential(office.db, STATION)
+        staff = await staff_headers(office.identity)
         hq = HqServer(office)
         await hq.up()
 
@@ -295,6 +299,7 @@ async def test_a_pump_rebooted_mid_filling_and_a_killed_edge_lose_and_double_no_
             FORECOURT_EDGE_SYNC_BACKOFF_MAX_S="0.5",
             FORECOURT_EDGE_MIN_FREE_DISK_BYTES="0",
             FORECOURT_EDGE_LOG_JSON="true",
+            FORECOURT_EDGE_READER_TOKENS=f"test={READER}",
         )
         edge_port = tmp_path / "edge.port"
         edge_args = ["edge", "--station", STATION, "--hq-url", hq.url, "--journal", str(journal)]
@@ -409,7 +414,7 @@ async def test_a_pump_rebooted_mid_filling_and_a_killed_edge_lose_and_double_no_
             async def drained() -> bool:
                 status = await edge_status(url)
                 return bool(status["outbox"]["pending"] == 0) and len(
-                    await hq_sales(hq.url)
+                    await hq_sales(hq.url, staff)
                 ) >= len(recorded(record))
 
             await until(drained, 30, "every sale at HQ")
@@ -431,9 +436,9 @@ async def test_a_pump_rebooted_mid_filling_and_a_killed_edge_lose_and_double_no_
         assert stored_numbers(tmp_path / f"{journal.name}.drivers" / LINE) == {
             (f[0], txn): f[2] for f, txn, _ in rows
         }
-        at_hq = await hq_sales(hq.url)
+        at_hq = await hq_sales(hq.url, staff)
         assert Counter(at_hq) == Counter(fillings)
-        async with httpx.AsyncClient(base_url=hq.url, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=hq.url, timeout=10, headers=staff) as client:
             summary = (await client.get("/v1/sales/summary", params={"station": STATION})).json()
         assert sum(int(g["sales"]) for g in summary["groups"]) == len(fillings)
         assert summary["natural_key_duplicates"] == 0

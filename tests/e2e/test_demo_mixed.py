@@ -28,6 +28,7 @@ from forecourt.demo import (
 from forecourt.kernel.errors import ForecourtError
 from forecourt.sales.store import sale_t
 from tests.cli.support import CLI, Running, clean_env, processes_mentioning
+from tests.support import staff_headers
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +152,9 @@ async def test_a_mixed_demo_reconciles_exactly_with_both_pump_protocols_selling_
         rise = demo.price_change
         assert rise is not None
         prices: dict[int, set[str]] = {}
-        async with httpx.AsyncClient(base_url=demo.hq_url) as hq:
+        assert demo.hq is not None
+        staff = await staff_headers(demo.hq.identity)
+        async with httpx.AsyncClient(base_url=demo.hq_url, headers=staff) as hq:
             for st in demo.stations:
                 params = {"station": st.code, "grade": "92", "limit": 5000}
                 for sale in (await hq.get("/v1/sales", params=params)).json()["items"]:

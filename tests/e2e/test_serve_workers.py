@@ -23,7 +23,7 @@ from forecourt.network.handlers import (
     load_chain_file,
 )
 from tests.mqtt_broker import HQ_USER, MqttBroker, mqtt_broker  # noqa: F401 (a fixture)
-from tests.support import eventually, start_workers
+from tests.support import eventually, staff_headers_at, start_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +76,7 @@ async def test_under_workers_one_process_subscribes_to_telemetry_and_every_worke
     try:
         await db.connect()
         await import_chain(db, load_chain_file(SAMPLE_CHAIN))
+        staff = await staff_headers_at(pg_url)  # the devices' reads are staff's
         # When station S001 publishes its pump 1, with its own login
         payload = encode("S001", datetime.now(UTC), "boot-1", 1, PUMP_1)
         async with mqtt_broker.client("S001") as station:
@@ -86,11 +87,13 @@ async def test_under_workers_one_process_subscribes_to_telemetry_and_every_worke
             answer = await client.get("/v1/devices/stations/S001/pumps/1")
             return answer.json() if answer.status_code == 200 else None  # type: ignore[no-any-return]
 
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=staff) as client:
             found = await eventually(lambda: shown(client), 30, what="pump 1 at HQ")
             assert found["current"]["data"]["state"] == "idle"
             for _ in range(4):  # a new connection each time: any of the workers
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as other:
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", headers=staff
+                ) as other:
                     assert await shown(other) is not None
         # One subscriber (the HTTP workers run none): the broker saw HQ's client once
         assert mqtt_broker.log_text().count("as forecourt-hq-devices") == 1

@@ -16,6 +16,7 @@ its address).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import nats
 import pytest
 
 from forecourt.demo import DemoOptions, simulator_config
+from forecourt.identity.handlers import IdentityConfig, IdentityService
 from forecourt.infra.db import Database
 from forecourt.infra.migrate import upgrade
 from forecourt.kernel.clock import SimulatedClock
@@ -41,13 +43,16 @@ from forecourt.network.handlers import (
     load_chain_file,
 )
 from forecourt.protocols.jsonpts.driver import JsonPtsDriver
+from forecourt.settings import Settings
 from forecourt.sim.pts_controller import SimulatorProcess
-from tests.support import eventually
+from tests.support import eventually, staff_headers
 
 pytestmark = pytest.mark.e2e
 
 SPEED = 120.0
+BUDGET_S = 900  # wall seconds the simulated clock runs before it reaches real time
 PASSWORD = "demo-controller"
+READER = "a-reader-token-of-the-test-0123456789"  # the edges' read-only credential
 
 
 class Proc:
@@ -133,13 +138,19 @@ def procs() -> Iterator[list[Any]]:
 async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
     tmp_path: Path, pg_url: str, nats_url: str, unique_stream: str, procs: list[Any]
 ) -> None:
-    clock = SimulatedClock.ending_before_now(900, SPEED)
+    clock = SimulatedClock.ending_before_now(BUDGET_S, SPEED)
     db = Database(pg_url, clock=clock)
     await db.connect()
     await upgrade(db)
     await import_chain(db, load_chain_file(SAMPLE_CHAIN))
     tokens = {code: (await issue_credential(db, code))[1] for code in ("S001", "S002")}
     snapshots = {code: await build_snapshot(db, code, clock.now()) for code in tokens}
+    # An HQ admin's token, issued on HQ's (simulated) clock and valid for the clock's budget
+    identity = dataclasses.replace(
+        IdentityConfig.from_settings(Settings(database_url=pg_url)),
+        access_ttl=timedelta(seconds=BUDGET_S * SPEED),
+    )
+    staff = await staff_headers(IdentityService(db, identity))
     await db.dispose()
 
     grade_ids = {"92": 1, "95": 2, "98": 3, "0": 4}
@@ -172,6 +183,7 @@ async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
             "FORECOURT_EDGE_POLL_INTERVAL_S": "0.05",
             "FORECOURT_EDGE_SYNC_BACKOFF_MAX_S": "1.0",
             "FORECOURT_CRASH_MARKER": str(marker),
+            "FORECOURT_EDGE_READER_TOKENS": f"test={READER}",
         }
         args = [
             "edge",
@@ -195,7 +207,8 @@ async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
 
     async def sold_in_this_life(edge: Proc) -> bool:
         async with httpx.AsyncClient() as c:
-            status = (await c.get(f"{edge.url}/v1/status", timeout=5)).json()
+            reader = {"authorization": f"Bearer {READER}"}
+            status = (await c.get(f"{edge.url}/v1/status", headers=reader, timeout=5)).json()
         return bool(status["controller"]["journaled"] >= 1)
 
     # 1. HQ will die in the middle of its 3rd batch; edge B after its 2nd answered upload.
@@ -259,11 +272,11 @@ async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
         dispensed = 0
         for code in tokens:
             dispensed += len(await _device_txns(sims[code], snapshots[code], clock))
-        held = await _hq_sales(hq_url, list(tokens))
+        held = await _hq_sales(hq_url, list(tokens), staff)
         return sum(len(v) for v in held.values()) == dispensed
 
     await eventually(drained, 60, interval=0.2, what="HQ to hold every dispensed sale")
-    at_hq = await _hq_sales(hq_url, list(tokens))
+    at_hq = await _hq_sales(hq_url, list(tokens), staff)
     a.stop()
     b.stop()
     for code in tokens:
@@ -274,12 +287,12 @@ async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
         assert len(device) > 5
         assert set(device) == set(journaled) == set(hq_rows), code  # nothing lost
         assert len(journaled) == len(set(journaled)), code  # nothing doubled at the edge
-        assert await _hq_count(hq_url, code) == len(device), code  # nothing doubled at HQ
+        assert await _hq_count(hq_url, code, staff) == len(device), code  # nothing doubled at HQ
         assert sorted(seq for _, seq in journal) == list(range(1, len(journal) + 1))  # gap-free
         for key, (volume, amount) in device.items():
             assert hq_rows[key] == (volume, amount), (code, key)
 
-    async with httpx.AsyncClient() as c:
+    async with httpx.AsyncClient(headers=staff) as c:
         summary = (await c.get(f"{hq_url}/v1/sales/summary")).json()
     assert summary["natural_key_duplicates"] == 0
     # The crashes did what they were meant to: A's second life re-read the transaction it had
@@ -295,18 +308,18 @@ async def test_sigkilled_edges_and_hq_lose_nothing_and_double_nothing(
     )
 
 
-async def _hq_count(hq_url: str, station: str) -> int:
+async def _hq_count(hq_url: str, station: str, headers: dict[str, str]) -> int:
     """Sales HQ holds for ``station``, by its own count (not the listing)."""
-    async with httpx.AsyncClient(base_url=hq_url, timeout=10) as c:
+    async with httpx.AsyncClient(base_url=hq_url, timeout=10, headers=headers) as c:
         summary = (await c.get("/v1/sales/summary", params={"station": station})).json()
     return sum(int(g["sales"]) for g in summary["groups"])
 
 
 async def _hq_sales(
-    hq_url: str, stations: list[str]
+    hq_url: str, stations: list[str], headers: dict[str, str]
 ) -> dict[str, dict[tuple[int, int], tuple[int, int]]]:
     out: dict[str, dict[tuple[int, int], tuple[int, int]]] = {}
-    async with httpx.AsyncClient(base_url=hq_url, timeout=10) as c:
+    async with httpx.AsyncClient(base_url=hq_url, timeout=10, headers=headers) as c:
         for code in stations:
             rows: list[dict[str, Any]] = []
             after = None

@@ -44,11 +44,14 @@ class HqServer:
         self._socket: socket.socket | None = listening_socket("127.0.0.1", 0)
         self.port: int = self._socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        # An HQ admin's Authorization header, for the tests' own reads of HQ (set by the
-        # ``hq`` fixture once the office has started).
-        self.headers: dict[str, str] = {}
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
+
+    async def staff_headers(self) -> dict[str, str]:
+        """A new HQ admin's Authorization header, for a test's own reads of HQ. Signed in at
+        each call: the clock runs SPEED times faster than real time, so an access token
+        (300 s) is over within seconds."""
+        return await staff_headers(self.office.identity)
 
     async def up(self) -> None:
         # The socket bound at construction for the first start, a new one on the same port
@@ -117,7 +120,6 @@ async def hq(tmp_path: Path, clock: SimulatedClock) -> AsyncIterator[HqServer]:
     await office.start()
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
     server = HqServer(office)
-    server.headers = await staff_headers(office.identity)
     await server.up()
     yield server
     await server.down()

@@ -16,7 +16,7 @@ from tests.support import eventually
 
 
 async def hq_count(hq: HqServer) -> int:
-    async with httpx.AsyncClient(base_url=hq.url, headers=hq.headers) as client:
+    async with httpx.AsyncClient(base_url=hq.url, headers=await hq.staff_headers()) as client:
         summary = (await client.get("/v1/sales/summary", params={"station": "S001"})).json()
     return sum(g["sales"] for g in summary["groups"])
 

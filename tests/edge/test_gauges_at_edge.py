@@ -20,7 +20,7 @@ from forecourt.protocols.tls.driver import TlsGaugeDriver
 from forecourt.protocols.tls.sim_gauge import GaugeConfig, SimTank
 from forecourt.protocols.tls.simulator import GaugeServer, serve
 from forecourt.settings import DeviceLine
-from tests.edge.conftest import Station
+from tests.edge.conftest import READER_HEADERS, Station
 from tests.support import eventually
 
 T = TypeVar("T")
@@ -153,7 +153,9 @@ async def running(node: EdgeNode) -> AsyncIterator[httpx.AsyncClient]:
     await asyncio.wait_for(node.start(), START_S)
     try:
         transport = httpx.ASGITransport(app=node.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as api:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://edge", headers=READER_HEADERS
+        ) as api:
             yield api
     finally:
         await stopped_within(node.stop(), STOP_S, "the edge node")

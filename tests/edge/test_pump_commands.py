@@ -29,7 +29,7 @@ from forecourt.network.contracts import StationSnapshot
 from forecourt.network.handlers import build_snapshot, issue_credential
 from forecourt.settings import DeviceLine, EdgeSettings
 from forecourt.sim.pts_controller import SimulatorProcess
-from tests.edge.conftest import HqServer
+from tests.edge.conftest import READER_HEADERS, READER_TOKEN, HqServer
 from tests.support import eventually
 
 TILL1 = "till-one-secret-0123456789"
@@ -81,8 +81,12 @@ class Forecourt:
             answer = await client.post(f"{self.pts.base_url}/sim/control", json={"arrivals": on})
             answer.raise_for_status()
 
+    async def get(self, path: str) -> httpx.Response:
+        """A read of the edge's API, with the station's read-only credential."""
+        return await self.api.get(path, headers=READER_HEADERS)
+
     async def pump(self, pump: int) -> dict[str, Any]:
-        answer = await self.api.get(f"/v1/pumps/{pump}")
+        answer = await self.get(f"/v1/pumps/{pump}")
         assert answer.status_code == 200, answer.text
         return dict(answer.json())
 
@@ -161,6 +165,7 @@ async def forecourt(
             sync_backoff_max_s=0.5,
             min_free_disk_bytes=0,
             terminal_tokens={"till1": TILL1, "till2": TILL2},
+            reader_tokens={"tests": READER_TOKEN},
             devices=[
                 DeviceLine(
                     name="pts",
@@ -616,7 +621,7 @@ async def test_a_command_for_an_unknown_pump_is_404_and_audited(forecourt: Forec
     site = forecourt
     for path in ("/v1/pumps/42/authorize", "/v1/pumps/42/stop", "/v1/pumps/6/suspend"):
         envelope(await site.post(path, {"full": True}), 404, "pump.unknown")
-    envelope(await site.api.get("/v1/pumps/42"), 404, "pump.unknown")
+    envelope(await site.get("/v1/pumps/42"), 404, "pump.unknown")
     assert [a["details"]["refused"] for a in site.audits()] == ["pump.unknown"] * 3
 
 
@@ -633,7 +638,7 @@ async def test_a_command_without_a_terminal_credential_is_401_and_reaches_no_pum
 
 
 async def test_the_pumps_are_listed_with_their_line_and_state(forecourt: Forecourt) -> None:
-    answer = await forecourt.api.get("/v1/pumps")
+    answer = await forecourt.get("/v1/pumps")
     assert answer.status_code == 200, answer.text
     assert [(p["pump"], p["line"], p["state"]) for p in answer.json()] == [
         (1, "pts", "idle"),

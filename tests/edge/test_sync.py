@@ -19,6 +19,7 @@ from forecourt.kernel.clock import SystemClock
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 from forecourt.settings import Settings
 from tests.edge.test_journal import DRAFT
+from tests.support import staff_headers
 
 
 @pytest.fixture
@@ -69,11 +70,12 @@ async def test_a_sale_hq_refuses_is_kept_aside_and_the_rest_uploads(
         pending, _, rejected = await journal.outbox_usage()
         assert (pending, rejected) == (1, 1)  # kept, not dropped, and never blocks the rest
         assert await journal.pending_uploads(100) == []
-        summary = (
-            await httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=hq.app), base_url="http://hq"
-            ).get("/v1/stations/S001/sequence")
-        ).json()
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=hq.app),
+            base_url="http://hq",
+            headers=await staff_headers(hq.identity),
+        ) as staff:
+            summary = (await staff.get("/v1/stations/S001/sequence")).json()
         assert summary["gaps"] == [[5, 5]]  # HQ sees exactly which sale it is missing
     finally:
         await client.close()

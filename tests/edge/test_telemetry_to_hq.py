@@ -27,7 +27,7 @@ from tests.mqtt_broker import (
     MqttBroker,
     persistent_mqtt_broker,  # noqa: F401 (a fixture)
 )
-from tests.support import eventually
+from tests.support import eventually, staff_headers
 
 STATION = "S001"
 
@@ -79,7 +79,11 @@ async def test_hq_shows_live_pump_and_tank_state_from_telemetry_across_a_broker_
         transport = httpx.ASGITransport(app=devices_hq.app)
         async with (
             running(node) as edge,
-            httpx.AsyncClient(transport=transport, base_url="http://hq") as hq,
+            httpx.AsyncClient(
+                transport=transport,
+                base_url="http://hq",
+                headers=await staff_headers(devices_hq.identity),
+            ) as hq,
         ):
 
             async def at_hq() -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from forecourt.kernel.clock import SystemClock
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 from forecourt.settings import Settings
 from tests.edge.test_journal import DRAFT
-from tests.support import eventually
+from tests.support import eventually, staff_headers
 
 DEVICE = "pts-S001"
 
@@ -102,8 +102,9 @@ async def edit_outbox(journal: Journal, seq: int, edit: Callable[[dict[str, Any]
 
 async def hq_sequence(hq: HeadOffice) -> dict[str, Any]:
     transport = httpx.ASGITransport(app=hq.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
-        return (await client.get("/v1/stations/S001/sequence")).json()  # type: ignore[no-any-return]
+    headers = await staff_headers(hq.identity)
+    async with httpx.AsyncClient(transport=transport, base_url="http://hq", headers=headers) as c:
+        return (await c.get("/v1/stations/S001/sequence")).json()  # type: ignore[no-any-return]
 
 
 async def test_an_item_hq_refuses_is_kept_marked_and_out_of_the_pending_set_in_one_upload(

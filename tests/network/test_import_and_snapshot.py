@@ -34,6 +34,7 @@ from forecourt.network.handlers import (
 )
 from forecourt.network.store import NetworkStore, price_t
 from forecourt.settings import Settings
+from tests.network.support import StaffAuth
 
 CST = timezone(timedelta(hours=8))
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=CST)
@@ -53,7 +54,8 @@ class FixedClock:
 class Office:
     hq: HeadOffice
     clock: FixedClock
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # signed in as an HQ admin
+    anonymous: httpx.AsyncClient  # no credential at all
 
     @property
     def db(self) -> Database:
@@ -68,8 +70,15 @@ async def office(db_url: str) -> AsyncIterator[Office]:
     await hq.start(relay=False)
     transport = httpx.ASGITransport(app=hq.app)
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
-            yield Office(hq, clock, client)
+        # Staff reads go as an HQ admin (signed in again as the clock moves); the snapshot
+        # sends its station's credential, or none (``anonymous``).
+        async with (
+            httpx.AsyncClient(
+                transport=transport, base_url="http://hq", auth=StaffAuth(hq.identity)
+            ) as client,
+            httpx.AsyncClient(transport=transport, base_url="http://hq") as anonymous,
+        ):
+            yield Office(hq, clock, client, anonymous)
     finally:
         await hq.stop()
 
@@ -460,7 +469,7 @@ async def test_the_snapshot_endpoint_serves_a_station_only_its_own_snapshot(
         return {"authorization": f"Bearer {token}"}
 
     # When S001's snapshot is asked for without a credential, it is 401
-    missing = await office.client.get(url)
+    missing = await office.anonymous.get(url)
     assert missing.status_code == 401
     assert missing.json()["error"]["code"] == "auth.missing_credential"
     # With an unknown credential, it is 401

@@ -39,6 +39,7 @@ from forecourt.network.handlers import SAMPLE_CHAIN, build_snapshot, import_chai
 from forecourt.network.store import NetworkStore, price_t
 from forecourt.settings import Settings
 from tests.cli import support as cli
+from tests.network.support import StaffAuth
 
 CST = timezone(timedelta(hours=8))
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=CST)
@@ -60,7 +61,7 @@ class FixedClock:
 class Office:
     hq: HeadOffice
     clock: FixedClock
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # signed in as an HQ admin
 
     @property
     def db(self) -> Database:
@@ -82,7 +83,10 @@ async def office(db_url: str) -> AsyncIterator[Office]:
     await import_chain(hq.db, load_chain_file(SAMPLE_CHAIN))
     transport = httpx.ASGITransport(app=hq.app)
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
+        # As an HQ admin, signed in again as the clock moves (months ahead, and back).
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://hq", auth=StaffAuth(hq.identity)
+        ) as client:
             yield Office(hq, clock, client)
     finally:
         await hq.stop()

@@ -15,7 +15,7 @@ import pytest
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.settings import Settings
 from tests.infra.support import sale_event
-from tests.support import start_workers
+from tests.support import staff_headers, staff_headers_at, start_workers
 
 
 def gauge(text: str, name: str) -> float:
@@ -38,8 +38,12 @@ async def two_workers(pg_url: str) -> AsyncIterator[list[HeadOffice]]:
 
 
 async def scrape(office: HeadOffice) -> str:
+    """``/metrics`` as an HQ admin (it holds metrics:read)."""
     transport = httpx.ASGITransport(app=office.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
+    headers = await staff_headers(office.identity)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://hq", headers=headers
+    ) as client:
         return (await client.get("/metrics")).text
 
 
@@ -96,6 +100,7 @@ async def test_every_scrape_of_two_worker_processes_answers_the_totals_of_both(
     from tests.sales.conftest import make_sale
 
     token = await _seed(pg_url)
+    staff = await staff_headers_at(pg_url)  # scrapes /metrics as an HQ admin
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_99999.db").write_bytes(b"an earlier run's file")
@@ -133,7 +138,7 @@ async def test_every_scrape_of_two_worker_processes_answers_the_totals_of_both(
             assert len(pids) >= 2, "every upload reached one worker: nothing to add up"
         for _ in range(10):
             async with httpx.AsyncClient(base_url=url) as client:
-                text = (await client.get("/metrics")).text
+                text = (await client.get("/metrics", headers=staff)).text
             assert _counter(text, "forecourt_sales_ingested_total", status="created") == uploaded
             assert "forecourt_outbox_backlog " in text  # read live, not added up
             assert text.count("# TYPE forecourt_outbox_backlog gauge") == 1

@@ -395,3 +395,54 @@ async def test_answers_carry_security_headers_and_no_cors(office: Office) -> Non
     assert "access-control-allow-origin" not in preflight.headers
     docs = await office.client.get("/docs")
     assert "content-security-policy" not in docs.headers  # its inline start script runs
+
+
+async def test_a_station_credential_stands_for_its_station_with_two_permissions_only(
+    office: Office,
+) -> None:
+    from forecourt.bootstrap import HeadOfficeAuthenticator
+    from forecourt.kernel.access import PrincipalKind
+
+    authenticator = HeadOfficeAuthenticator(office.hq.identity, office.hq.directory)
+    principal = await authenticator.principal(office.station_token, "127.0.0.1")
+    assert principal.kind is PrincipalKind.STATION
+    assert principal.subject == "S001"
+    [grant] = principal.grants
+    assert str(grant.scope) == "station:S001"
+    assert grant.permissions == {"sales:upload", "network:snapshot"}
+
+
+async def test_at_the_edge_a_reader_reads_and_never_commands(tmp_path: Path) -> None:
+    from forecourt.edge.node import build_edge_node
+    from forecourt.kernel.clock import SystemClock
+
+    settings = EdgeSettings(
+        station="S001",
+        credential="c" * 32,
+        journal_path=tmp_path / "edge.db",
+        log_json=False,
+        terminal_tokens={"till1": "t" * 20},
+        reader_tokens={"screen": "r" * 20},
+    )
+    node = build_edge_node(settings, SystemClock())
+    reader = {"authorization": "Bearer " + "r" * 20}
+    till = {"authorization": "Bearer " + "t" * 20}
+    # The node is not started: a route the policy lets through fails behind it (500); only
+    # the policy's answer is looked at here.
+    transport = httpx.ASGITransport(app=node.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+        for method, path in EDGE_ROUTES:
+            want = EDGE_ROUTES[(method, path)]
+            if want == OPEN or method == "MOUNT":
+                continue
+            url = path.replace("{pump}", "1")
+            as_reader = await client.request(method, url, headers=reader, json={})
+            as_till = await client.request(method, url, headers=till, json={})
+            nobody = await client.request(method, url, json={})
+            assert nobody.status_code == 401, (path, nobody.text)
+            assert as_till.status_code not in (401, 403), (path, as_till.text)
+            if want[0] == "station:read":
+                assert as_reader.status_code not in (401, 403), (path, as_reader.text)
+            else:
+                assert as_reader.status_code == 403, (path, as_reader.text)
+                assert as_reader.json()["error"]["code"] == "auth.forbidden"

@@ -219,6 +219,13 @@ class TerminalAuthenticator:
         self.terminals = dict(terminals)
         self.readers = dict(readers)
 
+    def refuse_missing(self, source: str | None) -> TerminalUnauthorized:
+        refused = TerminalUnauthorized(
+            "missing terminal credential: send Authorization: Bearer <terminal secret>"
+        )
+        log.warning("edge.terminal_refused", source=source, reason=refused.message)
+        return refused
+
     async def principal(self, token: str, source: str | None) -> Principal:
         header = f"Bearer {token}"
         scope = Scope.station(self.station)

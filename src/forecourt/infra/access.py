@@ -104,7 +104,9 @@ def require(policy: Policy) -> Any:
             raise Unauthorized("this server has no authenticator", code="auth.not_configured")
         principal: Principal | None = None
         try:
-            principal = await authenticator.principal(bearer_token(request), source_of(request))
+            principal = await authenticator.principal(
+                _token(request, authenticator), source_of(request)
+            )
             request.state.principal = principal
             await authorize(request, policy, principal)
         except (Unauthorized, Forbidden, TooManyRequests) as refused:
@@ -122,6 +124,18 @@ def require(policy: Policy) -> Any:
         return Depends(open_route)
     setattr(check, _POLICY_ATTR, policy)
     return Depends(check)
+
+
+def _token(request: Request, authenticator: Authenticator) -> str:
+    """The request's bearer token; without one, the authenticator's own refusal when it has
+    one (``refuse_missing()``: the edge names the terminal credential it wants)."""
+    try:
+        return bearer_token(request)
+    except Unauthorized:
+        refuse = getattr(authenticator, "refuse_missing", None)
+        if refuse is None:
+            raise
+        raise refuse(source_of(request)) from None
 
 
 async def _tell_refusal(
