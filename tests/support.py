@@ -97,7 +97,6 @@ async def staff_headers(
     from uuid import uuid4
 
     from forecourt.identity.handlers import IdentityService
-
     from forecourt.kernel.access import Scope
 
     assert isinstance(identity, IdentityService)
@@ -114,7 +113,6 @@ async def staff_headers_at(database_url: str, *grants: Assignment) -> dict[str, 
     """:func:`staff_headers` for an HQ running in another process on ``database_url``
     (tokens are signed with keys kept in its database, so every HQ process takes them)."""
     from forecourt.identity.handlers import IdentityConfig, IdentityService
-
     from forecourt.infra.db import Database
     from forecourt.infra.migrate import upgrade
     from forecourt.settings import Settings

@@ -22,6 +22,10 @@ from forecourt.edge.node import build_edge_node
 from forecourt.infra.http import install_common
 from forecourt.settings import EdgeSettings, Settings
 from tests.conftest import fresh_pg_database
+from tests.support import staff_headers
+
+# The edge's read-only credential: its reads (status, tanks, pumps) are reached, as before.
+READER = "reader-secret-of-sixteen+"
 
 
 class FixedClock:
@@ -31,13 +35,17 @@ class FixedClock:
 
 @contextlib.asynccontextmanager
 async def hq_app(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """HQ, its client signed in as an HQ admin (every route is reached, as before guards)."""
     office = build_head_office(
         Settings(database_url=database_url, log_json=False), clock=FixedClock()
     )
     await office.start(relay=False)
     try:
         transport = httpx.ASGITransport(app=office.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://hq") as client:
+        staff = await staff_headers(office.identity)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://hq", headers=staff
+        ) as client:
             yield client
     finally:
         await office.stop()
@@ -45,20 +53,26 @@ async def hq_app(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 @contextlib.asynccontextmanager
 async def edge_app(journal: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """The edge app over its journal, with no HQ and no forecourt (none is needed to serve)."""
+    """The edge app over its journal, with no HQ and no forecourt (none is needed to serve);
+    its client sends a reader credential (the station's reads are reached, as before)."""
     settings = EdgeSettings(
         station="S001",
         hq_url="http://127.0.0.1:9",
         credential="x" * 32,
         journal_path=journal,
         log_json=False,
+        reader_tokens={"test-reader": READER},
     )
     no_forecourt = lambda snapshot: None  # noqa: E731
     node = build_edge_node(settings, FixedClock(), no_forecourt)  # type: ignore[arg-type]
     await node.journal.open()
     try:
         transport = httpx.ASGITransport(app=node.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://edge",
+            headers={"authorization": f"Bearer {READER}"},
+        ) as client:
             yield client
     finally:
         await node.journal.close()

@@ -25,6 +25,7 @@ from forecourt.kernel.events import trace_id_of
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 from forecourt.settings import Settings
 from tests.sales.conftest import make_sale_v2
+from tests.support import staff_headers
 
 LIMIT = 8 * 1024
 
@@ -352,13 +353,16 @@ async def test_a_middleware_that_fails_gets_the_envelope_too() -> None:
 
 @pytest.fixture
 async def hq(db_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
-    """HQ with the sample chain, its client and the authorization header for S001."""
+    """HQ with the sample chain, its client (signed in as an HQ admin, for the sales reads)
+    and the authorization header for S001 (its uploads)."""
     office = build_head_office(Settings(database_url=db_url, log_json=False))
     await office.start(relay=False)
     await import_chain(office.db, load_chain_file(SAMPLE_CHAIN))
     token = (await issue_credential(office.db, "S001"))[1]
+    staff = await staff_headers(office.identity)
     try:
         async with client_of(office.app) as client:
+            client.headers.update(staff)
             yield client, {"authorization": f"Bearer {token}"}
     finally:
         await office.stop()
