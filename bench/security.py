@@ -74,8 +74,7 @@ def serve(variant: str, port: int, tokens_file: Path) -> None:
 
     app = create_app()
     if variant == "plain":
-        from forecourt.bootstrap import STATION_PERMISSIONS
-        from forecourt.kernel.access import Grant, PrincipalKind, Scope
+        from forecourt.kernel.access import STATION_PERMISSIONS, Grant, PrincipalKind, Scope
 
         known = {
             token: Principal(

@@ -36,7 +36,13 @@ from forecourt.infra.db import Database
 from forecourt.infra.http import METRICS_POLICY, OPEN, install_common
 from forecourt.infra.migrate import upgrade
 from forecourt.infra.relay import OutboxRelay
-from forecourt.kernel.access import Grant, Permission, Principal, PrincipalKind, Scope
+from forecourt.kernel.access import (
+    STATION_PERMISSIONS,
+    Grant,
+    Principal,
+    PrincipalKind,
+    Scope,
+)
 from forecourt.kernel.clock import Clock, SimulatedClock
 from forecourt.kernel.errors import ForecourtError, TooManyRequests, Unauthorized
 from forecourt.network import api as network_api
@@ -173,10 +179,6 @@ class LiveFigures(Collector):
         for name, doc in self.documentation.items():
             value = self.read[name]() if name in self.read else self.values[name]
             yield GaugeMetricFamily(name, doc, value=value)
-
-
-# What a station's credential allows: its own uploads and its own snapshot, nothing else.
-STATION_PERMISSIONS = frozenset({Permission.SALES_UPLOAD, Permission.NETWORK_SNAPSHOT})
 
 
 class HeadOfficeAuthenticator:

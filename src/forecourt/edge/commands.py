@@ -185,13 +185,19 @@ def check_terminal(header: str | None, tokens: Mapping[str, str]) -> str:
         raise TerminalUnauthorized(
             "this edge has no terminal credentials configured (FORECOURT_EDGE_TERMINAL_TOKENS)"
         )
-    given = secret.strip().encode()
+    found = _holder(secret.strip(), tokens)
+    if found is None:
+        raise TerminalUnauthorized("unknown terminal credential")
+    return found
+
+
+def _holder(secret: str, tokens: Mapping[str, str]) -> str | None:
+    """The name whose secret ``secret`` is, compared in constant time with every one."""
+    given = secret.encode()
     found: str | None = None
     for name, expected in tokens.items():
         if hmac.compare_digest(given, expected.encode()):
             found = name  # no early exit: every secret is compared
-    if found is None:
-        raise TerminalUnauthorized("unknown terminal credential")
     return found
 
 
@@ -227,17 +233,15 @@ class TerminalAuthenticator:
         return refused
 
     async def principal(self, token: str, source: str | None) -> Principal:
-        header = f"Bearer {token}"
         scope = Scope.station(self.station)
         for tokens, role, permissions in (
             (self.terminals, "terminal", TERMINAL_PERMISSIONS),
             (self.readers, "reader", READER_PERMISSIONS),
         ):
-            try:
-                name = check_terminal(header, tokens)
-            except TerminalUnauthorized:
-                continue
-            return Principal(PrincipalKind.TERMINAL, name, (Grant(role, scope, permissions),))
+            name = _holder(token, tokens)
+            if name is not None:
+                grant = Grant(role, scope, permissions)
+                return Principal(PrincipalKind.TERMINAL, name, (grant,))
         if not self.terminals and not self.readers:
             refused = TerminalUnauthorized(
                 "this edge has no terminal credentials configured "

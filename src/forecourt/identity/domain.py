@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from forecourt.kernel.access import Grant, Level, Permission, PrincipalKind, Scope
+from forecourt.kernel.access import (
+    STATION_PERMISSIONS,
+    Grant,
+    Level,
+    Permission,
+    PrincipalKind,
+    Scope,
+)
 from forecourt.kernel.errors import (
     Conflict,
     ForecourtError,
@@ -132,15 +139,13 @@ def _role(
     return Role(name, description, frozenset(permissions), frozenset(levels), kinds)
 
 
-_STATION_CREDENTIAL_ONLY = {P.SALES_UPLOAD, P.NETWORK_SNAPSHOT}
-
 ROLES: dict[str, Role] = {
     r.name: r
     for r in (
         _role(
             "hq_admin",
             "head office administrator: everything staff may do, over the whole chain",
-            set(Permission) - _STATION_CREDENTIAL_ONLY,
+            set(Permission) - STATION_PERMISSIONS,
             [Level.CHAIN],
         ),
         _role(

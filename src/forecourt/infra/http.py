@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -521,14 +520,6 @@ _ERROR_DESCRIPTIONS = {
     429: "Too many failed credentials from this source: wait (Retry-After), then retry",
     503: "Unavailable: retry later",
 }
-
-# The station credential, as OpenAPI names it. Routes declare it as a dependency for the
-# document (and Swagger UI's Authorize button); they check the credential themselves.
-STATION_CREDENTIAL = HTTPBearer(
-    scheme_name="StationCredential",
-    description="a station's credential (forecourt credential CODE): Bearer <credential>",
-    auto_error=False,
-)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

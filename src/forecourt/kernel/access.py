@@ -35,6 +35,10 @@ class Permission(StrEnum):
     SIGNED_IN = "signed-in"  # any authenticated caller of the route's kinds, anywhere
 
 
+# What a station's credential allows (its own uploads and snapshot), and nothing staff hold.
+STATION_PERMISSIONS = frozenset({Permission.SALES_UPLOAD, Permission.NETWORK_SNAPSHOT})
+
+
 class Level(StrEnum):
     CHAIN = "chain"
     REGION = "region"
