@@ -40,6 +40,7 @@ HQ_ROUTES: dict[tuple[str, str], tuple[str, str | None] | str] = {
     ("MOUNT", "/docs-assets"): OPEN,
     # a station's own credential
     ("POST", "/v1/stations/{code}/sales:batch"): ("sales:upload", "path:code"),
+    ("POST", "/v1/stations/{code}/audit:batch"): ("audit:upload", "path:code"),
     ("GET", "/v1/stations/{code}/snapshot"): ("network:snapshot", "path:code"),
     # sales
     ("GET", "/v1/sales"): ("sales:read", "query:station"),
@@ -264,7 +265,7 @@ def _staff_routes() -> list[tuple[str, str]]:
     return [
         key
         for key, want in HQ_ROUTES.items()
-        if want != OPEN and want[0] not in ("sales:upload", "network:snapshot")
+        if want != OPEN and want[0] not in ("sales:upload", "audit:upload", "network:snapshot")
     ]
 
 
@@ -409,7 +410,7 @@ async def test_a_station_credential_stands_for_its_station_with_two_permissions_
     assert principal.subject == "S001"
     [grant] = principal.grants
     assert str(grant.scope) == "station:S001"
-    assert grant.permissions == {"sales:upload", "network:snapshot"}
+    assert grant.permissions == {"sales:upload", "audit:upload", "network:snapshot"}
 
 
 async def test_at_the_edge_a_reader_reads_and_never_commands(tmp_path: Path) -> None:

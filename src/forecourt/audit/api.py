@@ -1,4 +1,5 @@
-"""HTTP routes of ``audit``: read the chained records, verify the chain (``audit:read``)."""
+"""HTTP routes of ``audit``: read the chained records and verify the chain (``audit:read``);
+a station uploads its edge's audit records (``audit:upload``, its own credential)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,92 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from forecourt.audit.domain import AuditRecord, Verdict
-from forecourt.audit.handlers import list_records, verify
+from forecourt.audit.handlers import (
+    RefusedRecord,
+    StationRecord,
+    accept_station_records,
+    list_records,
+    verify,
+)
 from forecourt.audit.store import RecordQuery
 from forecourt.infra.access import require
 from forecourt.infra.db import Database
 from forecourt.infra.http import error_responses
-from forecourt.kernel.access import Permission, Policy
+from forecourt.kernel.access import Permission, Policy, PrincipalKind
 
 READ = Policy(Permission.AUDIT_READ)
+UPLOAD = Policy(
+    Permission.AUDIT_UPLOAD, station="path:code", kinds=frozenset({PrincipalKind.STATION})
+)
 STAFF_ERRORS = error_responses(401, 403, 422, 429)
 MAX_LIMIT = 1000
+MAX_UPLOAD = 500  # records per upload
+CODE_LENGTH = 40
+
+
+class StationRecordIn(BaseModel):
+    """One audit record as the station's edge wrote it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    record_id: str = Field(
+        pattern=r"^[0-9A-Za-z][0-9A-Za-z-]{0,63}$",
+        description="the edge's id of the record: an upload repeated adds nothing",
+    )
+    at: AwareDatetime = Field(description="when it happened, by the edge's clock")
+    actor: str = Field(min_length=1, max_length=150, examples=["terminal:pos-1"])
+    action: str = Field(min_length=1, max_length=200, examples=["pump.authorize"])
+    target: str = Field(max_length=200, examples=["pump:3"])
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class StationAuditBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    records: list[Any] = Field(
+        max_length=MAX_UPLOAD,
+        description="StationRecordIn objects; each is judged on its own (one bad item "
+        "never holds back the rest)",
+    )
+
+
+class StationRecordResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    record_id: str | None
+    status: str = Field(description="created, duplicate or refused")
+    errors: list[dict[str, Any]] | None = None
+
+
+class StationAuditResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    results: list[StationRecordResult]
+
+
+def _judge(item: Any) -> StationRecord | RefusedRecord:
+    try:
+        r = StationRecordIn.model_validate(item)
+    except ValidationError as exc:
+        rid = item.get("record_id") if isinstance(item, dict) else None
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        return RefusedRecord(
+            record_id=rid[:64] if isinstance(rid, str) else None,
+            errors=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors],
+        )
+    return StationRecord(
+        record_id=r.record_id,
+        at=r.at,
+        actor=r.actor,
+        action=r.action,
+        target=r.target,
+        details=r.details,
+    )
 
 
 class Order(StrEnum):
@@ -106,10 +179,43 @@ Seq = Annotated[int | None, Query(ge=0)]
 
 
 def build_router(db: Database) -> APIRouter:
-    router = APIRouter(prefix="/v1/audit", tags=["audit"])
+    router = APIRouter(tags=["audit"])
+
+    @router.post(
+        "/v1/stations/{code}/audit:batch",
+        dependencies=[require(UPLOAD)],
+        responses=error_responses(401, 403, 413, 422, 429),
+        summary="Upload the station's edge audit records into the chain",
+    )
+    async def upload_station_records(
+        code: Annotated[str, Path(max_length=CODE_LENGTH)],  # noqa: ARG001 - the policy's
+        body: StationAuditBatch,
+        request: Request,
+    ) -> StationAuditResult:
+        """The station is the credential's (another station's credential: 403
+        ``auth.wrong_station``). Each record is queued for the chain under the actor
+        ``station:CODE/<edge actor>``; an upload repeated after a lost answer answers
+        ``duplicate`` for what it already holds; an invalid item is ``refused`` with its
+        errors (and audited as ``audit.upload_refused``) while the rest go in."""
+        station = request.state.principal.subject
+        items = [_judge(item) for item in body.records]
+        statuses = await accept_station_records(db, station, items)
+        return StationAuditResult(
+            results=[
+                StationRecordResult(
+                    index=i,
+                    record_id=item.record_id,
+                    status=status,
+                    errors=[dict(e) for e in item.errors]
+                    if isinstance(item, RefusedRecord)
+                    else None,
+                )
+                for i, (item, status) in enumerate(zip(items, statuses, strict=True))
+            ]
+        )
 
     @router.get(
-        "/records",
+        "/v1/audit/records",
         dependencies=[require(READ)],
         responses=STAFF_ERRORS,
         summary="Audit records (chained), newest first or in chain order",
@@ -149,7 +255,7 @@ def build_router(db: Database) -> APIRouter:
         )
 
     @router.get(
-        "/verify",
+        "/v1/audit/verify",
         dependencies=[require(READ)],
         responses=STAFF_ERRORS,
         summary="Verify the hash chain and the signed checkpoints",

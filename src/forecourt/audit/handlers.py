@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -41,7 +44,7 @@ from forecourt.audit.domain import (
 )
 from forecourt.audit.store import RecordQuery
 from forecourt.infra.db import Database
-from forecourt.infra.logging import get_logger
+from forecourt.infra.logging import get_logger, source_var, trace_id_var
 
 log = get_logger("forecourt.audit")
 
@@ -198,14 +201,20 @@ class AuditChainer:
                 return 0
             head_seq, head_hash = await store.chain_head(conn)
             waiting = await store.take_outbox(conn, self.batch_size)
+            fresh: list[tuple[Any, ...]] = []
             if waiting:
-                records = chain(head_hash, head_seq + 1, [w.fields for w in waiting])
-                await store.append(conn, records)
+                # A record queued again while an earlier copy was being chained (a station's
+                # upload racing this pass) is dropped here, never chained twice.
+                chained = await store.already_chained(conn, [w.fields[0] for w in waiting])
+                fresh = [w.fields for w in waiting if w.fields[0] not in chained]
+                if fresh:
+                    records = chain(head_hash, head_seq + 1, fresh)
+                    await store.append(conn, records)
+                    head_seq, head_hash = records[-1].seq, records[-1].hash
                 await store.delete_outbox(conn, [w.id for w in waiting])
-                head_seq, head_hash = records[-1].seq, records[-1].hash
             await self._maybe_checkpoint(conn, head_seq, head_hash, force_checkpoint)
-        self.chained += len(waiting)
-        return len(waiting)
+        self.chained += len(fresh)
+        return len(waiting)  # what left the outbox: a full batch means more may wait
 
     async def _maybe_checkpoint(
         self, conn: AsyncConnection, head_seq: int, head_hash: str, force: bool
@@ -251,6 +260,92 @@ async def chain_waiting(
     async with db.connection() as conn:
         head, _ = await store.chain_head(conn)
     return total, head
+
+
+# --- a station's own records ------------------------------------------------------------------
+
+# The edge audits what happens at the station (pump commands, price downloads, totalizer
+# checks …) in its journal and uploads the records here; each joins the one chain under an id
+# derived from the station and the edge's own id, so an upload repeated after a lost answer
+# adds nothing, and one station can never collide with another's record or with HQ's.
+STATION_RECORD_NAMESPACE = uuid.UUID("6f1c2b1e-41c4-5d9a-9e0b-2f6d4a7c3e58")
+
+
+@dataclass(frozen=True)
+class StationRecord:
+    """An audit record as the edge wrote it."""
+
+    record_id: str  # the edge's
+    at: datetime  # when it happened, by the edge's clock
+    actor: str  # the edge's actor (``terminal:pos-1``, ``edge`` …)
+    action: str
+    target: str
+    details: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RefusedRecord:
+    """An uploaded item that is not a valid record: kept out of the chain, and audited."""
+
+    record_id: str | None
+    errors: Sequence[Mapping[str, Any]]
+
+
+def station_record_id(station: str, edge_record_id: str) -> str:
+    return str(uuid.uuid5(STATION_RECORD_NAMESPACE, f"{station}/{edge_record_id}"))
+
+
+def station_actor(station: str, edge_actor: str) -> str:
+    return f"station:{station}/{edge_actor}"
+
+
+async def accept_station_records(
+    db: Database, station: str, items: Sequence[StationRecord | RefusedRecord]
+) -> list[str]:
+    """Queue a station's uploaded records for the chain in one transaction; per item:
+    ``created`` (queued now), ``duplicate`` (chained or queued by an earlier upload) or
+    ``refused`` (not a valid record: left out, and an ``audit.upload_refused`` record says
+    so). The actor is the station's: ``station:CODE/<the edge's actor>``."""
+    trace_id = trace_id_var.get()
+    origin = source_var.get()
+    source = origin[:100] if origin else None
+    rows: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, StationRecord):
+            rows.append(
+                {
+                    "record_id": station_record_id(station, item.record_id),
+                    "at": item.at,
+                    "actor": station_actor(station, item.actor),
+                    "action": item.action,
+                    "target": item.target,
+                    "details": json.dumps(item.details, sort_keys=True, default=str),
+                    "trace_id": trace_id,
+                    "source": source,
+                }
+            )
+    async with db.begin() as uow:
+        created = await store.add_to_outbox(uow.conn, rows)
+        for item in items:
+            if isinstance(item, RefusedRecord):
+                await uow.record_audit(
+                    actor=f"station:{station}",
+                    action="audit.upload_refused",
+                    target=f"station:{station}",
+                    details={"record_id": item.record_id, "errors": list(item.errors)},
+                )
+    statuses: list[str] = []
+    for item in items:
+        if isinstance(item, RefusedRecord):
+            statuses.append("refused")
+            continue
+        rid = station_record_id(station, item.record_id)
+        statuses.append("created" if rid in created else "duplicate")
+        created.discard(rid)  # the same record twice in one upload: the second a duplicate
+    refused = sum(1 for s in statuses if s == "refused")
+    if refused:
+        log.warning("audit.station_records_refused", station=station, refused=refused)
+    return statuses
 
 
 # --- verification ----------------------------------------------------------------------------

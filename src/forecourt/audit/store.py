@@ -147,6 +147,39 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
     )
 
 
+async def already_chained(conn: AsyncConnection, record_ids: Sequence[str]) -> set[str]:
+    """Which of these record ids the chain holds already."""
+    found: set[str] = set()
+    for start in range(0, len(record_ids), 500):
+        chunk = list(record_ids[start : start + 500])
+        rows = await conn.execute(
+            sa.select(record_t.c.record_id).where(record_t.c.record_id.in_(chunk))
+        )
+        found.update(r.record_id for r in rows)
+    return found
+
+
+async def add_to_outbox(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Queue records that carry their own ``record_id`` (a station's, uploaded again after a
+    lost answer); the ids of those queued now. A record already chained or already waiting
+    is left as it is: first write wins, nothing is overwritten."""
+    if not rows:
+        return set()
+    ids = [str(r["record_id"]) for r in rows]
+    known = await already_chained(conn, ids)
+    fresh = [r for r in rows if r["record_id"] not in known]
+    if not fresh:
+        return set()
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        insert(audit_outbox_table)
+        .values(fresh)
+        .on_conflict_do_nothing(index_elements=["record_id"])
+        .returning(audit_outbox_table.c.record_id)
+    )
+    return {r.record_id for r in await conn.execute(statement)}
+
+
 async def delete_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:
     """Delete exactly these outbox rows (never a range: a lower id may commit later)."""
     for start in range(0, len(ids), 500):

@@ -109,6 +109,9 @@ audit_t = sa.Table(
     sa.Column("action", sa.String(200), nullable=False),
     sa.Column("target", sa.String(200), nullable=False),
     sa.Column("details", sa.Text, nullable=False),
+    sa.Column("record_id", sa.String(36), unique=True),
+    sa.Column("rejected", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_error", sa.Text),
 )
 
 
@@ -243,6 +246,21 @@ class PendingUpload:
     seq: int
     sale_id: str
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PendingAudit:
+    id: int
+    record_id: str
+    payload: dict[str, Any]
+
+
+def _details(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"text": text}
+    return value if isinstance(value, dict) else {"value": value}
 
 
 UPLOAD_SCHEMA_VERSION = 2
@@ -939,6 +957,7 @@ class Journal:
         with self.engine.begin() as conn:
             conn.execute(
                 audit_t.insert().values(
+                    record_id=str(new_id()),
                     at=self.clock.now(),
                     actor=actor,
                     action=action,
@@ -947,12 +966,73 @@ class Journal:
                 )
             )
 
+    async def pending_audit(self, limit: int) -> list[PendingAudit]:
+        """Audit records not yet in HQ's trail (refused ones excluded), oldest first."""
+        return await self._run(self._pending_audit, limit)
+
+    def _pending_audit(self, limit: int) -> list[PendingAudit]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(audit_t)
+                .where(audit_t.c.rejected.is_(False))
+                .order_by(audit_t.c.id)
+                .limit(limit)
+            )
+            return [
+                PendingAudit(
+                    id=r.id,
+                    record_id=r.record_id,
+                    payload={
+                        "record_id": r.record_id,
+                        "at": r.at.isoformat(),
+                        "actor": r.actor,
+                        "action": r.action,
+                        "target": r.target,
+                        "details": _details(r.details),
+                    },
+                )
+                for r in rows
+            ]
+
+    async def audit_answered(self, delivered: list[int], refused: dict[int, str]) -> None:
+        """HQ's answer on uploaded records: ``delivered`` (in HQ's trail now, or already)
+        leave the outbox; ``refused`` (id → HQ's reason) stay, marked, out of the pending
+        set, for a person to look at."""
+        await self._run(self._audit_answered, delivered, refused)
+
+    def _audit_answered(self, delivered: list[int], refused: dict[int, str]) -> None:
+        with self.engine.begin() as conn:
+            for start in range(0, len(delivered), 500):
+                chunk = delivered[start : start + 500]
+                conn.execute(audit_t.delete().where(audit_t.c.id.in_(chunk)))
+            for row_id, reason in refused.items():
+                conn.execute(
+                    audit_t.update()
+                    .where(audit_t.c.id == row_id)
+                    .values(rejected=True, last_error=reason[:2000])
+                )
+
+    async def audit_usage(self) -> tuple[int, int]:
+        """(records waiting for HQ, records HQ refused)."""
+        return await self._run(self._audit_usage)
+
+    def _audit_usage(self) -> tuple[int, int]:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(
+                    sa.func.count(),
+                    sa.func.coalesce(sa.func.sum(sa.case((audit_t.c.rejected, 1), else_=0)), 0),
+                ).select_from(audit_t)
+            ).one()
+            total, rejected = int(row[0]), int(row[1])
+            return total - rejected, rejected
+
     # --- retention and disk usage -----------------------------------------------------------
     # Settled sales HQ has answered with a final status leave the journal for the archive
     # (forecourt.edge.retention writes and fsyncs it before anything is deleted here). The
     # newest row always stays: record_sale numbers the next sale max(seq) + 1, so deleting it
-    # would hand its number out again. Audit rows are never deleted: there is no audit
-    # upload yet, so HQ has acknowledged none of them.
+    # would hand its number out again. Audit rows leave only when HQ's trail holds them
+    # (the sync agent's audit upload), never by age.
 
     archivable_statuses = ("created", "duplicate", "quarantined", "conflict")
 

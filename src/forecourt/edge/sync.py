@@ -1,4 +1,5 @@
-"""Talking to HQ: the snapshot puller and the sales upload agent (store-and-forward).
+"""Talking to HQ: the snapshot puller and the upload agent (store-and-forward) for sales and
+for the edge's audit records.
 
 The station never stops recording while HQ is away: the controller journals locally and this
 agent uploads outbox batches whenever HQ answers, with exponential backoff and full jitter.
@@ -7,6 +8,12 @@ sent again. Only HQ's verdict on an item marks it refused (kept in the journal, 
 pending set, counted and alarmed); an error about the whole batch (an HTTP error status, an
 unreadable answer, no connection) changes no item: the agent backs off, raises an alarm and
 tries again.
+
+The edge's audit records (pump commands, price downloads, totalizer checks …) go the same way
+into HQ's one audit trail, after the sales: HQ answers each ``created`` or ``duplicate`` (an
+upload repeated after a lost answer) and the record leaves the edge, or ``refused`` and it
+stays, marked, out of the pending set. Their failures back off on their own and raise the
+``audit_upload`` alarm; they never hold back a sale.
 """
 
 from __future__ import annotations
@@ -75,6 +82,11 @@ class HqClient:
             json={"schema_version": self.UPLOAD_SCHEMA_VERSION, "sales": sales},
         )
 
+    async def upload_audit(self, records: list[dict[str, Any]]) -> httpx.Response:
+        return await self._client.post(
+            f"/v1/stations/{self.station}/audit:batch", json={"records": records}
+        )
+
 
 @dataclass
 class SnapshotKeeper:
@@ -138,6 +150,19 @@ class UploadStats:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class AuditUploadStats:
+    uploaded: int = 0  # records HQ's trail holds now (created or duplicate): left the edge
+    duplicates: int = 0  # of those, already held (an earlier upload's answer was lost)
+    refused: int = 0  # records HQ refused: kept, marked, out of the pending set
+    failures: int = 0  # batch-level failures (no record changed)
+    last_error: str | None = None
+    alarm: str | None = None
+
+
+AUDIT_STATUSES = frozenset({"created", "duplicate", "refused"})
+
+
 class SyncAgent(BackgroundService):
     task_name = "edge-sync"
 
@@ -176,6 +201,10 @@ class SyncAgent(BackgroundService):
         self.disk_low = False
         self.storage: StorageUsage | None = None
         self.stats = UploadStats()
+        self.audit_stats = AuditUploadStats()
+        self.audit_batch_size = min(batch_size, 500)  # HQ takes up to 500 records an upload
+        self._audit_attempt = 0
+        self._audit_not_before = 0.0  # monotonic: the audit upload's own back-off
         self.wake = asyncio.Event()
         self._attempt = 0
         self._limit = batch_size  # halved on 413, grown back after a run of successes
@@ -290,6 +319,70 @@ class SyncAgent(BackgroundService):
             self.stats.last_error = None  # recovered: the status shows no stale error
         return len(verdicts) - len(unknown)
 
+    async def upload_audit_once(self) -> int:
+        """Upload one batch of audit records; how many left the pending set (0 when idle,
+        backing off, or when the batch failed as a whole)."""
+        if time.monotonic() < self._audit_not_before:
+            return 0
+        items = await self.journal.pending_audit(self.audit_batch_size)
+        if not items:
+            return 0
+        try:
+            response = await self.hq.upload_audit([i.payload for i in items])
+        except httpx.HTTPError as exc:
+            self._audit_failed("HQ unreachable", f"{type(exc).__name__}: {exc}")
+            return 0
+        crash_point("edge.mid_audit_upload")
+        if response.status_code != 200:
+            code = _error_code(response)
+            if response.status_code == 413:
+                self.audit_batch_size = max(1, len(items) // 2)
+            self._audit_failed(
+                f"audit upload refused by HQ: {code}",
+                f"HTTP {response.status_code}: {response.text[:300]}",
+            )
+            return 0
+        statuses = _audit_statuses(len(items), response)
+        if isinstance(statuses, str):
+            self._audit_failed("HQ audit answer unreadable", statuses)
+            return 0
+        delivered: list[int] = []
+        refused: dict[int, str] = {}
+        for item, (status, errors) in zip(items, statuses, strict=True):
+            if status == "refused":
+                refused[item.id] = f"refused by HQ: {json.dumps(errors, default=str)}"
+                log.error(
+                    "edge.audit_record_refused",
+                    station=self.hq.station,
+                    record_id=item.record_id,
+                    errors=errors,
+                )
+            else:
+                delivered.append(item.id)
+                if status == "duplicate":
+                    self.audit_stats.duplicates += 1
+        await self.journal.audit_answered(delivered, refused)
+        self.audit_stats.uploaded += len(delivered)
+        self.audit_stats.refused += len(refused)
+        self._audit_attempt = 0
+        self.audit_stats.last_error = None
+        if self.audit_stats.alarm is not None:
+            log.info("edge.audit_upload_alarm_cleared", was=self.audit_stats.alarm)
+            self.audit_stats.alarm = None
+        return len(items)
+
+    def _audit_failed(self, alarm: str, detail: str) -> None:
+        """A batch-level audit upload failure: no record changes; back off on its own."""
+        self.audit_stats.failures += 1
+        self.audit_stats.last_error = f"{alarm} ({detail})"
+        self._audit_attempt += 1
+        cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._audit_attempt, 20))
+        self._audit_not_before = time.monotonic() + random.uniform(0, cap)
+        if alarm != self.audit_stats.alarm:
+            log.error("edge.audit_upload_alarm", station=self.hq.station, alarm=alarm)
+            self.audit_stats.alarm = alarm
+        log.warning("edge.audit_upload_failed", alarm=alarm, error=detail)
+
     async def _refused(self, item: PendingUpload, errors: object) -> None:
         """HQ's verdict that this item is not a valid sale: kept, out of the pending set."""
         detail = json.dumps(errors, default=str)
@@ -370,6 +463,7 @@ class SyncAgent(BackgroundService):
                     self._next_budget_check = time.monotonic() + self.budget_check_s
                     await self.check_budget()
                 n = await self.upload_once()
+                n += await self.upload_audit_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the agent must outlive any one failure
@@ -415,6 +509,26 @@ def _verdicts(
             return f"result {position} is for {sale_id}, item {index} is {item.sale_id}"
         paired[index] = (item, result)
     return [paired[i] for i in range(len(items))]
+
+
+def _audit_statuses(count: int, response: httpx.Response) -> list[tuple[str, Any]] | str:
+    """HQ's (status, errors) for each uploaded record in upload order, or why the answer
+    cannot be trusted record by record."""
+    try:
+        results = response.json()["results"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"no results: {type(exc).__name__}: {exc}"
+    if not isinstance(results, list) or len(results) != count:
+        return f"{len(results) if isinstance(results, list) else 'no'} results for {count}"
+    found: dict[int, tuple[str, Any]] = {}
+    for position, result in enumerate(results):
+        if not isinstance(result, dict) or result.get("status") not in AUDIT_STATUSES:
+            return f"result {position} has no known status"
+        index = result.get("index", position)
+        if type(index) is not int or not 0 <= index < count or index in found:
+            return f"result {position} has index {index!r}"
+        found[index] = (result["status"], result.get("errors"))
+    return [found[i] for i in range(count)]
 
 
 def _error_code(response: httpx.Response) -> str:

@@ -31,12 +31,16 @@ class Permission(StrEnum):
     USERS_READ = "identity:users:read"
     USERS_MANAGE = "identity:users:manage"
     AUDIT_READ = "audit:read"
+    AUDIT_UPLOAD = "audit:upload"  # a station's own edge audit records
     METRICS_READ = "metrics:read"
     SIGNED_IN = "signed-in"  # any authenticated caller of the route's kinds, anywhere
 
 
-# What a station's credential allows (its own uploads and snapshot), and nothing staff hold.
-STATION_PERMISSIONS = frozenset({Permission.SALES_UPLOAD, Permission.NETWORK_SNAPSHOT})
+# What a station's credential allows (its own uploads, audit records and snapshot), and
+# nothing staff hold.
+STATION_PERMISSIONS = frozenset(
+    {Permission.SALES_UPLOAD, Permission.AUDIT_UPLOAD, Permission.NETWORK_SNAPSHOT}
+)
 
 
 class Level(StrEnum):
