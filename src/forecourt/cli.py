@@ -649,7 +649,8 @@ def demo(
         click.echo(json.dumps(result, separators=(",", ":")))
     else:
         _print_demo(result)
-    if not result["agree"] or not result["drained"]:
+    audit_broken = not (result.get("audit") or {}).get("verified", True)
+    if not result["agree"] or not result["drained"] or audit_broken:
         # Undrained stores are not reconciled, whatever the figures say.
         sys.exit(EXIT_FAILURE)
 
@@ -799,6 +800,17 @@ def _print_demo(result: dict[str, Any]) -> None:
         f"{result['sales_at_hq']}  lost {result['lost']}  duplicates {result['duplicates']}  "
         f"quarantined {result['quarantined']}  drained {result['drained']}  {verdict}"
     )
+    audit = result.get("audit") or {}
+    if audit:
+        checked = (
+            "[green]chain and checkpoints verified[/green]"
+            if audit["verified"]
+            else f"[red]BROKEN: {audit['problem']}[/red]"
+        )
+        console.print(
+            f"audit trail: {audit['records']} records ({audit['from_station_edges']} from the "
+            f"station edges), {audit['checkpoints']} signed checkpoints, {checked}"
+        )
 
 
 def _hq_settings(database_url: str | None, **given: Any) -> Settings:

@@ -44,6 +44,7 @@ import sqlalchemy as sa
 import uvicorn
 from pydantic import SecretStr
 
+from forecourt.audit.store import waiting_count as audit_waiting_count
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.edge.controller import ForecourtController
 from forecourt.edge.node import EdgeNode, PumpLine, build_edge_node, jsonpts_factory
@@ -399,6 +400,9 @@ class Reconciliation:
     quarantined: int = 0
     flagged: Counter[str] = field(default_factory=Counter)  # HQ's flags on the sales it holds
     tanks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # station → readings
+    # HQ's audit trail once everything is chained: records, those from the station edges,
+    # and the verification of the chain and its signed checkpoints.
+    audit: dict[str, Any] = field(default_factory=dict)
 
     def total(self, where: str) -> Figures:
         out = Figures()
@@ -879,8 +883,21 @@ class DemoChain:
             drained = await st.edge.drain(remaining) and drained
         assert self.hq is not None
         await self.hq.relay.drain(timeout=max(1.0, deadline - loop.time()))
+        chained = await self._audit_chained(deadline)
         await self._gauges_read(min(deadline, loop.time() + 10.0))
-        return forecourts_idle and drained
+        return forecourts_idle and drained and chained
+
+    async def _audit_chained(self, deadline: float) -> bool:
+        """Wait for HQ's chainer to chain every audit record waiting (the edges' included)."""
+        assert self.hq is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            async with self.hq.db.connection() as conn:
+                if await audit_waiting_count(conn) == 0:
+                    return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
 
     async def _forecourt_idle(self, client: httpx.AsyncClient, st: StationRun) -> bool:
         """Nothing flowing or about to at the station and every finished sale closed: the
@@ -973,6 +990,7 @@ class DemoChain:
                         break
                 tally.count_lost()
                 rec.tanks[st.code] = _tank_readings(st.edge, snapshot)
+            rec.audit = await _audit_trail(hq)
         return rec
 
     async def _dispensed(self, st: StationRun, snapshot: StationSnapshot) -> list[Dispensed]:
@@ -1038,6 +1056,35 @@ class DemoChain:
             await self.hq.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+async def _audit_trail(hq: httpx.AsyncClient) -> dict[str, Any]:
+    """HQ's audit trail as an auditor reads it: verified, and counted by where it came from."""
+    verdict = (await hq.get("/v1/audit/verify")).json()
+    records = from_stations = 0
+    after = 0
+    while True:
+        page = (
+            await hq.get(
+                "/v1/audit/records", params={"order": "seq", "after_seq": after, "limit": 1000}
+            )
+        ).json()
+        records += len(page["items"])
+        # An edge's record is ``station:CODE/<edge actor>``; the station's own uploads at HQ
+        # are ``station:CODE``.
+        from_stations += sum(
+            1 for r in page["items"] if r["actor"].startswith("station:") and "/" in r["actor"]
+        )
+        if page["next_after_seq"] is None:
+            break
+        after = page["next_after_seq"]
+    return {
+        "verified": bool(verdict["ok"]),
+        "problem": verdict["problem"],
+        "records": records,
+        "from_station_edges": from_stations,
+        "checkpoints": verdict["checkpoints_checked"],
+    }
 
 
 async def _concurrently(work: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
@@ -1234,6 +1281,7 @@ def report(rec: Reconciliation, stations: int, drained: bool, elapsed_s: float) 
         "lost": rec.lost,
         "quarantined": rec.quarantined,
         "agree": agree and cells_agree and rec.lost == 0 and rec.duplicates == 0,
+        "audit": rec.audit,
         "drained": drained,
         "elapsed_s": round(elapsed_s, 1),
         "per_station_grade": [

@@ -41,6 +41,14 @@ async def test_the_demo_chain_agrees_three_ways_and_notices_a_deleted_hq_row(
         assert result["amount_fen_at_edges"] == result["amount_fen_at_hq"]
         assert (result["lost"], result["duplicates"], result["quarantined"]) == (0, 0, 0)
         assert result["agree"] is True
+        # The edges' own audit records (price downloads, totalizer checks …) reached HQ's
+        # one chain, which verifies.
+        audit = result["audit"]
+        assert audit["verified"] is True, audit
+        assert audit["from_station_edges"] > 0
+        assert audit["records"] > audit["from_station_edges"]  # HQ's own: uploads, sign-ins
+        for st in demo.stations:
+            assert await st.edge.journal.audit_usage() == (0, 0)
 
         # Given HQ loses one row, the reconciliation names it.
         assert demo.hq is not None
