@@ -5,19 +5,36 @@ The TOML file is ``forecourt.toml`` in the working directory or the path in
 level of the file, edge settings under ``[edge]``. :func:`load_settings` turns any problem
 (a missing or invalid value, an unreadable file) into one :class:`SettingsInvalid` that names
 the setting, where its value came from and what to do.
+
+``environment = "production"`` (``FORECOURT_ENVIRONMENT``, ``FORECOURT_EDGE_ENVIRONMENT``)
+refuses, on top of that, the defaults and placeholders that are fine on a developer's machine
+and with the simulators but must never reach a station or head office: a default controller
+password, a placeholder in a database or broker URL, plain HTTP to a remote HQ, cheap password
+hashing, long-lived access tokens (see docs/security.md, "Production settings").
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -34,6 +51,55 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "sqlite", "sqlite+aiosqlite")
 BUS_SCHEMES = ("memory", "nats")
 CONFIG_ENV = "FORECOURT_CONFIG"
+
+Environment = Literal["development", "production"]
+# Secrets that are someone's default or an example, never a real one; compared lowercased.
+# A production deployment refuses them (and secrets that only repeat one of them).
+PLACEHOLDER_SECRETS: frozenset[str] = frozenset(
+    {
+        "",
+        "admin",
+        "administrator",
+        "password",
+        "passwd",
+        "pass",
+        "passw0rd",
+        "password1",
+        "1234",
+        "12345",
+        "123456",
+        "1234567",
+        "12345678",
+        "123456789",
+        "0000",
+        "qwerty",
+        "letmein",
+        "changeme",
+        "change-me",
+        "change_me",
+        "changeit",
+        "default",
+        "secret",
+        "pts",
+        "root",
+        "toor",
+        "test",
+        "guest",
+        "user",
+        "demo",
+        "example",
+        "postgres",
+        "mosquitto",
+        "nats",
+        "forecourt",
+    }
+)
+DEFAULT_CONTROLLER_PASSWORD = "admin"  # the PTS-2's factory login (and the simulator's)
+MIN_CONTROLLER_PASSWORD_LENGTH = 8
+# OWASP's minimum for argon2id (19 MiB, 2 passes); access tokens are short-lived.
+PRODUCTION_ARGON2_MIN_TIME_COST = 2
+PRODUCTION_ARGON2_MIN_MEMORY_KIB = 19_456
+PRODUCTION_MAX_ACCESS_TOKEN_S = 3600.0
 
 
 class SettingsInvalid(ForecourtError):
@@ -77,6 +143,102 @@ def _scheme(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
+def is_placeholder(secret: str) -> bool:
+    """A default or example secret (:data:`PLACEHOLDER_SECRETS`), in any letter case."""
+    return secret.strip().lower() in PLACEHOLDER_SECRETS
+
+
+def _repeats_placeholder(secret: str) -> bool:
+    """A placeholder, one character repeated (``aaaa…``) or a placeholder repeated
+    (``changemechangeme``, ``1234123412341234``): a secret nobody generated."""
+    text = secret.strip().lower()
+    if text in PLACEHOLDER_SECRETS:
+        return True
+    for period in range(1, len(text) // 2 + 1):
+        if len(text) % period == 0 and text[:period] * (len(text) // period) == text:
+            return period == 1 or text[:period] in PLACEHOLDER_SECRETS
+    return False
+
+
+def _weak_password(password: str) -> str | None:
+    """Why a device password is not one (``is empty``, ...), None when it may be one."""
+    if not password:
+        return "is empty"
+    if is_placeholder(password):
+        return "is a default or placeholder password"
+    if len(password) < MIN_CONTROLLER_PASSWORD_LENGTH:
+        return f"is shorter than {MIN_CONTROLLER_PASSWORD_LENGTH} characters"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _url_passwords(url: str) -> Iterator[str]:
+    """The passwords a URL carries (``user:PASSWORD@``, ``?password=``); several
+    comma-separated URLs (a NATS cluster) each."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    for one in (part.strip() for part in url.split(",")):
+        if not one:
+            continue
+        try:
+            parsed = make_url(one)
+        except (ArgumentError, ValueError):
+            try:
+                password = urlsplit(one).password
+            except ValueError:
+                continue
+            if password is not None:
+                yield password
+            continue
+        if parsed.password is not None:
+            yield str(parsed.password)
+        query = parsed.query.get("password")
+        yield from (query,) if isinstance(query, str) else query or ()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One setting a production deployment does not accept: ``env`` names it,
+    ``problem`` says what is wrong (without the secret), ``hint`` what to do."""
+
+    field: str
+    env: str
+    problem: str
+    hint: str
+
+
+class ProductionRefused(ValueError):
+    """Raised by the settings' production check; one line naming the first refused setting
+    by its environment variable (and how many more there are)."""
+
+    def __init__(self, refusals: Iterable[Refusal]) -> None:
+        self.refusals = tuple(refusals)
+        super().__init__(self.line())
+
+    def line(self, where: str | None = None) -> str:
+        """The message, naming the first setting as ``where`` (default: its variable)."""
+        first, rest = self.refusals[0], self.refusals[1:]
+        more = f" (and {len(rest)} more: {', '.join(r.env for r in rest)})" if rest else ""
+        return f"{where or first.env} {first.problem}{more} — {first.hint}"
+
+
+def _environment_name(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 class _TomlSettings(BaseSettings):
     toml_table: ClassVar[str | None] = None
 
@@ -102,8 +264,14 @@ class _TomlSettings(BaseSettings):
 class Settings(_TomlSettings):
     """Head office (HQ) settings."""
 
-    model_config = SettingsConfigDict(env_prefix="FORECOURT_", extra="ignore")
+    # hide_input_in_errors: a check across the settings sees them all (secrets, URLs with
+    # passwords); the one-line message says what is wrong without them.
+    model_config = SettingsConfigDict(
+        env_prefix="FORECOURT_", extra="ignore", hide_input_in_errors=True
+    )
 
+    # production: refuse default and placeholder secrets and weak settings (docs/security.md)
+    environment: Environment = "development"
     database_url: str = "sqlite+aiosqlite:///var/forecourt-hq.db"
     bus_url: str = "memory://"
     host: str = "127.0.0.1"
@@ -231,6 +399,66 @@ class Settings(_TomlSettings):
     def _known_level(cls, value: str) -> str:
         return _log_level(value)
 
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _environment(cls, value: Any) -> Any:
+        return _environment_name(value)
+
+    @model_validator(mode="after")
+    def _production_ready(self) -> Settings:
+        if self.environment == "production":
+            refusals = list(self.production_refusals())
+            if refusals:
+                raise ProductionRefused(refusals)
+        return self
+
+    def production_refusals(self) -> Iterator[Refusal]:
+        """What ``environment = "production"`` refuses in these settings (any environment)."""
+        production = "refused in production (FORECOURT_ENVIRONMENT=production)"
+        for field, what in (("database_url", "database"), ("bus_url", "bus")):
+            if any(is_placeholder(p) for p in _url_passwords(getattr(self, field))):
+                yield Refusal(
+                    field,
+                    _env_name(type(self), field),
+                    f"holds a default or placeholder {what} password, {production}",
+                    f"give the {what} user a generated password and put that in the URL",
+                )
+        if self.devices_mqtt_password is not None and is_placeholder(
+            self.devices_mqtt_password.get_secret_value()
+        ):
+            yield Refusal(
+                "devices_mqtt_password",
+                "FORECOURT_DEVICES_MQTT_PASSWORD",
+                f"is a default or placeholder password, {production}",
+                "give HQ's broker login a generated password (on the broker and here)",
+            )
+        if self.identity_argon2_time_cost < PRODUCTION_ARGON2_MIN_TIME_COST:
+            yield Refusal(
+                "identity_argon2_time_cost",
+                "FORECOURT_IDENTITY_ARGON2_TIME_COST",
+                f"is {self.identity_argon2_time_cost}, below argon2id's minimum of "
+                f"{PRODUCTION_ARGON2_MIN_TIME_COST} passes, {production}",
+                f"set it to {PRODUCTION_ARGON2_MIN_TIME_COST} or more (default 3), or unset it",
+            )
+        if self.identity_argon2_memory_kib < PRODUCTION_ARGON2_MIN_MEMORY_KIB:
+            yield Refusal(
+                "identity_argon2_memory_kib",
+                "FORECOURT_IDENTITY_ARGON2_MEMORY_KIB",
+                f"is {self.identity_argon2_memory_kib}, below argon2id's minimum of "
+                f"{PRODUCTION_ARGON2_MIN_MEMORY_KIB} KiB, {production}",
+                f"set it to {PRODUCTION_ARGON2_MIN_MEMORY_KIB} or more (default 65536), "
+                "or unset it",
+            )
+        if self.identity_access_token_s > PRODUCTION_MAX_ACCESS_TOKEN_S:
+            yield Refusal(
+                "identity_access_token_s",
+                "FORECOURT_IDENTITY_ACCESS_TOKEN_S",
+                f"is {self.identity_access_token_s:g} s, longer than an access token may "
+                f"live ({PRODUCTION_MAX_ACCESS_TOKEN_S:g} s), {production}",
+                "keep access tokens short (default 300) and sessions long with "
+                "FORECOURT_IDENTITY_REFRESH_TOKEN_S",
+            )
+
 
 class DeviceLine(BaseModel):
     """One device line of a station (``[[edge.devices]]``): which driver, where, for what.
@@ -268,16 +496,20 @@ class DeviceLine(BaseModel):
 class EdgeSettings(_TomlSettings):
     """Edge node settings (one process per station)."""
 
-    model_config = SettingsConfigDict(env_prefix="FORECOURT_EDGE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FORECOURT_EDGE_", extra="ignore", hide_input_in_errors=True
+    )
     toml_table: ClassVar[str | None] = "edge"
 
     station: str
+    # production: refuse default and placeholder secrets, plain HTTP to HQ (docs/security.md)
+    environment: Environment = "development"
     hq_url: str = "http://127.0.0.1:8400"
     credential: SecretStr
     journal_path: Path = Path("var/edge.db")
     controller_url: str = "http://127.0.0.1:8500"
     controller_user: str = "admin"
-    controller_password: SecretStr = SecretStr("admin")
+    controller_password: SecretStr = SecretStr(DEFAULT_CONTROLLER_PASSWORD)
     controller_volume_decimals: int = 2
     controller_amount_decimals: int = 2
     controller_price_decimals: int = 2
@@ -428,6 +660,85 @@ class EdgeSettings(_TomlSettings):
     def _known_level(cls, value: str) -> str:
         return _log_level(value)
 
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _environment(cls, value: Any) -> Any:
+        return _environment_name(value)
+
+    @model_validator(mode="after")
+    def _production_ready(self) -> EdgeSettings:
+        if self.environment == "production":
+            refusals = list(self.production_refusals())
+            if refusals:
+                raise ProductionRefused(refusals)
+        return self
+
+    @property
+    def default_controller_password(self) -> bool:
+        """The controller login is the factory one (fine with the simulator only)."""
+        return self.controller_password.get_secret_value() == DEFAULT_CONTROLLER_PASSWORD
+
+    def production_refusals(self) -> Iterator[Refusal]:
+        """What ``environment = "production"`` refuses in these settings (any environment)."""
+        production = "refused in production (FORECOURT_EDGE_ENVIRONMENT=production)"
+        weak = _weak_password(self.controller_password.get_secret_value())
+        if weak and self.devices is None:  # devices: the controller_* settings are not used
+            yield Refusal(
+                "controller_password",
+                "FORECOURT_EDGE_CONTROLLER_PASSWORD",
+                f"{weak}, {production}",
+                "give the forecourt controller a password of its own (on the device and "
+                "here), never its factory admin/admin",
+            )
+        for line in self.devices or ():
+            given = line.options.get("password")
+            weak = _weak_password(given) if isinstance(given, str) else None
+            if weak:
+                yield Refusal(
+                    "devices",
+                    "FORECOURT_EDGE_DEVICES",
+                    f"device {line.name!r}: its password option {weak}, {production}",
+                    "give the device a password of its own (on the device and in options)",
+                )
+        if self.mqtt_password is not None and is_placeholder(self.mqtt_password.get_secret_value()):
+            yield Refusal(
+                "mqtt_password",
+                "FORECOURT_EDGE_MQTT_PASSWORD",
+                f"is a default or placeholder password, {production}",
+                "give the station's broker login a generated password, or unset it to log in "
+                "with the station credential",
+            )
+        url = urlsplit(self.hq_url.strip())
+        if url.scheme == "http" and not _is_loopback(url.hostname or ""):
+            yield Refusal(
+                "hq_url",
+                "FORECOURT_EDGE_HQ_URL",
+                f"is plain http:// to {url.hostname or 'a remote host'}, which would carry "
+                f"the station credential in clear, {production}",
+                "use HQ's https:// address",
+            )
+        broker = urlsplit((self.mqtt_url or "").strip())
+        if broker.scheme == "mqtt" and not _is_loopback(broker.hostname or ""):
+            yield Refusal(
+                "mqtt_url",
+                "FORECOURT_EDGE_MQTT_URL",
+                f"is plain mqtt:// to {broker.hostname or 'a remote host'}, which would carry "
+                f"the broker login (by default the station credential) in clear, {production}",
+                "use the broker's mqtts:// address (FORECOURT_EDGE_MQTT_CA_FILE for its CA)",
+            )
+        for field in ("terminal_tokens", "reader_tokens"):
+            tokens: dict[str, SecretStr] = getattr(self, field)
+            for name, secret in tokens.items():
+                if _repeats_placeholder(secret.get_secret_value()):
+                    yield Refusal(
+                        field,
+                        _env_name(type(self), field),
+                        f"terminal {name!r}: its secret is a placeholder or one repeated "
+                        f"pattern, {production}",
+                        "generate one, e.g. with: python3 -c 'import secrets; "
+                        "print(secrets.token_urlsafe(32))'",
+                    )
+
 
 def _log_level(value: str) -> str:
     if value.upper() not in LOG_LEVELS:
@@ -495,6 +806,14 @@ def settings_problem(
         return SettingsInvalid(f"invalid settings: {exc}", setting="settings")
     errors = exc.errors()
     first = errors[0]
+    refused = (first.get("ctx") or {}).get("error")
+    if not first["loc"] and isinstance(refused, ProductionRefused):
+        # A check across the settings (no field in loc): it names the setting itself.
+        field = refused.refusals[0].field
+        where = _where(cls, field, overrides, options)
+        if where == field:  # given in code, not by the operator: name its variable
+            where = _env_name(cls, field)
+        return SettingsInvalid(refused.line(where), setting=where)
     field = ".".join(str(part) for part in first["loc"]) or "?"
     where = _where(cls, str(first["loc"][0]) if first["loc"] else field, overrides, options)
     if first["type"] == "missing":

@@ -8,7 +8,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -476,3 +476,30 @@ def test_station_ids_and_actors_are_namespaced() -> None:
     assert station_record_id("S001", "a") == station_record_id("S001", "a")
     assert station_record_id("S001", "ab") != station_record_id("S001a", "b")
     assert station_actor("S001", "terminal:pos-1") == "station:S001/terminal:pos-1"
+
+
+async def test_the_edge_keeps_uploaded_records_for_its_retention_and_never_prunes_one_hq_lacks(
+    office: tuple[HeadOffice, dict[str, str]], journal: Journal
+) -> None:
+    hq, tokens = office
+    await _audit_some(journal, 3)
+    client = _client(hq, tokens["S001"])
+    try:
+        assert await SyncAgent(journal, client).upload_audit_once() == 3
+    finally:
+        await client.close()
+    await _audit_some(journal, 2)  # not uploaded yet
+    pending = await journal.pending_audit(10)
+    refused = pending[0]
+    await journal.audit_answered([], {refused.id: "refused by HQ: test"})
+
+    def count() -> int:
+        with journal.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(audit_t)).scalar_one())
+
+    assert await journal._run(count) == 5  # uploaded ones stay readable at the station
+    now = SystemClock().now()
+    assert await journal.prune_uploaded_audit(now - timedelta(days=1)) == 0  # too recent
+    assert await journal.prune_uploaded_audit(now + timedelta(seconds=1)) == 3
+    assert await journal._run(count) == 2
+    assert await journal.audit_usage() == (1, 1)  # the waiting one and the refused one

@@ -129,14 +129,17 @@ async def test_only_settled_sales_hq_answered_older_than_the_retention_move_to_t
     assert retention.archive.verify() == []
 
 
-async def test_audit_rows_are_never_deleted_however_old(
+async def test_audit_rows_hq_lacks_are_never_deleted_however_old(
     journal: Journal, clock: ManualClock
 ) -> None:
-    # Given audit rows and archivable sales, ten years on (no audit upload exists yet, so HQ
-    # has acknowledged no audit row)
+    # Given audit rows and archivable sales, ten years on, none of the audit rows in HQ's
+    # trail yet (waiting for the upload, or refused by HQ)
     await a_mixed_journal(journal, clock)
+    await journal.record_audit(actor="edge", action="odd", target="x", details={})
+    assert len(await rows(journal, audit_t)) >= 2
+    pending = await journal.pending_audit(100)
+    await journal.audit_answered([], {pending[0].id: "refused by HQ: test"})
     audit_before = await rows(journal, audit_t)
-    assert audit_before
     clock.at = T0 + 3650 * DAY
     retention = JournalRetention(journal, clock, retention_days=90, batch_rows=1)
     # When retention runs
@@ -145,6 +148,26 @@ async def test_audit_rows_are_never_deleted_however_old(
     assert await rows(journal, audit_t) == audit_before
     assert await seqs(journal) == [4, 5, 6, 8]
     assert len(retention.archive.entries()) == 4
+
+
+async def test_audit_rows_in_hqs_trail_go_after_the_retention_period(
+    journal: Journal, clock: ManualClock
+) -> None:
+    # Given audit rows HQ's trail took (uploaded) at T0, and one it has not
+    await a_mixed_journal(journal, clock)
+    pending = await journal.pending_audit(100)
+    uploaded_at = clock.at
+    await journal.audit_answered([p.id for p in pending], {})
+    await journal.record_audit(actor="edge", action="late", target="x", details={})
+    retention = JournalRetention(journal, clock, retention_days=90, batch_rows=100)
+    # When retention runs inside the period, they stay
+    clock.at = uploaded_at + 89 * DAY
+    await retention.run_once()
+    assert len(await rows(journal, audit_t)) == len(pending) + 1
+    # And after it, the uploaded ones go and the one HQ lacks stays
+    clock.at = uploaded_at + 91 * DAY
+    await retention.run_once()
+    assert [r["action"] for r in await rows(journal, audit_t)] == ["late"]
 
 
 async def test_device_transaction_memory_goes_only_for_archived_sales_closed_before_the_cutoff(

@@ -112,6 +112,7 @@ audit_t = sa.Table(
     sa.Column("record_id", sa.String(36), unique=True),
     sa.Column("rejected", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("last_error", sa.Text),
+    sa.Column("uploaded_at", UTCDateTime()),  # HQ's trail holds it since
 )
 
 
@@ -974,7 +975,7 @@ class Journal:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(audit_t)
-                .where(audit_t.c.rejected.is_(False))
+                .where(audit_t.c.uploaded_at.is_(None), audit_t.c.rejected.is_(False))
                 .order_by(audit_t.c.id)
                 .limit(limit)
             )
@@ -996,15 +997,19 @@ class Journal:
 
     async def audit_answered(self, delivered: list[int], refused: dict[int, str]) -> None:
         """HQ's answer on uploaded records: ``delivered`` (in HQ's trail now, or already)
-        leave the outbox; ``refused`` (id → HQ's reason) stay, marked, out of the pending
-        set, for a person to look at."""
+        are marked uploaded and never sent again (kept here for the retention period, see
+        :meth:`prune_uploaded_audit`); ``refused`` (id → HQ's reason) stay, marked, out of
+        the pending set, for a person to look at."""
         await self._run(self._audit_answered, delivered, refused)
 
     def _audit_answered(self, delivered: list[int], refused: dict[int, str]) -> None:
+        now = self.clock.now()
         with self.engine.begin() as conn:
             for start in range(0, len(delivered), 500):
                 chunk = delivered[start : start + 500]
-                conn.execute(audit_t.delete().where(audit_t.c.id.in_(chunk)))
+                conn.execute(
+                    audit_t.update().where(audit_t.c.id.in_(chunk)).values(uploaded_at=now)
+                )
             for row_id, reason in refused.items():
                 conn.execute(
                     audit_t.update()
@@ -1022,17 +1027,33 @@ class Journal:
                 sa.select(
                     sa.func.count(),
                     sa.func.coalesce(sa.func.sum(sa.case((audit_t.c.rejected, 1), else_=0)), 0),
-                ).select_from(audit_t)
+                )
+                .select_from(audit_t)
+                .where(audit_t.c.uploaded_at.is_(None))
             ).one()
             total, rejected = int(row[0]), int(row[1])
             return total - rejected, rejected
+
+    async def prune_uploaded_audit(self, before: datetime) -> int:
+        """Delete audit records HQ's trail took before ``before``; never one HQ does not hold
+        (waiting or refused). Returns how many went."""
+        return await self._run(self._prune_uploaded_audit, before)
+
+    def _prune_uploaded_audit(self, before: datetime) -> int:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                audit_t.delete().where(
+                    audit_t.c.uploaded_at.is_not(None), audit_t.c.uploaded_at < before
+                )
+            )
+        return int(result.rowcount or 0)
 
     # --- retention and disk usage -----------------------------------------------------------
     # Settled sales HQ has answered with a final status leave the journal for the archive
     # (forecourt.edge.retention writes and fsyncs it before anything is deleted here). The
     # newest row always stays: record_sale numbers the next sale max(seq) + 1, so deleting it
-    # would hand its number out again. Audit rows leave only when HQ's trail holds them
-    # (the sync agent's audit upload), never by age.
+    # would hand its number out again. Audit rows leave only once HQ's trail has held them
+    # for the retention period (prune_uploaded_audit): a record HQ lacks is never deleted.
 
     archivable_statuses = ("created", "duplicate", "quarantined", "conflict")
 

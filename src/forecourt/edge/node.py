@@ -241,12 +241,14 @@ class EdgeNode:
             await controller.stop()
 
     async def drain(self, timeout_s: float) -> bool:
-        """Upload until the outbox is empty or the timeout passes; True when empty."""
+        """Upload until the outbox (sales and audit records; HQ's refusals apart) is empty
+        or the timeout passes; True when empty."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             pending, _, rejected = await self.journal.outbox_usage()
-            if pending - rejected == 0:
+            audit_pending, _ = await self.journal.audit_usage()
+            if pending - rejected == 0 and audit_pending == 0:
                 return True
             self.sync.wake.set()
             await asyncio.sleep(0.05)
@@ -280,6 +282,7 @@ class EdgeNode:
 
     async def status(self) -> dict[str, Any]:
         pending, size, rejected = await self.journal.outbox_usage()
+        audit_pending, audit_refused = await self.journal.audit_usage()
         snap = self.snapshots.current
         return {
             "station": self.settings.station,
@@ -309,6 +312,11 @@ class EdgeNode:
             "telemetry": self.telemetry.as_json() if self.telemetry else None,
             "alarms": self.alarms(),
             "uploads": dict(self.sync.stats.__dict__),
+            "audit_uploads": {
+                "pending": audit_pending,
+                "refused_kept": audit_refused,
+                **self.sync.audit_stats.__dict__,
+            },
             "storage": self._storage_status(),
             "tasks": {s.task_name: s.health() for s in self.services()},
         }
@@ -363,6 +371,8 @@ class EdgeNode:
             found.append({"name": "credential", "message": self.snapshots.last_error})
         if sync.upload_alarm:
             found.append({"name": "upload", "message": sync.upload_alarm})
+        if sync.audit_stats.alarm:
+            found.append({"name": "audit_upload", "message": sync.audit_stats.alarm})
         if sync.alarm_level:
             found.append(
                 {"name": "outbox_budget", "message": f"outbox budget level {sync.alarm_level}"}
@@ -701,6 +711,12 @@ def build_edge_node(
 def jsonpts_factory(settings: EdgeSettings) -> DriverFactory:
     """A driver factory for a PTS-2 controller; its clock zone and currency come from the
     station snapshot, its decimals from the settings (they are configured in the device)."""
+    if settings.default_controller_password:  # production refuses it (settings.py)
+        log.warning(
+            "edge.default_controller_password",
+            controller_url=settings.controller_url,
+            hint="fine with the simulator only; set FORECOURT_EDGE_CONTROLLER_PASSWORD",
+        )
 
     def make(snapshot: StationSnapshot) -> ForecourtDriver:
         from forecourt.protocols.jsonpts.driver import JsonPtsDriver

@@ -352,6 +352,10 @@ class JournalRetention(BackgroundService):
         pruned = await self.journal.prune_gauge_history(cutoff)
         if pruned:
             log.info("edge.gauge_history_pruned", rows=pruned, before=cutoff.isoformat())
+        audit_pruned = await self.journal.prune_uploaded_audit(cutoff)
+        if audit_pruned:
+            log.info("edge.audit_pruned", rows=audit_pruned, before=cutoff.isoformat())
+        pruned += audit_pruned
         if removed or pruned:
             await self.journal.checkpoint()
         if removed:
