@@ -77,6 +77,45 @@ async def test_the_station_keeps_selling_while_hq_is_down_and_catches_up_exactly
         await node.stop()
 
 
+async def test_the_stations_audit_records_reach_hqs_trail_once_after_hq_was_down(
+    station: Station, hq: HqServer
+) -> None:
+    """Pump commands audited at the edge while HQ is away wait there, alarmed in the status,
+    and join HQ's chain exactly once when it answers again."""
+    from forecourt.audit.handlers import chain_waiting, verify
+
+    node = station.node()
+    await node.start()
+    try:
+        await hq.down()
+        for pump in (1, 2, 3):
+            await node.journal.record_audit(
+                actor="till1", action="pump.stop", target=f"fp:{pump}", details={"n": pump}
+            )
+        await eventually(lambda: node.sync.audit_stats.failures > 0, 10, what="a failed upload")
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=node.app), base_url="http://edge"
+        ) as edge:
+            status = (await edge.get("/v1/status", headers=READER_HEADERS)).json()
+        assert status["audit_uploads"]["pending"] >= 3
+        assert status["audit_uploads"]["alarm"] == "HQ unreachable"
+        assert "audit_upload" in {a["name"] for a in status["alarms"]}
+        await hq.up()
+        node.sync._audit_not_before = 0.0  # skip the rest of the back-off
+        assert await node.drain(20)
+        assert node.sync.audit_stats.alarm is None
+        assert "audit_upload" not in {a["name"] for a in node.alarms()}
+    finally:
+        await node.stop()
+    await chain_waiting(hq.office.db)
+    async with httpx.AsyncClient(base_url=hq.url, headers=await hq.staff_headers()) as client:
+        page = (
+            await client.get("/v1/audit/records", params={"actor": "station:S001/till1"})
+        ).json()
+    assert sorted(r["target"] for r in page["items"]) == ["fp:1", "fp:2", "fp:3"]
+    assert (await verify(hq.office.db)).ok
+
+
 async def test_an_edge_starts_from_its_persisted_snapshot_when_hq_is_unreachable(
     station: Station, hq: HqServer
 ) -> None:
