@@ -20,6 +20,8 @@ and not what earlier runs left behind:
   client of a later round re-using the numbers of an earlier one on the same database would
   have every sale flagged and quarantined, with an alert each: another workload);
 * a fresh JetStream stream (deleted before the run; HQ creates it again);
+* its statistics analyzed halfway through the run's warm-up (see ``fresh_database``: plans
+  cached while the tables were empty would otherwise seq-scan them, at random);
 * a ``CHECKPOINT`` just before the variant's HQ starts, so each run has the same WAL distance
   to the next checkpoint (autovacuum may be off on the server: nothing vacuums for us);
 * only the measured variant's HQ running (its relay and audit chainer included; the other
@@ -154,7 +156,16 @@ AUDIT_WAITING = "SELECT count(*) FROM platform.audit_outbox"
 
 async def fresh_database() -> None:
     """The run's database: a copy of the template (nothing left by an earlier run), then a
-    checkpoint, so every run starts the same distance from the next one."""
+    checkpoint, so every run starts the same distance from the next one.
+
+    Its sales tables start empty, and an empty table's statistics make a seq scan the
+    cheapest plan of every per-sale lookup: a pooled connection that caches its generic plan
+    of a prepared statement then (PostgreSQL does after five executions) seq-scans a table
+    of a hundred thousand rows on every upload until something invalidates the plan.
+    Autovacuum's analyze would, soon; where it is off (as on the benchmark machine) nothing
+    does, and which connections, hence how slow a run, was luck: one such backend took a
+    core and halved a run's rate. ``one_round`` analyzes the database halfway through each
+    run's warm-up."""
     await load.admin(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
     await load.admin(f'CREATE DATABASE "{DB}" TEMPLATE "{TEMPLATE}"')
     await load.admin("CHECKPOINT")
@@ -188,6 +199,11 @@ async def one_round(
         now = time.monotonic()
         measure_from, stop_at = now + args.warmup, now + args.warmup + seconds
         task = asyncio.create_task(load.drive(station_clients, url, stop_at, measure_from, stats))
+        # Halfway through the warm-up, the statistics of what the warm-up wrote, as
+        # autovacuum's analyze would have them (see fresh_database): cached plans are made
+        # again, for tables of their true size.
+        await asyncio.sleep(max(0.0, now + args.warmup / 2 - time.monotonic()))
+        await load.admin("ANALYZE", DB)
         await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
         cpu = load.CpuWindow(DB, {proc.pid: "hq"})
         rows_before = await load.sale_count(DB)
