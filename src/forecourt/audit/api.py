@@ -184,7 +184,7 @@ def build_router(db: Database) -> APIRouter:
     @router.post(
         "/v1/stations/{code}/audit:batch",
         dependencies=[require(UPLOAD)],
-        responses=error_responses(401, 403, 413, 422, 429),
+        responses=error_responses(400, 401, 403, 413, 422, 429),
         summary="Upload the station's edge audit records into the chain",
     )
     async def upload_station_records(
