@@ -309,12 +309,17 @@ async def accept_station_records(
     trace_id = trace_id_var.get()
     origin = source_var.get()
     source = origin[:100] if origin else None
+    ids = {
+        i: station_record_id(station, item.record_id)
+        for i, item in enumerate(items)
+        if isinstance(item, StationRecord)
+    }
     rows: list[dict[str, Any]] = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, StationRecord):
             rows.append(
                 {
-                    "record_id": station_record_id(station, item.record_id),
+                    "record_id": ids[i],
                     "at": item.at,
                     "actor": station_actor(station, item.actor),
                     "action": item.action,
@@ -335,11 +340,11 @@ async def accept_station_records(
                     details={"record_id": item.record_id, "errors": list(item.errors)},
                 )
     statuses: list[str] = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, RefusedRecord):
             statuses.append("refused")
             continue
-        rid = station_record_id(station, item.record_id)
+        rid = ids[i]
         statuses.append("created" if rid in created else "duplicate")
         created.discard(rid)  # the same record twice in one upload: the second a duplicate
     refused = sum(1 for s in statuses if s == "refused")

@@ -376,7 +376,7 @@ class SyncAgent(BackgroundService):
         self.audit_stats.failures += 1
         self.audit_stats.last_error = f"{alarm} ({detail})"
         self._audit_attempt += 1
-        cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._audit_attempt, 20))
+        cap = self.backoff_cap(self._audit_attempt)
         self._audit_not_before = time.monotonic() + random.uniform(0, cap)
         if alarm != self.audit_stats.alarm:
             log.error("edge.audit_upload_alarm", station=self.hq.station, alarm=alarm)
@@ -447,9 +447,11 @@ class SyncAgent(BackgroundService):
             self._limit = min(self.batch_size, self._limit * 2)
             self._batches_at_limit = 0
 
-    def backoff_cap(self) -> float:
-        """The longest wait before the next try: min(max, initial × 2^failed attempts)."""
-        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._attempt, 20))
+    def backoff_cap(self, attempt: int | None = None) -> float:
+        """The longest wait before the next try: min(max, initial × 2^failed attempts)
+        (the sales upload's attempts unless ``attempt`` is given)."""
+        failed = self._attempt if attempt is None else attempt
+        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failed, 20))
 
     def backoff(self) -> float:
         """Full jitter: uniform in [0, :meth:`backoff_cap`]."""
