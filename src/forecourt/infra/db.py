@@ -31,7 +31,7 @@ from forecourt.kernel.clock import Clock, SystemClock
 from forecourt.kernel.events import Envelope, EventRecord, check_records
 from forecourt.kernel.ids import new_id
 
-SCHEMAS = ("platform", "network", "sales", "devices", "identity", "audit")
+SCHEMAS = ("platform", "network", "sales", "devices", "identity", "audit", "payments")
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):

@@ -23,8 +23,9 @@ TREES: dict[str, Path] = {
     "identity": _ROOT / "identity" / "migrations",
     "edge": _ROOT / "edge" / "migrations",
     "audit": _ROOT / "audit" / "migrations",
+    "payments": _ROOT / "payments" / "migrations",
 }
-HQ_TREES = ("platform", "network", "sales", "devices", "identity", "audit")
+HQ_TREES = ("platform", "network", "sales", "devices", "identity", "audit", "payments")
 
 
 def _config(tree: str, connection: sa.Connection, schema: str | None) -> Config:

@@ -1,0 +1,1 @@
+"""Payments: payment orders at the counter, their providers (WeChat Pay, Alipay) and recovery."""

@@ -1,0 +1,1 @@
+"""Payment provider adapters over the providers' published APIs (see :mod:`.base`)."""
