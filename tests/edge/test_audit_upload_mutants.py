@@ -267,6 +267,32 @@ async def test_413_halves_the_audit_batch_until_it_fits(
     assert await journal.audit_usage() == (0, 0)
 
 
+async def test_after_a_413_the_audit_batch_grows_back_after_a_run_of_successes(
+    office: tuple[HeadOffice, str], journal: Journal
+) -> None:
+    hq, token = office
+    regrow = sync.REGROW_AFTER_BATCHES
+    await _audit_some(journal, 4 * regrow + 16)
+    one = len(json.dumps((await journal.pending_audit(1))[0].payload))
+    client = _client(SizeLimit(hq.app, max_bytes=one * 6), token)  # 4 fit, 8 never
+    try:
+        agent = SyncAgent(journal, client, batch_size=8)
+        assert await agent.upload_audit_once() == 0  # 8 do not fit; 4 will
+        assert agent.audit_batch_size == 4
+        agent._audit_not_before = 0.0
+        for n in range(regrow - 1):
+            assert await agent.upload_audit_once() == 4, n
+            assert agent.audit_batch_size == 4
+        assert await agent.upload_audit_once() == 4
+        assert agent.audit_batch_size == 8  # tried again after a run of successes
+        assert await agent.upload_audit_once() == 0  # still too large: halved again
+        assert agent.audit_batch_size == 4
+    finally:
+        await client.close()
+    assert agent.audit_stats.failures == 2
+    assert agent.audit_stats.uploaded == 4 * regrow
+
+
 async def _audit_many(journal: Journal, n: int) -> None:
     """``n`` audit records as record_audit writes them, in one transaction (quicker)."""
 

@@ -3,26 +3,17 @@ a notification receiver, and hand-made signed requests and notifications."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
-import os
 import secrets
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import httpx
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
@@ -39,6 +30,7 @@ from forecourt.payments.providers.alipay import (
     sign_content,
 )
 from forecourt.payments.providers.base import Notification, NotificationRejected
+from tests.payments.sim_process import LoopServer, SimProcess, wait_until
 
 APP_ID = "2021000122600001"
 SELLER_ID = "2088102146225135"
@@ -193,113 +185,25 @@ def paid_notification_params(out_trade_no: str, **extra: str) -> dict[str, str]:
     return params
 
 
-class AlipaySimProcess:
+class AlipaySimProcess(SimProcess):
     """``python -m forecourt.sim.alipay`` as a child process (always ``stop()`` it)."""
 
     def __init__(self, config: Mapping[str, Any], workdir: Path) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.workdir / "alipay_config.json"
-        self.config_path.write_text(json.dumps(dict(config)), encoding="utf-8")
-        self.port_file = self.workdir / "alipay_port"
-        self.log_path = self.workdir / "alipay.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
+        super().__init__("forecourt.sim.alipay", "alipay", config, workdir)
 
     @property
     def gateway_url(self) -> str:
         return f"{self.base_url}/gateway.do"
 
-    def start(self, timeout_s: float = 20.0) -> str:
-        self.port_file.unlink(missing_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "forecourt.sim.alipay",
-            "--config",
-            str(self.config_path),
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--port-file",
-            str(self.port_file),
-            "--log-level",
-            "WARNING",
-        ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"simulator exited early:\n{self.log_tail()}")
-                text = self.port_file.read_text().strip() if self.port_file.exists() else ""
-                if text:
-                    self.base_url = f"http://127.0.0.1:{int(text)}"
-                    with contextlib.suppress(httpx.HTTPError):
-                        if httpx.get(f"{self.base_url}/sim/health", timeout=1).status_code == 200:
-                            return self.base_url
-                time.sleep(0.02)
-            raise TimeoutError(f"simulator not ready in {timeout_s} s:\n{self.log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-    def faults(self, **faults: Any) -> dict[str, Any]:
-        response = httpx.post(f"{self.base_url}/sim/control", json={"faults": faults}, timeout=5)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
     def reset_faults(self) -> None:
-        current = httpx.get(f"{self.base_url}/sim/health", timeout=5).json()["faults"]
-        self.faults(**dict.fromkeys(current))
-
-    def trades(self) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.get(f"{self.base_url}/sim/trades", timeout=5).json()
-        return result
+        self.faults(**dict.fromkeys(self.current_faults()))
 
     def trade(self, out_trade_no: str) -> dict[str, Any] | None:
         return next((t for t in self.trades()["trades"] if t["out_trade_no"] == out_trade_no), None)
 
     def notifications(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = httpx.get(
-            f"{self.base_url}/sim/notifications", timeout=5
-        ).json()
+        result: list[dict[str, Any]] = self.get("/sim/notifications")
         return result
-
-    def __enter__(self) -> AlipaySimProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class _InLoopServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # leave the test runner's signals alone
-        yield
 
 
 class NotifyReceiver:
@@ -313,8 +217,8 @@ class NotifyReceiver:
         self.accepted: list[Notification] = []
         self.rejected: list[str] = []
         self.url = ""
-        self._server: _InLoopServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        routes = [Route("/alipay/notify", self._handle, methods=["POST"])]
+        self._server = LoopServer(Starlette(routes=routes))
 
     async def _handle(self, request: Request) -> Response:
         body = await request.body()
@@ -332,33 +236,12 @@ class NotifyReceiver:
         return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
 
     async def __aenter__(self) -> NotifyReceiver:
-        app = Starlette(routes=[Route("/alipay/notify", self._handle, methods=["POST"])])
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/alipay/notify"
-        self._server = _InLoopServer(
-            uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        )
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        await wait_until(lambda: self._server is not None and self._server.started, 10)
+        self.url = f"{await self._server.start()}/alipay/notify"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        assert self._task is not None
-        self._server.should_exit = True
-        await asyncio.wait_for(self._task, 10)
+        await self._server.stop()
 
     async def wait_for(self, accepted: int, timeout_s: float = 5.0) -> list[Notification]:
         await wait_until(lambda: len(self.accepted) >= accepted, timeout_s)
         return list(self.accepted)
-
-
-async def wait_until(predicate: Any, timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` until true, failing after ``timeout_s`` (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)

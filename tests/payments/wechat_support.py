@@ -3,24 +3,16 @@ process, a notification receiver, and hand-made notifications."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
-import os
 import secrets
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
@@ -37,6 +29,8 @@ from forecourt.payments.providers.wechat import (
     sign,
 )
 from forecourt.sim.wechatpay import aead_encrypt, make_platform_certificate
+
+from .sim_process import LoopServer, SimProcess, wait_until
 
 MCHID = "1900000109"
 APPID = "wxd678efh567hg6787"
@@ -160,112 +154,21 @@ def auth_code(suffix: str = "9999") -> str:
     return f"13{middle}{suffix}"
 
 
-class WechatSimProcess:
+class WechatSimProcess(SimProcess):
     """``python -m forecourt.sim.wechatpay`` as a child process (always ``stop()`` it)."""
 
     def __init__(self, config: Mapping[str, Any], workdir: Path) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.workdir / "wechatpay_config.json"
-        self.config_path.write_text(json.dumps(dict(config)), encoding="utf-8")
-        self.port_file = self.workdir / "wechatpay_port"
-        self.log_path = self.workdir / "wechatpay.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-
-    def start(self, timeout_s: float = 20.0) -> str:
-        self.port_file.unlink(missing_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "forecourt.sim.wechatpay",
-            "--config",
-            str(self.config_path),
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--port-file",
-            str(self.port_file),
-            "--log-level",
-            "WARNING",
-        ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"simulator exited early:\n{self.log_tail()}")
-                text = self.port_file.read_text().strip() if self.port_file.exists() else ""
-                if text:
-                    self.base_url = f"http://127.0.0.1:{int(text)}"
-                    with contextlib.suppress(httpx.HTTPError):
-                        if httpx.get(f"{self.base_url}/sim/health", timeout=1).status_code == 200:
-                            return self.base_url
-                time.sleep(0.02)
-            raise TimeoutError(f"simulator not ready in {timeout_s} s:\n{self.log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-    def control(self, **payload: Any) -> dict[str, Any]:
-        response = httpx.post(f"{self.base_url}/sim/control", json=payload, timeout=5)
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    def faults(self, **faults: Any) -> dict[str, Any]:
-        return self.control(faults=faults)
+        super().__init__("forecourt.sim.wechatpay", "wechatpay", config, workdir)
 
     def reset_faults(self) -> None:
-        current = httpx.get(f"{self.base_url}/sim/health", timeout=5).json()["faults"]
-        self.control(faults=dict.fromkeys(current), notify_url=None)
-
-    def trades(self) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.get(f"{self.base_url}/sim/trades", timeout=5).json()
-        return result
+        self.control(faults=dict.fromkeys(self.current_faults()), notify_url=None)
 
     def trade(self, out_trade_no: str) -> dict[str, Any]:
         return next(t for t in self.trades()["trades"] if t["out_trade_no"] == out_trade_no)
 
     def notifications(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = httpx.get(
-            f"{self.base_url}/sim/notifications", timeout=5
-        ).json()["notifications"]
+        result: list[dict[str, Any]] = self.get("/sim/notifications")["notifications"]
         return result
-
-    def __enter__(self) -> WechatSimProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class _InLoopServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # leave the test runner's signals alone
-        yield
 
 
 class NotifyReceiver:
@@ -279,8 +182,8 @@ class NotifyReceiver:
         self.accepted: list[Notification] = []
         self.rejected: list[str] = []
         self.url = ""
-        self._server: _InLoopServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        routes = [Route("/notify", self._handle, methods=["POST"])]
+        self._server = LoopServer(Starlette(routes=routes))
 
     async def _handle(self, request: Request) -> Response:
         body = await request.body()
@@ -301,46 +204,22 @@ class NotifyReceiver:
         )
 
     async def __aenter__(self) -> NotifyReceiver:
-        app = Starlette(routes=[Route("/notify", self._handle, methods=["POST"])])
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/notify"
-        self._server = _InLoopServer(
-            uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        )
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise TimeoutError("notification receiver did not start")
-            await asyncio.sleep(0.01)
+        self.url = f"{await self._server.start()}/notify"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        assert self._task is not None
-        self._server.should_exit = True
-        await asyncio.wait_for(self._task, 10)
+        await self._server.stop()
 
     async def wait_for(self, accepted: int, timeout_s: float = 5.0) -> list[Notification]:
-        deadline = time.monotonic() + timeout_s
-        while len(self.accepted) < accepted:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(self.accepted)} of {accepted} notifications accepted;"
-                    f" rejected {self.rejected}"
-                )
-            await asyncio.sleep(0.02)
+        await wait_until(
+            lambda: len(self.accepted) >= accepted,
+            timeout_s,
+            lambda: (
+                f"{len(self.accepted)} of {accepted} notifications accepted;"
+                f" rejected {self.rejected}"
+            ),
+        )
         return list(self.accepted)
-
-
-async def wait_until(predicate: Any, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def make_notification(

@@ -202,13 +202,12 @@ class SyncAgent(BackgroundService):
         self.storage: StorageUsage | None = None
         self.stats = UploadStats()
         self.audit_stats = AuditUploadStats()
-        self.audit_batch_size = min(batch_size, 500)  # HQ takes up to 500 records an upload
+        self._audit_limit = BatchLimit(min(batch_size, 500))  # HQ takes 500 records at most
         self._audit_attempt = 0
         self._audit_not_before = 0.0  # monotonic: the audit upload's own back-off
         self.wake = asyncio.Event()
         self._attempt = 0
-        self._limit = batch_size  # halved on 413, grown back after a run of successes
-        self._batches_at_limit = 0
+        self._sales_limit = BatchLimit(batch_size)
         self.budget_check_s = 5.0
         self._next_budget_check = 0.0
 
@@ -271,7 +270,7 @@ class SyncAgent(BackgroundService):
     async def upload_once(self) -> int:
         """Upload one batch; returns how many outbox items HQ gave its verdict on (they left
         the pending set), 0 when idle or when the batch failed as a whole."""
-        items = await self.journal.pending_uploads(self._limit)
+        items = await self.journal.pending_uploads(self._sales_limit.size)
         if not items:
             return 0
         try:
@@ -310,7 +309,7 @@ class SyncAgent(BackgroundService):
             await self.journal.record_answers(answered)
         self.stats.uploaded += len(answered)
         self.stats.batches += 1
-        self._grow_limit()
+        self._sales_limit.succeeded()
         if unknown:
             self._failed([], "HQ answer unreadable", f"unknown statuses {sorted(set(unknown))}")
         else:
@@ -319,12 +318,17 @@ class SyncAgent(BackgroundService):
             self.stats.last_error = None  # recovered: the status shows no stale error
         return len(verdicts) - len(unknown)
 
+    @property
+    def audit_batch_size(self) -> int:
+        """How many audit records the next upload takes (halved on 413, grown back)."""
+        return self._audit_limit.size
+
     async def upload_audit_once(self) -> int:
         """Upload one batch of audit records; how many left the pending set (0 when idle,
         backing off, or when the batch failed as a whole)."""
         if time.monotonic() < self._audit_not_before:
             return 0
-        items = await self.journal.pending_audit(self.audit_batch_size)
+        items = await self.journal.pending_audit(self._audit_limit.size)
         if not items:
             return 0
         try:
@@ -336,7 +340,7 @@ class SyncAgent(BackgroundService):
         if response.status_code != 200:
             code = _error_code(response)
             if response.status_code == 413:
-                self.audit_batch_size = max(1, len(items) // 2)
+                self._audit_limit.refused(len(items))
             self._audit_failed(
                 f"audit upload refused by HQ: {code}",
                 f"HTTP {response.status_code}: {response.text[:300]}",
@@ -362,6 +366,7 @@ class SyncAgent(BackgroundService):
                 if status == "duplicate":
                     self.audit_stats.duplicates += 1
         await self.journal.audit_answered(delivered, refused)
+        self._audit_limit.succeeded()
         self.audit_stats.uploaded += len(delivered)
         self.audit_stats.refused += len(refused)
         self._audit_attempt = 0
@@ -409,8 +414,7 @@ class SyncAgent(BackgroundService):
         else:
             alarm = f"upload refused by HQ: {code}"
         if status == 413:  # too large for HQ (or a proxy before it): smaller batches
-            self._limit = max(1, len(items) // 2)
-            self._batches_at_limit = 0
+            self._sales_limit.refused(len(items))
         self._failed(items, alarm, f"HTTP {status}: {response.text[:300]}")
 
     def _failed(self, items: list[PendingUpload], alarm: str, detail: str) -> None:
@@ -436,16 +440,6 @@ class SyncAgent(BackgroundService):
         else:
             log.info("edge.upload_alarm_cleared", station=self.hq.station, was=self.stats.alarm)
         self.stats.alarm = alarm
-
-    def _grow_limit(self) -> None:
-        """After a 413, try bigger batches again only after a run of successes: a size
-        limit is usually static, and every 413 costs a back-off."""
-        if self._limit >= self.batch_size:
-            return
-        self._batches_at_limit += 1
-        if self._batches_at_limit >= REGROW_AFTER_BATCHES:
-            self._limit = min(self.batch_size, self._limit * 2)
-            self._batches_at_limit = 0
 
     def backoff_cap(self, attempt: int | None = None) -> float:
         """The longest wait before the next try: min(max, initial × 2^failed attempts)
@@ -485,6 +479,30 @@ class SyncAgent(BackgroundService):
 # HQ's verdicts after which an item leaves the outbox (``refused`` keeps it, marked).
 ANSWERED = frozenset({"created", "duplicate", "quarantined", "conflict"})
 REGROW_AFTER_BATCHES = 50
+
+
+class BatchLimit:
+    """A batch size halved on 413 and doubled back (up to its maximum) after
+    :data:`REGROW_AFTER_BATCHES` successes in a row: a size limit is usually static, and every
+    413 costs a back-off, so bigger batches are tried again only now and then."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.size = maximum
+        self._successes = 0
+
+    def refused(self, tried: int) -> None:
+        """HQ (or a proxy before it) answered 413 to ``tried`` items."""
+        self.size = max(1, tried // 2)
+        self._successes = 0
+
+    def succeeded(self) -> None:
+        if self.size >= self.maximum:
+            return
+        self._successes += 1
+        if self._successes >= REGROW_AFTER_BATCHES:
+            self.size = min(self.maximum, self.size * 2)
+            self._successes = 0
 
 
 def _verdicts(

@@ -121,7 +121,6 @@ refund refusals, the bill's REVOKED line. Times are RFC 3339 in Asia/Shanghai.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -131,17 +130,13 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
 import secrets
-import signal
-import socket
 import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -150,7 +145,6 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
-import uvicorn
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -163,7 +157,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from forecourt.infra.logging import announce, configure_logging
+from forecourt.infra.logging import announce
+from forecourt.sim.serve import run_simulator
 
 logger = logging.getLogger("forecourt.sim.wechatpay")
 
@@ -1538,95 +1533,25 @@ def _dispatch(sim: WechatPaySimulator, request: Request, path: str, body: bytes)
 # --------------------------------------------------------------------------- process
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(f"{port}\n")
-    os.replace(temporary, path)
+def _announce(url: str) -> None:
+    announce(f"WeChat Pay simulator listening on {url}", service="wechatpay-simulator", url=url)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn that stops in order on SIGINT/SIGTERM and then returns (exit 0)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        stops = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in stops}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-class _QuietDrops(logging.Filter):
-    """A deliberately unfinished answer (a dropped connection) is not an error to log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "without completing response" not in record.getMessage()
+def _app_from_file(path: str, on_started: Callable[[], None]) -> Starlette:
+    return build_app(load_config(path), on_started=on_started)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the simulator until SIGINT/SIGTERM (exit 0); 2: a bad config, 1: no port."""
-    parser = argparse.ArgumentParser(
+    return run_simulator(
+        argv,
         prog="python -m forecourt.sim.wechatpay",
         description="Simulated WeChat Pay API v3 (payment-code payments) over HTTP.",
+        build_app=_app_from_file,
+        config_error=SimConfigError,
+        announce_listening=_announce,
+        logger=logger,
     )
-    parser.add_argument("--config", required=True, help="simulator config JSON file")
-    parser.add_argument("--port", type=int, required=True, help="TCP port; 0 picks a free one")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port-file", help="write the chosen port to this file once listening")
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-    )
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level, json_lines=True)
-    logging.getLogger("uvicorn.error").addFilter(_QuietDrops())
-    port_holder: list[int] = []
-
-    def announce_port() -> None:
-        port = port_holder[0]
-        url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
-        announce(f"WeChat Pay simulator listening on {url}", service="wechatpay-simulator", url=url)
-        if args.port_file:
-            _write_port_file(Path(args.port_file), port)
-
-    try:
-        app = build_app(load_config(args.config), on_started=announce_port)
-    except SimConfigError as exc:
-        logger.error("%s", exc.message)
-        return 2
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as exc:
-        logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
-        sock.close()
-        return 1
-    sock.listen(128)
-    port_holder.append(sock.getsockname()[1])
-    server = _Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            log_config=None,
-            timeout_graceful_shutdown=2,
-        )
-    )
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        return 0
-    return 0
 
 
 if __name__ == "__main__":
