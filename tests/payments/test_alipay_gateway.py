@@ -111,6 +111,7 @@ async def test_happy_pay(provider: AlipayProvider, sim: AlipaySimProcess) -> Non
         ("134567890123456789", "40004/ACQ.PAYMENT_AUTH_CODE_INVALID"),  # a WeChat code
         ("281234", "40004/ACQ.PAYMENT_AUTH_CODE_INVALID"),  # too short
     ],
+    ids=["balance", "code-invalid", "risk", "wechat-code", "too-short"],
 )
 async def test_refusals(
     provider: AlipayProvider, sim: AlipaySimProcess, code: str, expected: str

@@ -101,6 +101,7 @@ async def test_happy_charge(wechat: WechatPayProvider, sim: WechatSimProcess) ->
         ("280000000000000001", "AUTH_CODE_INVALID"),  # an Alipay code
         ("13000000000000001", "AUTH_CODE_INVALID"),  # 17 digits
     ],
+    ids=["not-enough", "code-expired", "trade-error", "alipay-code", "17-digits"],
 )
 async def test_refusals(wechat: WechatPayProvider, code: str, provider_code: str) -> None:
     no = out_no()
