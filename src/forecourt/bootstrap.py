@@ -7,6 +7,7 @@ raised as :class:`ServiceUnavailable`, naming which one and where.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -34,6 +35,7 @@ from forecourt.infra.bus import Bus, make_bus
 from forecourt.infra.consumers import Consumer, ConsumerHost
 from forecourt.infra.db import Database
 from forecourt.infra.http import METRICS_POLICY, OPEN, install_common
+from forecourt.infra.idempotency import install_idempotency
 from forecourt.infra.migrate import upgrade
 from forecourt.infra.relay import OutboxRelay
 from forecourt.kernel.access import (
@@ -48,6 +50,8 @@ from forecourt.kernel.errors import ForecourtError, TooManyRequests, Unauthorize
 from forecourt.network import api as network_api
 from forecourt.network.contracts import StationDirectory
 from forecourt.network.handlers import DbStationDirectory
+from forecourt.payments import api as payments_api
+from forecourt.payments.handlers import PaymentsService
 from forecourt.sales import api as sales_api
 from forecourt.settings import Settings
 
@@ -249,6 +253,9 @@ class HeadOffice:
     bus_ready: bool = False
     devices: DevicesService | None = None  # the devices context, when this process runs it
     telemetry: TelemetrySubscriber | None = None  # its MQTT subscriber, when configured
+    payments: PaymentsService | None = None  # the payments context, when this process runs it
+    payments_recovery: asyncio.Task[None] | None = None
+    payments_stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(
         self, *, migrate: bool = True, relay: bool | None = None, telemetry: bool | None = None
@@ -267,8 +274,30 @@ class HeadOffice:
             await self.consumers.start()
         if self.telemetry is not None and (self.settings.relay if telemetry is None else telemetry):
             self.telemetry.start()
+        background = self.settings.relay if relay is None else relay
+        if self.payments is not None and self.payments.providers and background:
+            # The payments recovery worker: where HQ's background work runs.
+            from forecourt.payments.recovery import run_recovery
+
+            self.payments_stop.clear()
+            self.payments_recovery = asyncio.create_task(
+                run_recovery(
+                    self.db,
+                    self.payments.providers,
+                    self.settings.payments_recovery_interval_s,
+                    self.payments_stop,
+                    config=self.payments.config,
+                )
+            )
 
     async def stop(self) -> None:
+        if self.payments_recovery is not None:
+            self.payments_stop.set()
+            await self.payments_recovery
+            self.payments_recovery = None
+        if self.payments is not None:
+            for provider in self.payments.providers.values():
+                await provider.aclose()
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.consumers.stop()
@@ -419,6 +448,19 @@ def build_head_office(settings: Settings, *, clock: Clock | None = None) -> Head
         )
     if hq.devices is not None:
         app.include_router(devices_api.build_router(hq.devices))
+    if "payments" in settings.services:
+        from forecourt.payments.config import providers_from_settings
+        from forecourt.payments.handlers import PaymentsConfig
+
+        hq.payments = PaymentsService(
+            db, providers_from_settings(settings), PaymentsConfig.from_settings(settings)
+        )
+        from forecourt.payments import metrics as payments_metrics
+
+        with contextlib.suppress(ValueError):  # served from this registry once
+            payments_metrics.register(registry)
+        install_idempotency(app)
+        app.include_router(payments_api.build_router(hq.payments))
     hq.app = app
     return hq
 

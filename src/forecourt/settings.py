@@ -46,7 +46,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from forecourt.kernel.errors import ForecourtError
 
-KNOWN_SERVICES = ("network", "sales", "devices", "identity", "audit")
+KNOWN_SERVICES = ("network", "sales", "devices", "identity", "audit", "payments")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "sqlite", "sqlite+aiosqlite")
 BUS_SCHEMES = ("memory", "nats")
@@ -353,6 +353,39 @@ class Settings(_TomlSettings):
     # /metrics: a scraper's credential (metrics:read, a service account) unless open (only
     # on a bind address nobody else reaches).
     metrics_open: bool = False
+    # Payments (the payments context): WeChat Pay (API v3, a direct merchant) when
+    # payments_wechat_mchid is set, Alipay when payments_alipay_app_id is set; keys are read
+    # from PEM files kept out of the database. A code payment whose payer must still confirm
+    # is polled for payments_confirm_wait_s before the counter is answered 202 (pending);
+    # the recovery worker then polls until payments_pending_deadline_s after it started
+    # and reverses it; an unanswered charge is queried with backoff (from
+    # payments_recheck_s up to payments_recheck_max_s) and reversed after
+    # payments_unknown_deadline_s.
+    payments_wechat_mchid: str | None = Field(default=None, min_length=1, max_length=32)
+    payments_wechat_appid: str | None = Field(default=None, min_length=1, max_length=32)
+    payments_wechat_base_url: str = "https://api.mch.weixin.qq.com"
+    payments_wechat_merchant_serial_no: str | None = Field(default=None, max_length=64)
+    payments_wechat_merchant_key_file: Path | None = None
+    payments_wechat_apiv3_key: SecretStr | None = None
+    payments_wechat_platform_certificate_file: Path | None = None
+    payments_wechat_platform_public_key_id: str | None = Field(default=None, max_length=64)
+    payments_wechat_platform_public_key_file: Path | None = None
+    payments_wechat_notify_url: str | None = None
+    payments_wechat_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    payments_alipay_app_id: str | None = Field(default=None, min_length=1, max_length=32)
+    payments_alipay_gateway_url: str = "https://openapi.alipay.com/gateway.do"
+    payments_alipay_app_key_file: Path | None = None
+    payments_alipay_public_key_file: Path | None = None
+    payments_alipay_seller_id: str | None = Field(default=None, max_length=32)
+    payments_alipay_notify_url: str | None = None
+    payments_alipay_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    payments_confirm_wait_s: float = Field(default=5.0, ge=0, le=60)
+    payments_poll_interval_s: float = Field(default=1.0, gt=0, le=30)
+    payments_pending_deadline_s: float = Field(default=120.0, gt=0, le=3600)
+    payments_unknown_deadline_s: float = Field(default=300.0, gt=0, le=86_400)
+    payments_recheck_s: float = Field(default=2.0, gt=0, le=600)
+    payments_recheck_max_s: float = Field(default=60.0, gt=0, le=3600)
+    payments_recovery_interval_s: float = Field(default=1.0, gt=0, le=600)
 
     @field_validator("consumers", mode="before")
     @classmethod
@@ -551,6 +584,31 @@ class EdgeSettings(_TomlSettings):
     reader_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(default_factory=dict)
     max_preset_volume_ml: int = Field(default=500_000, ge=1)
     max_preset_amount_minor: int = Field(default=1_000_000, ge=1)
+    # Counter payments (POS API, docs/payments.md): a cashier's staff access token is checked
+    # here offline against HQ's public keys, fetched from HQ's /v1/auth/keys and kept in the
+    # journal's database (a restart without HQ still checks them); staff_keys_file: a JWK Set
+    # trusted as well (keys provisioned without HQ). The token's issuer and audience are HQ's;
+    # pos_charge_roles: the roles whose holders may take payments (over their grant's scope).
+    staff_keys_file: Path | None = None
+    staff_keys_refresh_s: float = Field(default=300.0, gt=0)
+    staff_token_issuer: str = "forecourt"
+    staff_token_audience: str = "forecourt"
+    pos_charge_roles: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["cashier", "station_manager", "hq_admin"]
+    )
+    # A call to HQ for a payment gives up after pos_hq_timeout_s (the cashier is told at once:
+    # cash still works); an order HQ reports pending is polled up to pos_payment_wait_s.
+    pos_hq_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    pos_payment_wait_s: float = Field(default=10.0, ge=0, le=120)
+    # Cash recorded at the counter goes to HQ in batches, backing off from initial to max.
+    pos_cash_batch_size: int = Field(default=100, ge=1, le=500)
+    pos_upload_backoff_initial_s: float = Field(default=0.5, gt=0)
+    pos_upload_backoff_max_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("pos_charge_roles", mode="before")
+    @classmethod
+    def _split_roles(cls, value: Any) -> Any:
+        return _list_of_text(value)
 
     @field_validator("terminal_tokens", "reader_tokens", mode="before")
     @classmethod

@@ -117,7 +117,7 @@ def test_an_unknown_service_is_a_usage_error_naming_the_option(tmp_path: Path) -
     assert done.code == 2, done.stderr
     assert done.one_line_error() == (
         "setting services (--services) is invalid ('sales,fuel'): unknown service fuel; "
-        "known: network, sales, devices, identity, audit"
+        "known: network, sales, devices, identity, audit, payments"
     )
 
 

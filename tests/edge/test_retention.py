@@ -485,6 +485,8 @@ async def test_the_node_supervises_its_snapshot_refresh_and_reports_every_task(
             "edge-sync",
             "edge-snapshots",
             "edge-retention",
+            "edge-staff-keys",
+            "edge-pos-cash",
         }
         assert tasks["edge-snapshots"]["restarts"] >= 2
         assert tasks["edge-snapshots"]["last_error"] == "RuntimeError: snapshot store broken"

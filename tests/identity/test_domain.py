@@ -44,12 +44,25 @@ EXPECTED: dict[str, tuple[set[str], set[str], set[str]]] = {
             "identity:users:manage",
             "audit:read",
             "metrics:read",
+            "payments:read",
+            "payments:charge",
+            "payments:refund",
+            "payments:void",
         },
         {"chain"},
         {"user"},
     ),
     "region_manager": (
-        {"sales:read", "network:read", "devices:read", "station:read", "identity:users:read"},
+        {
+            "sales:read",
+            "network:read",
+            "devices:read",
+            "station:read",
+            "identity:users:read",
+            "payments:read",
+            "payments:refund",
+            "payments:void",
+        },
         {"chain", "region"},
         {"user"},
     ),
@@ -61,18 +74,40 @@ EXPECTED: dict[str, tuple[set[str], set[str], set[str]]] = {
             "station:read",
             "pumps:command",
             "pumps:emergency-stop",
+            "payments:read",
+            "payments:charge",
+            "payments:refund",
+            "payments:void",
         },
         {"station"},
         {"user"},
     ),
     "cashier": (
-        {"pumps:command", "pumps:emergency-stop", "station:read", "sales:read"},
+        {
+            "pumps:command",
+            "pumps:emergency-stop",
+            "station:read",
+            "sales:read",
+            "payments:read",
+            "payments:charge",
+        },
         {"station"},
         {"user"},
     ),
-    "finance": ({"sales:read", "network:read"}, {"chain", "region"}, {"user"}),
+    "finance": (
+        {"sales:read", "network:read", "payments:read", "payments:refund"},
+        {"chain", "region"},
+        {"user"},
+    ),
     "auditor": (
-        {"audit:read", "sales:read", "network:read", "devices:read", "identity:users:read"},
+        {
+            "audit:read",
+            "sales:read",
+            "network:read",
+            "devices:read",
+            "identity:users:read",
+            "payments:read",
+        },
         {"chain", "region", "station"},
         {"user", "service"},
     ),
@@ -104,6 +139,7 @@ def test_no_role_holds_a_station_credentials_permissions() -> None:
     for role in ROLES.values():
         assert Permission.SALES_UPLOAD not in role.permissions
         assert Permission.NETWORK_SNAPSHOT not in role.permissions
+        assert Permission.PAYMENTS_UPLOAD not in role.permissions
 
 
 def test_grants_for_expands_roles_and_refuses_an_unknown_one() -> None:

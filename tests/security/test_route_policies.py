@@ -81,6 +81,29 @@ HQ_ROUTES: dict[tuple[str, str], tuple[str, str | None] | str] = {
     # audit
     ("GET", "/v1/audit/records"): ("audit:read", None),
     ("GET", "/v1/audit/verify"): ("audit:read", None),
+    # payments (the notification routes exist only for a configured provider)
+    ("POST", "/v1/stations/{station_code}/payments"): ("payments:charge", "path:station_code"),
+    ("GET", "/v1/stations/{station_code}/payments"): ("payments:read", "path:station_code"),
+    ("GET", "/v1/stations/{station_code}/payments/{order_id}"): (
+        "payments:read",
+        "path:station_code",
+    ),
+    ("GET", "/v1/stations/{station_code}/payments/{order_id}/refunds"): (
+        "payments:read",
+        "path:station_code",
+    ),
+    ("POST", "/v1/stations/{station_code}/payments/{order_id}/refunds"): (
+        "payments:refund",
+        "path:station_code",
+    ),
+    ("POST", "/v1/stations/{station_code}/payments/{order_id}/void"): (
+        "payments:void",
+        "path:station_code",
+    ),
+    ("POST", "/v1/stations/{station_code}/payments/cash"): (
+        "payments:upload",
+        "path:station_code",
+    ),
 }
 
 EDGE_ROUTES: dict[tuple[str, str], tuple[str, str | None] | str] = {
@@ -103,6 +126,10 @@ EDGE_ROUTES: dict[tuple[str, str], tuple[str, str | None] | str] = {
     ("POST", "/v1/pumps/{pump}/resume"): ("pumps:command", "self"),
     ("POST", "/v1/pumps/{pump}/release"): ("pumps:command", "self"),
     ("POST", "/v1/forecourt/emergency-stop"): ("pumps:emergency-stop", "self"),
+    # The cashier's own staff token (checked offline with HQ's keys), never a terminal's.
+    ("GET", "/v1/pos/sales"): ("payments:charge", "self"),
+    ("GET", "/v1/pos/sales/{sale_id}"): ("payments:charge", "self"),
+    ("POST", "/v1/pos/sales/{sale_id}/pay"): ("payments:charge", "self"),
 }
 
 # What each role may do, as the product defines it (docs/security.md), and where it may be
@@ -122,11 +149,24 @@ ROLES: dict[str, tuple[set[str], set[str]]] = {
             "identity:users:manage",
             "audit:read",
             "metrics:read",
+            "payments:read",
+            "payments:charge",
+            "payments:refund",
+            "payments:void",
         },
         {"chain"},
     ),
     "region_manager": (
-        {"sales:read", "network:read", "devices:read", "station:read", "identity:users:read"},
+        {
+            "sales:read",
+            "network:read",
+            "devices:read",
+            "station:read",
+            "identity:users:read",
+            "payments:read",
+            "payments:refund",
+            "payments:void",
+        },
         {"chain", "region"},
     ),
     "station_manager": (
@@ -137,16 +177,37 @@ ROLES: dict[str, tuple[set[str], set[str]]] = {
             "station:read",
             "pumps:command",
             "pumps:emergency-stop",
+            "payments:read",
+            "payments:charge",
+            "payments:refund",
+            "payments:void",
         },
         {"station"},
     ),
     "cashier": (
-        {"pumps:command", "pumps:emergency-stop", "station:read", "sales:read"},
+        {
+            "pumps:command",
+            "pumps:emergency-stop",
+            "station:read",
+            "sales:read",
+            "payments:read",
+            "payments:charge",
+        },
         {"station"},
     ),
-    "finance": ({"sales:read", "network:read"}, {"chain", "region"}),
+    "finance": (
+        {"sales:read", "network:read", "payments:read", "payments:refund"},
+        {"chain", "region"},
+    ),
     "auditor": (
-        {"audit:read", "sales:read", "network:read", "devices:read", "identity:users:read"},
+        {
+            "audit:read",
+            "sales:read",
+            "network:read",
+            "devices:read",
+            "identity:users:read",
+            "payments:read",
+        },
         {"chain", "region", "station"},
     ),
     "marketing": ({"sales:read", "network:read"}, {"chain", "region"}),
@@ -247,6 +308,8 @@ def _url(path: str, station: str) -> str:
         .replace("{price_id}", "none")
         .replace("{price_set_id}", "none")
         .replace("{username}", "nobody")
+        .replace("{station_code}", station)
+        .replace("{order_id}", "00000000-0000-0000-0000-000000000000")
     )
 
 
@@ -265,7 +328,8 @@ def _staff_routes() -> list[tuple[str, str]]:
     return [
         key
         for key, want in HQ_ROUTES.items()
-        if want != OPEN and want[0] not in ("sales:upload", "audit:upload", "network:snapshot")
+        if want != OPEN
+        and want[0] not in ("sales:upload", "audit:upload", "network:snapshot", "payments:upload")
     ]
 
 
@@ -410,7 +474,12 @@ async def test_a_station_credential_stands_for_its_station_with_two_permissions_
     assert principal.subject == "S001"
     [grant] = principal.grants
     assert str(grant.scope) == "station:S001"
-    assert grant.permissions == {"sales:upload", "audit:upload", "network:snapshot"}
+    assert grant.permissions == {
+        "sales:upload",
+        "audit:upload",
+        "network:snapshot",
+        "payments:upload",
+    }
 
 
 async def test_at_the_edge_a_reader_reads_and_never_commands(tmp_path: Path) -> None:
@@ -434,8 +503,8 @@ async def test_at_the_edge_a_reader_reads_and_never_commands(tmp_path: Path) -> 
     async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
         for method, path in EDGE_ROUTES:
             want = EDGE_ROUTES[(method, path)]
-            if want == OPEN or method == "MOUNT":
-                continue
+            if want == OPEN or method == "MOUNT" or want[0] == "payments:charge":
+                continue  # the POS routes take a cashier's staff token (tests/edge/test_pos.py)
             url = path.replace("{pump}", "1")
             as_reader = await client.request(method, url, headers=reader, json={})
             as_till = await client.request(method, url, headers=till, json={})

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Gauge
 
 from forecourt import __version__
+from forecourt.edge.cashiers import EdgeAuthenticator, StaffKeys, StaffTokens, refusal_recorder
 from forecourt.edge.commands import (
     AuthoriseRequest,
     CommandLine,
@@ -25,6 +26,8 @@ from forecourt.edge.controller import ForecourtController
 from forecourt.edge.drivers import DeviceConfig, ForecourtDriver, PumpDriver
 from forecourt.edge.gauges import GaugeReader
 from forecourt.edge.journal import Journal
+from forecourt.edge.pos import CashUploader, PosHq, PosService, PosStore
+from forecourt.edge.pos import build_router as pos_router
 from forecourt.edge.prices import PriceSchedule
 from forecourt.edge.retention import JournalRetention
 from forecourt.edge.sync import HqClient, SnapshotKeeper, SyncAgent
@@ -101,6 +104,10 @@ class EdgeNode:
     gauges: list[GaugeReader] = field(default_factory=list)
     telemetry: TelemetryPublisher | None = None
     telemetry_alarms: SupervisedTask | None = None
+    # Counter payments (forecourt.edge.pos): HQ's staff keys, the cash upload and its client.
+    staff_keys: StaffKeys | None = None
+    cash_upload: CashUploader | None = None
+    pos_hq: PosHq | None = None
 
     def __post_init__(self) -> None:
         self.snapshot_refresh = SupervisedTask("edge-snapshots", self._refresh_snapshots)
@@ -125,6 +132,7 @@ class EdgeNode:
         ]
         if self.telemetry is not None and self.telemetry_alarms is not None:
             tasks += [self.telemetry, self.telemetry_alarms]
+        tasks += [s for s in (self.staff_keys, self.cash_upload) if s is not None]
         return tasks if self.retention is None else [*tasks, self.retention]
 
     def _sink(self, line: PumpLine, snapshot: StationSnapshot) -> Callable[[Any], None]:
@@ -204,6 +212,9 @@ class EdgeNode:
         """Open the journal, take the snapshot (from HQ, else the newest persisted one),
         connect the forecourt controller, recover unclosed transactions, then run."""
         await self.journal.open()
+        if self.staff_keys is not None:
+            await self.staff_keys.load()  # the cached keys: a cashier signs in without HQ
+            self.staff_keys.start()
         if self.telemetry is not None:
             self.telemetry.start()  # it does not wait for the broker: never on the sales path
         snapshot = await self.snapshots.load()
@@ -224,6 +235,8 @@ class EdgeNode:
         if self.telemetry_alarms is not None:
             self.telemetry_alarms.start()
         self.sync.start()
+        if self.cash_upload is not None:
+            self.cash_upload.start()
         self.snapshot_refresh.start()
         if self.retention is not None:
             self.retention.start()
@@ -270,6 +283,9 @@ class EdgeNode:
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.sync.stop()
+        for service in (self.cash_upload, self.staff_keys):
+            if service is not None:
+                await service.stop()
         for line in self.lines:
             if line.driver is not None:
                 await line.driver.close()
@@ -277,6 +293,8 @@ class EdgeNode:
             await gauge.driver.close()
         self.gauges.clear()
         await self.hq.close()
+        if self.pos_hq is not None:
+            await self.pos_hq.close()
         await self.journal.close()
         self.started = False
 
@@ -524,6 +542,38 @@ def build_edge_node(
         gauge_configs=gauge_configs,
         telemetry=telemetry_from_settings(settings, clock),
     )
+    pos_hq = PosHq(
+        settings.hq_url,
+        settings.station,
+        settings.credential.get_secret_value(),
+        settings.pos_hq_timeout_s,
+    )
+    pos_store = PosStore(journal)
+    node.pos_hq = pos_hq
+    node.staff_keys = StaffKeys(
+        journal,
+        clock,
+        pos_hq.staff_keys,
+        keys_file=settings.staff_keys_file,
+        refresh_s=settings.staff_keys_refresh_s,
+    )
+    node.cash_upload = CashUploader(
+        pos_store,
+        pos_hq,
+        batch_size=settings.pos_cash_batch_size,
+        backoff_initial_s=settings.pos_upload_backoff_initial_s,
+        backoff_max_s=settings.pos_upload_backoff_max_s,
+    )
+    pos = PosService(
+        pos_store,
+        pos_hq,
+        lambda: node.controllers,
+        wake_sync=sync.wake.set,
+        wake_upload=node.cash_upload.wake.set,
+        upload_sales=hq.upload,
+        payment_wait_s=settings.pos_payment_wait_s,
+        flush_timeout_s=settings.pos_hq_timeout_s,
+    )
 
     Gauge(
         "forecourt_edge_journaled", "Sales journaled by this edge since start", registry=registry
@@ -601,13 +651,28 @@ def build_edge_node(
     app = FastAPI(title=f"Forecourt edge {settings.station}", version=__version__)
     install_common(app, registry, ready, metrics_policy=READ)
     app.state.station_code = settings.station
+    terminals = TerminalAuthenticator(
+        settings.station,
+        {n: secret.get_secret_value() for n, secret in settings.terminal_tokens.items()},
+        {n: secret.get_secret_value() for n, secret in settings.reader_tokens.items()},
+    )
+    staff = StaffTokens(
+        node.staff_keys,
+        clock,
+        issuer=settings.staff_token_issuer,
+        audience=settings.staff_token_audience,
+        charge_roles=settings.pos_charge_roles,
+    )
+
+    async def region_of(station: str) -> str | None:
+        snap = snapshots.current
+        return snap.station.region if snap is not None and snap.station.code == station else None
+
     install_access(
         app,
-        TerminalAuthenticator(
-            settings.station,
-            {n: secret.get_secret_value() for n, secret in settings.terminal_tokens.items()},
-            {n: secret.get_secret_value() for n, secret in settings.reader_tokens.items()},
-        ),
+        EdgeAuthenticator(terminals, staff),
+        region_of=region_of,
+        on_refusal=refusal_recorder(journal),
     )
     reads = [require(READ)]
     read_errors = error_responses(401, 403)
@@ -703,6 +768,10 @@ def build_edge_node(
     @app.get("/v1/journal/summary", dependencies=reads, responses=read_errors)
     async def journal_summary() -> list[dict[str, Any]]:
         return await journal.summary()
+
+    # --- counter payments (docs/payments.md): a cashier's staff token on each request ------
+    app.include_router(pos_router(pos))
+    app.state.pos = pos
 
     node.app = app
     return node

@@ -33,13 +33,23 @@ class Permission(StrEnum):
     AUDIT_READ = "audit:read"
     AUDIT_UPLOAD = "audit:upload"  # a station's own edge audit records
     METRICS_READ = "metrics:read"
+    PAYMENTS_READ = "payments:read"
+    PAYMENTS_CHARGE = "payments:charge"  # take a payment at the counter (code or cash)
+    PAYMENTS_REFUND = "payments:refund"
+    PAYMENTS_VOID = "payments:void"  # reverse an unconfirmed payment, void a same-day one
+    PAYMENTS_UPLOAD = "payments:upload"  # a station's own cash taken while HQ was away
     SIGNED_IN = "signed-in"  # any authenticated caller of the route's kinds, anywhere
 
 
-# What a station's credential allows (its own uploads, audit records and snapshot), and
-# nothing staff hold.
+# What a station's credential allows (its own uploads, audit records, snapshot and offline
+# cash payments), and nothing staff hold.
 STATION_PERMISSIONS = frozenset(
-    {Permission.SALES_UPLOAD, Permission.AUDIT_UPLOAD, Permission.NETWORK_SNAPSHOT}
+    {
+        Permission.SALES_UPLOAD,
+        Permission.AUDIT_UPLOAD,
+        Permission.NETWORK_SNAPSHOT,
+        Permission.PAYMENTS_UPLOAD,
+    }
 )
 
 

@@ -414,6 +414,18 @@ async def refund_by_key(conn: AsyncConnection, order_id: UUID, key: str) -> Refu
     return refund_from_row(row) if row else None
 
 
+async def refund_by_key_id(conn: AsyncConnection, refund_id: UUID) -> Refund | None:
+    row = (await conn.execute(refund_t.select().where(refund_t.c.refund_id == refund_id))).first()
+    return refund_from_row(row) if row else None
+
+
+async def refund_by_out_no(conn: AsyncConnection, out_refund_no: str) -> Refund | None:
+    row = (
+        await conn.execute(refund_t.select().where(refund_t.c.out_refund_no == out_refund_no))
+    ).first()
+    return refund_from_row(row) if row else None
+
+
 async def refund_in_flight(conn: AsyncConnection, order_id: UUID) -> Refund | None:
     row = (
         await conn.execute(

@@ -234,3 +234,55 @@ class BatchResult(BaseModel):
     results: list[SaleResult]
     high_water_mark: int
     gaps: list[tuple[int, int]]
+
+
+# --- what other contexts may read of a sale ---------------------------------------------------
+
+
+class SaleDue(BaseModel):
+    """What a sale known at HQ is due: its amount in minor units (fen for CNY), its currency,
+    what kind of dispensing it was, and whether ingest quarantined it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    station_code: str
+    sale_id: UUID
+    amount_minor: int
+    currency: str
+    dispense_type: str
+    business_date: date
+    quarantined: bool
+
+
+async def sale_due(conn: Any, station_code: str, sale_id: UUID) -> SaleDue | None:
+    """The sale ``sale_id`` of ``station_code`` as HQ holds it, or None (not uploaded yet);
+    ``conn``: an open SQLAlchemy ``AsyncConnection`` (the caller's transaction)."""
+    import sqlalchemy as sa
+
+    from forecourt.sales.store import sale_t
+
+    row = (
+        await conn.execute(
+            sa.select(
+                sale_t.c.amount_minor,
+                sale_t.c.currency,
+                sale_t.c.dispense_type,
+                sale_t.c.business_date,
+                sale_t.c.quarantined,
+            )
+            .where(sale_t.c.station_code == station_code, sale_t.c.sale_id == sale_id)
+            .order_by(sale_t.c.business_date)
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return None
+    return SaleDue(
+        station_code=station_code,
+        sale_id=sale_id,
+        amount_minor=int(row.amount_minor),
+        currency=row.currency,
+        dispense_type=row.dispense_type,
+        business_date=row.business_date,
+        quarantined=bool(row.quarantined),
+    )
