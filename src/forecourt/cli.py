@@ -547,6 +547,13 @@ _CONSUMERS_OPTION_HELP = (
     help="Device protocols at every station: jsonpts and/or dart share the pumps in order, "
     "tls adds a tank gauge; 'jsonpts' alone is one PTS-2 controller per station.",
 )
+@click.option(
+    "--payments/--no-payments",
+    default=True,
+    show_default=True,
+    help="Customers pay at the counter (WeChat Pay and Alipay simulators, cash) through each "
+    "edge's POS API, and the reconciliation adds payments; --no-payments leaves them out.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def demo(
     duration: float,
@@ -559,6 +566,7 @@ def demo(
     seed: int,
     reset: bool,
     protocols: str,
+    payments: bool,
     as_json: bool,
 ) -> None:
     """HQ + N simulated stations (4 dispensers each), then a three-way reconciliation.
@@ -620,6 +628,7 @@ def demo(
             workdir=folder,
             seed=seed,
             protocols=chosen,
+            payments=payments,
         )
 
         def progress(line: str) -> None:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
+import random
 import re
 import shutil
 import signal
@@ -48,6 +50,7 @@ from forecourt.audit.store import waiting_count as audit_waiting_count
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.edge.controller import ForecourtController
 from forecourt.edge.node import EdgeNode, PumpLine, build_edge_node, jsonpts_factory
+from forecourt.edge.pos import PosStore
 from forecourt.infra.db import SCHEMAS, Database
 from forecourt.infra.listener import listening_socket
 from forecourt.kernel.access import Scope
@@ -136,6 +139,11 @@ class DemoOptions:
     # Device protocols at every station: the pump protocols share its fuelling points in
     # order (jsonpts first), "tls" adds a tank gauge; ("jsonpts",) is one PTS-2 for all pumps.
     protocols: tuple[str, ...] = DEFAULT_PROTOCOLS
+    # Customers pay at the counter (WeChat Pay, Alipay, cash) through each edge's POS API,
+    # against provider simulators in processes of their own; the reconciliation adds payments.
+    # On in `forecourt demo` (--no-payments turns it off); off by default for a chain built in
+    # code, which asks for it.
+    payments: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,7 +199,7 @@ class DeviceProcess:
 
     async def start(self, ready: Callable[[], T | None], timeout_s: float = START_BUDGET_S) -> T:
         """Start the process and wait (with a deadline) until ``ready()`` gives a value."""
-        command = [sys.executable, "-m", "forecourt.cli", "simulate", self.kind, *self.args]
+        command = self.command()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -215,6 +223,9 @@ class DeviceProcess:
             self.stop()
             raise
         return found
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "forecourt.cli", "simulate", self.kind, *self.args]
 
     def log_text(self) -> str:
         try:
@@ -403,6 +414,11 @@ class Reconciliation:
     # HQ's audit trail once everything is chained: records, those from the station edges,
     # and the verification of the chain and its signed checkpoints.
     audit: dict[str, Any] = field(default_factory=dict)
+    # Payments per station (when the demo took them), and provider trades no station's
+    # payments at HQ account for.
+    payments_enabled: bool = False
+    payments: dict[str, PaymentFigures] = field(default_factory=dict)
+    payment_strays: list[dict[str, Any]] = field(default_factory=list)
 
     def total(self, where: str) -> Figures:
         out = Figures()
@@ -542,6 +558,645 @@ def gauge_config(snapshot: StationSnapshot) -> dict[str, Any]:
     return {"timezone": snapshot.station.timezone, "drift_per_minute": 2.0, "tanks": tanks}
 
 
+# --- payments at the counter ------------------------------------------------------------------
+
+# The demo's merchant at WeChat Pay and app at Alipay (their documentation's sample numbers);
+# the keys are generated afresh for every run.
+WECHAT_MCHID = "1900000109"
+WECHAT_APPID = "wxd678efh567hg6787"
+WECHAT_MERCHANT_SERIAL = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1"
+ALIPAY_APP_ID = "2021000122600001"
+ALIPAY_SELLER_ID = "2088102146225135"
+TENDERS = ("wechat", "alipay", "cash")
+# Each run of ten customers at a station pays 4 by WeChat Pay, 3 by Alipay and 3 in cash, in
+# an order the seed shuffles; every DECLINE_EVERY-th code payer (the first included) first
+# shows a code the payer's wallet declines (balance short) and then a new one.
+TENDER_MIX = ("wechat",) * 4 + ("alipay",) * 3 + ("cash",) * 3
+DECLINE_EVERY = 8
+DECLINED_SUFFIX = "0001"  # both simulators: the payer's balance is short
+_SPECIAL_SUFFIXES = frozenset(f"{n:04d}" for n in range(1, 7))  # the simulators' payer cases
+COUNTER_LANES = 3  # customers a station's counter serves at once
+COUNTER_POLL_S = 0.5  # how often the counter looks for finished, unpaid sales
+POS_HQ_TIMEOUT_S = 15.0  # an edge's call to HQ for a code payment gives up after this
+CASHIER_PREFIX = "demo-cashier-"
+# A provider trade's net money (charged less returned and refunded) by state.
+UNPAID_NOTE = (
+    "a sale that finished after the counter's last look (still pumping when the demo ended) "
+    "may stay unpaid: it is counted, not a disagreement"
+)
+
+
+class PaymentSimulator(DeviceProcess):
+    """A payment provider simulator (``python -m forecourt.sim.<module>``) in a process of its
+    own, its config, port file and log in ``workdir``; always :meth:`stop` it."""
+
+    def __init__(self, module: str, name: str, config: dict[str, Any], workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.module = module
+        self.config_path = workdir / f"{name}.json"
+        self.config_path.write_text(json.dumps(config), encoding="utf-8")
+        self.port_file = workdir / f"{name}.port"
+        self.port_file.unlink(missing_ok=True)
+        self.base_url = ""
+        super().__init__(name, [], workdir)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            self.module,
+            "--config",
+            str(self.config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-file",
+            str(self.port_file),
+            "--log-level",
+            "WARNING",
+        ]
+
+    async def serve(self) -> str:
+        """Start it; its base URL once it listens (the port file is written then)."""
+        port = await self.start(lambda: _port_in(self.port_file))
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+    async def trades(self, client: httpx.AsyncClient) -> list[dict[str, Any]]:
+        """Every trade the simulator made (``GET /sim/trades``)."""
+        answer = await client.get(f"{self.base_url}/sim/trades")
+        answer.raise_for_status()
+        return list(answer.json()["trades"])
+
+
+@dataclass(frozen=True)
+class ProviderKeys:
+    """The RSA keys of one demo run: WeChat Pay's merchant and platform keys (and the platform
+    certificate), Alipay's app and Alipay keys, PEM."""
+
+    wechat_merchant_private: str
+    wechat_merchant_public: str
+    wechat_platform_private: str
+    wechat_platform_certificate: str
+    wechat_apiv3_key: str
+    alipay_app_private: str
+    alipay_app_public: str
+    alipay_private: str
+    alipay_public: str
+
+
+def make_provider_keys() -> ProviderKeys:
+    """Fresh keys (a few tenths of a second of CPU: run it in a thread)."""
+    import secrets
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from forecourt.sim.wechatpay import make_platform_certificate
+
+    def private(key: rsa.RSAPrivateKey, fmt: serialization.PrivateFormat) -> str:
+        return key.private_bytes(
+            serialization.Encoding.PEM, fmt, serialization.NoEncryption()
+        ).decode()
+
+    def public(key: rsa.RSAPrivateKey) -> str:
+        return (
+            key.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+
+    merchant, platform, app, alipay = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(4)
+    )
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    return ProviderKeys(
+        wechat_merchant_private=private(merchant, pkcs8),
+        wechat_merchant_public=public(merchant),
+        wechat_platform_private=private(platform, pkcs8),
+        wechat_platform_certificate=make_platform_certificate(platform),
+        wechat_apiv3_key=secrets.token_hex(16),
+        alipay_app_private=private(app, pkcs8),
+        alipay_app_public=public(app),
+        alipay_private=private(alipay, serialization.PrivateFormat.TraditionalOpenSSL),
+        alipay_public=public(alipay),
+    )
+
+
+def wechat_sim_config(keys: ProviderKeys, seed: int) -> dict[str, Any]:
+    return {
+        "mchid": WECHAT_MCHID,
+        "appid": WECHAT_APPID,
+        "merchant": {
+            "serial_no": WECHAT_MERCHANT_SERIAL,
+            "public_key_pem": keys.wechat_merchant_public,
+        },
+        "platform": {
+            "private_key_pem": keys.wechat_platform_private,
+            "mode": "certificate",
+            "certificate_pem": keys.wechat_platform_certificate,
+        },
+        "apiv3_key": keys.wechat_apiv3_key,
+        "notify_url": None,
+        "seed": seed,
+    }
+
+
+def alipay_sim_config(keys: ProviderKeys, seed: int) -> dict[str, Any]:
+    return {
+        "app_id": ALIPAY_APP_ID,
+        "app_public_key_pem": keys.alipay_app_public,
+        "alipay_private_key_pem": keys.alipay_private,
+        "seller_id": ALIPAY_SELLER_ID,
+        "seed": seed,
+    }
+
+
+@dataclass
+class PaymentProviders:
+    """The two provider simulators of a demo run and HQ's settings for them."""
+
+    wechat: PaymentSimulator
+    alipay: PaymentSimulator
+    settings: dict[str, Any]
+
+    def of(self, tender: str) -> PaymentSimulator:
+        return self.wechat if tender == "wechat" else self.alipay
+
+
+async def start_payment_providers(
+    workdir: Path, seed: int, keep: Callable[[DeviceProcess], object]
+) -> PaymentProviders:
+    """Fresh keys, both simulators side by side (each handed to ``keep`` before it starts),
+    and HQ's ``payments_*`` settings pointing at them (key files in ``workdir``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    keys = await asyncio.to_thread(make_provider_keys)
+    wechat = PaymentSimulator(
+        "forecourt.sim.wechatpay", "wechatpay", wechat_sim_config(keys, seed), workdir
+    )
+    alipay = PaymentSimulator(
+        "forecourt.sim.alipay", "alipay", alipay_sim_config(keys, seed), workdir
+    )
+    for simulator in (wechat, alipay):
+        keep(simulator)
+    await _concurrently([wechat.serve(), alipay.serve()])
+
+    def pem(name: str, text: str) -> Path:
+        path = workdir / name
+        path.write_text(text, encoding="ascii")
+        return path
+
+    settings: dict[str, Any] = {
+        "payments_wechat_mchid": WECHAT_MCHID,
+        "payments_wechat_appid": WECHAT_APPID,
+        "payments_wechat_base_url": wechat.base_url,
+        "payments_wechat_merchant_serial_no": WECHAT_MERCHANT_SERIAL,
+        "payments_wechat_merchant_key_file": pem(
+            "wechat-merchant.pem", keys.wechat_merchant_private
+        ),
+        "payments_wechat_apiv3_key": SecretStr(keys.wechat_apiv3_key),
+        "payments_wechat_platform_certificate_file": pem(
+            "wechat-platform.pem", keys.wechat_platform_certificate
+        ),
+        "payments_wechat_timeout_s": 5.0,
+        "payments_alipay_app_id": ALIPAY_APP_ID,
+        "payments_alipay_gateway_url": f"{alipay.base_url}/gateway.do",
+        "payments_alipay_app_key_file": pem("alipay-app.pem", keys.alipay_app_private),
+        "payments_alipay_public_key_file": pem("alipay-public.pem", keys.alipay_public),
+        "payments_alipay_seller_id": ALIPAY_SELLER_ID,
+        "payments_alipay_timeout_s": 5.0,
+        # HQ's order deadlines and rechecks run on its (simulated) clock: the longest allowed,
+        # so that no order still open is given up during the demo, and the recovery worker
+        # leaves an order alone while its charge is under way (it looks at the rest).
+        "payments_pending_deadline_s": 3600.0,
+        "payments_unknown_deadline_s": 86_400.0,
+        "payments_recheck_s": 600.0,
+        "payments_recheck_max_s": 3600.0,
+        "payments_confirm_wait_s": 3.0,
+        "payments_poll_interval_s": 0.2,
+    }
+    return PaymentProviders(wechat, alipay, settings)
+
+
+def payment_code(rng: random.Random, tender: str, suffix: str | None = None) -> str:
+    """A payer's payment code: WeChat's 18 digits from 13, Alipay's 18 from 28. The last four
+    digits pick the payer's behaviour at the simulators: ``suffix``, else one that pays."""
+    prefix = "13" if tender == "wechat" else "28"
+    while True:
+        digits = "".join(rng.choice("0123456789") for _ in range(16))
+        if suffix is not None:
+            return prefix + digits[:12] + suffix
+        if digits[12:] not in _SPECIAL_SUFFIXES:
+            return prefix + digits
+
+
+def cash_tendered(rng: random.Random, amount_fen: int) -> int:
+    """What a customer hands over: the exact amount, or rounded up to a ¥10, ¥50 or ¥100 note."""
+    note = rng.choice((1, 1000, 5000, 10_000))
+    return -(-amount_fen // note) * note
+
+
+@dataclass
+class _Customer:
+    """One sale's payer at the counter: the tender, the codes still to show, the next try."""
+
+    tender: str
+    declines: int = 0  # declining codes still to be shown first
+    not_before: float = 0.0
+    gave_up: bool = False
+    tendered_fen: int | None = None
+
+
+@dataclass
+class CounterStats:
+    """What a station's counter did, as its customers saw it."""
+
+    paid: Counter[str] = field(default_factory=Counter)  # tender → sales paid
+    declined: int = 0  # codes the payer's wallet declined (a new code followed)
+    retried: int = 0  # answers that meant "ask again" (pending, HQ away, in progress)
+    sign_ins: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # error code → times
+
+
+class StationCounter:
+    """A station's counter: customers pay their finished sales through the edge's POS API as
+    the station's cashier (a staff token from HQ), in the seeded tender mix, a declined code
+    followed by a new one; up to ``lanes`` customers at once, never two payments of one sale.
+
+    The counter asks the edge for the unpaid sales only when it has no customer waiting (and
+    at most every ``COUNTER_POLL_S``): the list is the journal's whole backlog."""
+
+    def __init__(
+        self,
+        station: StationRun,
+        hq_url: str,
+        username: str,
+        password: str,
+        rng: random.Random,
+        lanes: int = COUNTER_LANES,
+    ) -> None:
+        self.station = station
+        self.hq_url = hq_url
+        self.username = username
+        self.password = password
+        self.rng = rng
+        self.lanes = lanes
+        self.stats = CounterStats()
+        self._customers: dict[str, _Customer] = {}
+        self._waiting: dict[str, dict[str, Any]] = {}  # sale_id → sale, oldest first
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._mix: list[str] = []
+        self._code_payers = 0
+        self._listed_at = float("-inf")
+        self._token: str | None = None
+        self._edge = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=station.edge.app),
+            base_url="http://edge",
+            timeout=30.0,
+        )
+        self._sign_in_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._edge.aclose()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve customers until ``stop`` is set, then let the payments under way end."""
+        while not stop.is_set():
+            await self._step(stop)
+        await self._settle_in_flight()
+
+    async def pay_all(self, deadline: float) -> bool:
+        """Serve until the edge lists no finished sale unpaid (True) or ``deadline`` (loop
+        time); a sale given up on (its payment refused for good) stays unpaid."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            if not self._waiting and not self._in_flight:
+                self._listed_at = float("-inf")  # look again now
+                if await self._list() == 0:
+                    return True
+            await self._step(None, until=deadline)
+        await self._settle_in_flight()
+        return False
+
+    async def _step(self, stop: asyncio.Event | None, until: float | None = None) -> None:
+        """List the unpaid sales when due, start paying those waiting as lanes are free,
+        then wait for a payment to end, ``stop``, or the next look."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting and loop.time() - self._listed_at >= COUNTER_POLL_S:
+            await self._list()
+        now = loop.time()
+        for sale_id, sale in list(self._waiting.items()):
+            if len(self._in_flight) >= self.lanes:
+                break
+            customer = self._customer(sale)
+            if customer.not_before > now:
+                continue
+            del self._waiting[sale_id]
+            task = asyncio.create_task(self._pay(sale, customer))
+            self._in_flight[sale_id] = task
+            task.add_done_callback(functools.partial(self._done, sale_id))
+        pause = COUNTER_POLL_S
+        if self._waiting and len(self._in_flight) < self.lanes:
+            # A lane is free and every waiting customer is to try again later.
+            soonest = min(self._customer(s).not_before for s in self._waiting.values())
+            pause = min(pause, max(0.01, soonest - now))
+        if until is not None:
+            pause = min(pause, max(0.0, until - now))
+        waits: list[asyncio.Future[Any]] = list(self._in_flight.values())
+        stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        if stopping is not None:
+            waits.append(stopping)
+        try:
+            if waits:
+                await asyncio.wait(waits, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(pause)
+        finally:
+            if stopping is not None:
+                stopping.cancel()
+
+    async def _list(self) -> int:
+        """The edge's unpaid sales, oldest first, into the waiting line (those under way and
+        those given up on apart); how many the edge listed (-1: it did not answer)."""
+        self._listed_at = asyncio.get_running_loop().time()
+        try:
+            answer = await self._call(
+                "GET", "/v1/pos/sales", params={"unpaid": "true", "limit": 500}
+            )
+        except (httpx.HTTPError, OSError) as exc:
+            self.stats.errors[type(exc).__name__] += 1
+            return -1
+        if answer.status_code != 200:
+            self.stats.errors[f"list_{answer.status_code}"] += 1
+            return -1
+        sales = answer.json()
+        for sale in reversed(sales):  # the edge lists the newest first
+            sale_id = sale["sale_id"]
+            if sale_id in self._in_flight or self._customer(sale).gave_up:
+                continue
+            self._waiting.setdefault(sale_id, sale)
+        return sum(1 for sale in sales if not self._customer(sale).gave_up)
+
+    async def _settle_in_flight(self) -> None:
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+
+    def _customer(self, sale: dict[str, Any]) -> _Customer:
+        found = self._customers.get(sale["sale_id"])
+        if found is not None:
+            return found
+        if not self._mix:
+            self._mix = list(TENDER_MIX)
+            self.rng.shuffle(self._mix)
+        tender = self._mix.pop()
+        customer = _Customer(tender)
+        if tender == "cash":
+            customer.tendered_fen = cash_tendered(self.rng, int(sale["amount_fen"]))
+        else:
+            customer.declines = 1 if self._code_payers % DECLINE_EVERY == 0 else 0
+            self._code_payers += 1
+        self._customers[sale["sale_id"]] = customer
+        return customer
+
+    def _done(self, sale_id: str, _task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(sale_id, None)
+
+    async def _pay(self, sale: dict[str, Any], customer: _Customer) -> None:
+        """One try at paying ``sale``; a sale not paid yet waits in line again."""
+        body: dict[str, Any]
+        if customer.tender == "cash":
+            body = {"method": "cash", "tendered_fen": customer.tendered_fen}
+        else:
+            declining = customer.declines > 0
+            code = payment_code(self.rng, customer.tender, DECLINED_SUFFIX if declining else None)
+            body = {"method": "code", "auth_code": code}
+        try:
+            answer = await self._call("POST", f"/v1/pos/sales/{sale['sale_id']}/pay", json=body)
+        except (httpx.HTTPError, OSError) as exc:
+            self.stats.errors[type(exc).__name__] += 1
+            self._again(sale, customer, 0.5)
+            return
+        status = answer.status_code
+        code_ = _error_code(answer)
+        if status == 200 or code_ == "pos.sale_paid":
+            customer.gave_up = True  # nothing more to do for this sale
+            self.stats.paid[customer.tender] += 1
+        elif status == 402:
+            self.stats.declined += 1
+            customer.declines = max(0, customer.declines - 1)  # the next code is a new one
+            self._again(sale, customer, 0.0)
+        elif status in (202, 503) or code_ == "pos.payment_in_progress":
+            self.stats.retried += 1
+            self._again(sale, customer, 0.3)
+        else:
+            self.stats.errors[code_ or f"http_{status}"] += 1
+            if customer.tender != "cash":
+                # A code the counter cannot take (HQ refused the sale, say): cash instead.
+                customer.tender = "cash"
+                customer.tendered_fen = cash_tendered(self.rng, int(sale["amount_fen"]))
+                self._again(sale, customer, 0.3)
+            else:
+                customer.gave_up = True
+
+    def _again(self, sale: dict[str, Any], customer: _Customer, delay_s: float) -> None:
+        customer.not_before = asyncio.get_running_loop().time() + delay_s
+        self._waiting[sale["sale_id"]] = sale
+
+    async def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """A request to the edge as the cashier, signed in again when the token is refused."""
+        token = self._token or await self._sign_in(None)
+        answer = await self._edge.request(
+            method, path, headers={"authorization": f"Bearer {token}"}, **kw
+        )
+        if answer.status_code == 401:
+            token = await self._sign_in(token)
+            answer = await self._edge.request(
+                method, path, headers={"authorization": f"Bearer {token}"}, **kw
+            )
+        return answer
+
+    async def _sign_in(self, refused: str | None) -> str:
+        async with self._sign_in_lock:
+            if self._token is not None and self._token != refused:
+                return self._token  # another lane signed in meanwhile
+            async with httpx.AsyncClient(base_url=self.hq_url, timeout=10.0) as hq:
+                answer = await hq.post(
+                    "/v1/auth/sign-in",
+                    json={"username": self.username, "password": self.password},
+                )
+            answer.raise_for_status()
+            self.stats.sign_ins += 1
+            self._token = str(answer.json()["access_token"])
+            return self._token
+
+
+def _error_code(answer: httpx.Response) -> str | None:
+    if answer.status_code < 400:
+        return None
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        return str(answer.json()["error"]["code"])
+    return None
+
+
+@dataclass
+class Tally:
+    """A count and its money."""
+
+    count: int = 0
+    fen: int = 0
+
+    def add(self, count: int, fen: int) -> None:
+        self.count += count
+        self.fen += fen
+
+
+def _tenders(*names: str) -> dict[str, Tally]:
+    return {name: Tally() for name in names}
+
+
+@dataclass
+class PaymentFigures:
+    """One station's payments, each figure from its own store: the edge's journal (its sales
+    and their payment attempts), HQ's payments API, the provider simulators' trades."""
+
+    sales: int = 0  # the journal's sales to be paid (pump tests and own use apart)
+    paid_at_edge: Tally = field(default_factory=Tally)  # sales paid, at their journaled amount
+    unpaid: int = 0
+    hq_paid: Tally = field(default_factory=Tally)  # sales HQ holds money for, and that money
+    hq_paid_fen: int = 0  # paid at HQ (orders paid, refunding or (partly) refunded)
+    hq_refunded_fen: int = 0
+    by_tender: dict[str, Tally] = field(default_factory=lambda: _tenders(*TENDERS))  # HQ, net
+    declined: int = 0  # code orders HQ holds failed or cancelled (nothing charged)
+    at_providers: dict[str, Tally] = field(default_factory=lambda: _tenders("wechat", "alipay"))
+    paid_twice: int = 0  # sales paid more than once, in any store; trades charged twice
+    open_orders: int = 0  # HQ orders not settled (pending, unknown, reversing ...)
+    mismatched: list[dict[str, Any]] = field(default_factory=list)  # sales whose money differs
+    counter: CounterStats | None = None
+
+    @property
+    def agree(self) -> bool:
+        providers_agree = all(
+            self.at_providers[t] == self.by_tender[t] for t in ("wechat", "alipay")
+        )
+        return (
+            self.hq_paid_fen - self.hq_refunded_fen == self.paid_at_edge.fen
+            and self.hq_paid.count == self.paid_at_edge.count
+            and sum(t.fen for t in self.by_tender.values()) == self.paid_at_edge.fen
+            and providers_agree
+            and self.paid_twice == 0
+            and self.open_orders == 0
+            and not self.mismatched
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        counter = self.counter
+        return {
+            "sales": self.sales,
+            "paid_sales": self.paid_at_edge.count,
+            "paid_fen_at_edge": self.paid_at_edge.fen,
+            "unpaid_sales": self.unpaid,
+            "paid_sales_at_hq": self.hq_paid.count,
+            "paid_fen_at_hq": self.hq_paid_fen,
+            "refunded_fen_at_hq": self.hq_refunded_fen,
+            "net_fen_at_hq": self.hq_paid_fen - self.hq_refunded_fen,
+            "by_tender": {t: dataclasses.asdict(v) for t, v in self.by_tender.items()},
+            "at_providers": {t: dataclasses.asdict(v) for t, v in self.at_providers.items()},
+            "declined_at_hq": self.declined,
+            "paid_twice": self.paid_twice,
+            "open_orders": self.open_orders,
+            "mismatched_sales": self.mismatched,
+            "counter": None
+            if counter is None
+            else {
+                "paid": {t: counter.paid.get(t, 0) for t in TENDERS},
+                "declined_codes": counter.declined,
+                "retried": counter.retried,
+                "sign_ins": counter.sign_ins,
+                "errors": dict(sorted(counter.errors.items())),
+            },
+            "agree": self.agree,
+        }
+
+
+_HQ_PAID_STATES = frozenset({"paid", "refunding", "partially_refunded", "refunded"})
+_HQ_DECLINED_STATES = frozenset({"failed", "cancelled"})
+
+
+async def _journal_payments(path: Path) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """An edge journal's sales to be paid (sale_id → amount) and each sale's payment attempts
+    that were paid (sale_id → their methods), read from its file."""
+
+    def read() -> tuple[dict[str, int], dict[str, list[str]]]:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            sales = {
+                str(sale_id): int(amount)
+                for sale_id, amount in conn.execute(
+                    "SELECT sale_id, amount_minor FROM journal WHERE dispense_type = 'sale'"
+                )
+            }
+            paid: dict[str, list[str]] = {}
+            for sale_id, method in conn.execute(
+                "SELECT sale_id, method FROM pos_payment WHERE status = 'paid' ORDER BY id"
+            ):
+                paid.setdefault(str(sale_id), []).append(str(method))
+        return sales, paid
+
+    return await asyncio.to_thread(read)
+
+
+def _trade_net(trade: dict[str, Any]) -> tuple[int, int]:
+    """(times charged, net fen) of a simulator trade: charged less returned and refunded."""
+    amount = int(trade.get("total", trade.get("amount_fen", 0)) or 0)
+    charged = int(trade.get("charged_times", 0) or 0)
+    net = amount * charged - int(trade.get("returned_fen", 0) or 0)
+    return charged, net - int(trade.get("refunded_fen", 0) or 0)
+
+
+def describe_payments(result: dict[str, Any], station: str) -> str | None:
+    """``S001 payments: 31 of 31 sales paid (12 WeChat, 10 Alipay, 9 cash; 2 declined codes
+    paid with a new one), ¥2,345.67 at HQ = the paid sales; providers agree``; None when the
+    demo took no payments."""
+    row = next((p for p in result.get("per_station_payments", []) if p["station"] == station), None)
+    if row is None:
+        return None
+    tenders = row["by_tender"]
+    names = {"wechat": "WeChat", "alipay": "Alipay", "cash": "cash"}
+    mix = ", ".join(f"{tenders[t]['count']} {names[t]}" for t in TENDERS)
+    declined = row["counter"]["declined_codes"] if row["counter"] else row["declined_at_hq"]
+    text = f"{station} payments: {row['paid_sales']} of {row['sales']} sales paid ({mix}"
+    if declined:
+        text += f"; {declined} declined code{'s' if declined != 1 else ''} paid with a new one"
+    text += f"), ¥{row['net_fen_at_hq'] / 100:,.2f} at HQ"
+    if row["agree"]:
+        text += " = the paid sales; providers agree"
+    else:
+        problems = []
+        if row["net_fen_at_hq"] != row["paid_fen_at_edge"]:
+            problems.append(f"the paid sales ¥{row['paid_fen_at_edge'] / 100:,.2f}")
+        for t in ("wechat", "alipay"):
+            hq, sim = tenders[t], row["at_providers"][t]
+            if hq != sim:
+                problems.append(
+                    f"{names[t]} {sim['count']} trades ¥{sim['fen'] / 100:,.2f} vs HQ "
+                    f"{hq['count']} ¥{hq['fen'] / 100:,.2f}"
+                )
+        if row["paid_twice"]:
+            problems.append(f"{row['paid_twice']} paid twice")
+        if row["mismatched_sales"]:
+            problems.append(f"{len(row['mismatched_sales'])} sales differ")
+        text += " DISAGREE: " + "; ".join(problems or ["see the report"])
+    if row["unpaid_sales"]:
+        text += f"; {row['unpaid_sales']} unpaid (finished after the counter's last look)"
+    return text
+
+
 class DemoChain:
     """The running demo; its steps are separate so tests can act between them."""
 
@@ -570,6 +1225,12 @@ class DemoChain:
         self.price_change: Price | None = None  # the scheduled rise, when there is one
         # The polls each DART controller had begun when it stopped authorising (quiesce).
         self._polls_when_closed: dict[ForecourtController, int] = {}
+        # Payments: the provider simulators, each station's cashier (password) and counter.
+        self.providers: PaymentProviders | None = None
+        self._cashiers: dict[str, str] = {}
+        self.counters: dict[str, StationCounter] = {}
+        self._counter_tasks: list[asyncio.Task[None]] = []
+        self._counters_stop: asyncio.Event | None = None
 
     def _clear_workdir(self) -> None:
         """``--reset`` resets everything the demo owns; without it, an earlier run's journals
@@ -595,6 +1256,14 @@ class DemoChain:
         opts = self.opts
         self._clear_workdir()
         database_url = opts.database_url or f"sqlite+aiosqlite:///{self.workdir / 'hq.db'}"
+        payments: dict[str, Any] = {}
+        if opts.payments:
+            # HQ charges payment codes at the two provider simulators (started first: HQ's
+            # settings name where they listen).
+            self.providers = await start_payment_providers(
+                self.workdir / "payments", opts.seed, self._processes.append
+            )
+            payments = self.providers.settings
         sock = listening_socket("127.0.0.1", 0)
         port = int(sock.getsockname()[1])
         settings = Settings(
@@ -606,6 +1275,7 @@ class DemoChain:
             log_json=False,
             # Tokens live in HQ's (simulated) time: a day of it lasts minutes of the demo.
             identity_access_token_s=86_400.0,
+            **payments,
         )
         # HQ lives in the same simulated time as the stations, so prices, business days and
         # snapshots agree across the demo.
@@ -635,6 +1305,18 @@ class DemoChain:
             DEMO_AUDITOR, password=None, display_name="demo reconciliation", actor="demo"
         )
         await self.hq.identity.grant(DEMO_AUDITOR, "auditor", Scope.chain(), actor="demo")
+        if opts.payments:
+            # One cashier per station, who takes its payments at the counter.
+            for station in chain.stations:
+                _, password = await self.hq.identity.create_user(
+                    f"{CASHIER_PREFIX}{station.code.lower()}",
+                    password=None,
+                    display_name=f"demo cashier of {station.code}",
+                    actor="demo",
+                    grants=[("cashier", Scope.station(station.code))],
+                )
+                assert password is not None  # generated
+                self._cashiers[station.code] = password
         grade_ids = {g.code: i + 1 for i, g in enumerate(chain.grades)}
         plans = []
         for station in chain.stations:
@@ -665,6 +1347,54 @@ class DemoChain:
                     gauge=devices.gauge[0] if devices.gauge else None,
                 )
             )
+        if opts.payments:
+            self._open_counters()
+
+    def _open_counters(self) -> None:
+        """Every station's counter, serving its customers until :meth:`quiesce`."""
+        self._counters_stop = asyncio.Event()
+        for index, st in enumerate(self.stations):
+            counter = StationCounter(
+                st,
+                self.hq_url,
+                f"{CASHIER_PREFIX}{st.code.lower()}",
+                self._cashiers[st.code],
+                random.Random(self.opts.seed * 1_000 + index),
+            )
+            self.counters[st.code] = counter
+            self._counter_tasks.append(
+                asyncio.create_task(counter.serve(self._counters_stop), name=f"counter-{st.code}")
+            )
+
+    async def _close_counters(self) -> None:
+        """Stop the counters' own rounds (the payments under way end first)."""
+        if self._counters_stop is not None:
+            self._counters_stop.set()
+        tasks, self._counter_tasks = self._counter_tasks, []
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pay_remaining(self, deadline: float) -> bool:
+        """Once the forecourts are idle: every finished sale paid (True), or the deadline."""
+        await self._close_counters()
+        done = await _concurrently(c.pay_all(deadline) for c in self.counters.values())
+        return all(done)
+
+    async def _cash_uploaded(self, deadline: float) -> bool:
+        """Wait (until ``deadline``, loop time) for every edge's cash records to reach HQ."""
+        loop = asyncio.get_running_loop()
+        stores = [(st.edge, PosStore(st.edge.journal)) for st in self.stations]
+        while True:
+            waiting = 0
+            for edge, store in stores:
+                pending, _ = await store.cash_usage()
+                if pending and edge.cash_upload is not None:
+                    edge.cash_upload.wake.set()
+                waiting += pending
+            if waiting == 0:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
 
     async def _start_devices(
         self, code: str, snapshot: StationSnapshot, grade_ids: dict[str, int], seed: int
@@ -742,6 +1472,9 @@ class DemoChain:
             log_json=False,
             devices=None if devices.layout.one_controller else lines,
             gauge_interval_s=GAUGE_INTERVAL_S,
+            # HQ, on one busy process with every station, may take a few seconds to answer a
+            # code payment: the counter waits for it rather than asking again.
+            pos_hq_timeout_s=POS_HQ_TIMEOUT_S,
         )
 
     async def _start_dart(
@@ -878,9 +1611,15 @@ class DemoChain:
         drained = True
         for st in self.stations:
             await st.edge.stop_selling()
+        if self.counters:
+            # The last customers pay (a sale finishing after this stays unpaid), with the
+            # pumps no longer polled.
+            await self._pay_remaining(deadline)
         for st in self.stations:
             remaining = max(1.0, deadline - loop.time())
             drained = await st.edge.drain(remaining) and drained
+        if self.counters:
+            drained = await self._cash_uploaded(max(deadline, loop.time() + 1.0)) and drained
         assert self.hq is not None
         await self.hq.relay.drain(timeout=max(1.0, deadline - loop.time()))
         chained = await self._audit_chained(deadline)
@@ -990,8 +1729,78 @@ class DemoChain:
                         break
                 tally.count_lost()
                 rec.tanks[st.code] = _tank_readings(st.edge, snapshot)
+            if self.providers is not None:
+                await self._reconcile_payments(hq, rec, self.providers)
             rec.audit = await _audit_trail(hq)
         return rec
+
+    async def _reconcile_payments(
+        self, hq: httpx.AsyncClient, rec: Reconciliation, providers: PaymentProviders
+    ) -> None:
+        """Per station: the sales the edge's journal holds paid (at their journaled amount),
+        HQ's payment orders (paid less refunded, by tender), the provider simulators' trades;
+        every sale paid once at most."""
+        rec.payments_enabled = True
+        station_of: dict[str, str] = {}  # a code payment's out_trade_no → its station
+        for st in self.stations:
+            counter = self.counters.get(st.code)
+            figures = PaymentFigures(counter=counter.stats if counter else None)
+            rec.payments[st.code] = figures
+            # 1. the edge's journal: its sales, and the payment attempts paid
+            sales, paid_attempts = await _journal_payments(st.edge.journal.path)
+            figures.sales = len(sales)
+            at_edge: dict[str, int] = {}
+            for sale_id, methods in paid_attempts.items():
+                figures.paid_twice += len(methods) - 1
+                at_edge[sale_id] = sales.get(sale_id, 0)
+            figures.paid_at_edge = Tally(len(at_edge), sum(at_edge.values()))
+            figures.unpaid = sum(1 for sale_id in sales if sale_id not in at_edge)
+            # 2. HQ's payment orders, through its API
+            at_hq: dict[str, int] = {}  # sale_id → paid less refunded
+            paid_orders: Counter[str] = Counter()
+            for order in await _hq_orders(hq, st.code):
+                if order["out_trade_no"]:
+                    station_of[order["out_trade_no"]] = st.code
+                state, tender = order["state"], order["tender"]
+                if state in _HQ_PAID_STATES:
+                    net = int(order["amount_fen"]) - int(order["refunded_fen"])
+                    figures.hq_paid_fen += int(order["amount_fen"])
+                    figures.hq_refunded_fen += int(order["refunded_fen"])
+                    paid_orders[order["sale_id"]] += 1
+                    at_hq[order["sale_id"]] = at_hq.get(order["sale_id"], 0) + net
+                    if net > 0:
+                        figures.by_tender.setdefault(tender, Tally()).add(1, net)
+                elif state in _HQ_DECLINED_STATES:
+                    figures.declined += 1 if tender != "cash" else 0
+                else:
+                    figures.open_orders += 1
+            figures.paid_twice += sum(n - 1 for n in paid_orders.values())
+            held = {sale_id: fen for sale_id, fen in at_hq.items() if fen > 0}
+            figures.hq_paid = Tally(len(held), sum(held.values()))
+            for sale_id in sorted(set(at_edge) | set(at_hq)):
+                edge_fen, hq_fen = at_edge.get(sale_id, 0), at_hq.get(sale_id, 0)
+                if edge_fen != hq_fen:
+                    figures.mismatched.append(
+                        {"sale_id": sale_id, "paid_fen_at_edge": edge_fen, "net_fen_at_hq": hq_fen}
+                    )
+        # 3. the providers' own trades (their simulators' record), by the station whose
+        #    payment at HQ names each (WeChat Pay's also carry the station as the store)
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            for tender in ("wechat", "alipay"):
+                for trade in await providers.of(tender).trades(client):
+                    charged, net = _trade_net(trade)
+                    if charged == 0:
+                        continue  # declined: nobody was charged
+                    code = station_of.get(trade["out_trade_no"]) or trade.get("store_id")
+                    held_by = rec.payments.get(code) if code else None
+                    if held_by is None:
+                        rec.payment_strays.append(
+                            {"tender": tender, "out_trade_no": trade["out_trade_no"], "fen": net}
+                        )
+                        continue
+                    held_by.paid_twice += charged - 1
+                    if net > 0:
+                        held_by.at_providers[tender].add(1, net)
 
     async def _dispensed(self, st: StationRun, snapshot: StationSnapshot) -> list[Dispensed]:
         """Every dispensing at the station as its pumps recorded it: the PTS-2's transaction
@@ -1039,6 +1848,12 @@ class DemoChain:
         return found
 
     async def stop(self) -> None:
+        for task in self._counter_tasks:
+            task.cancel()
+        await self._close_counters()
+        for counter in self.counters.values():
+            with contextlib.suppress(Exception):
+                await counter.close()
         for st in self.stations:
             with contextlib.suppress(Exception):
                 await st.edge.stop()
@@ -1056,6 +1871,23 @@ class DemoChain:
             await self.hq.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+async def _hq_orders(hq: httpx.AsyncClient, station: str) -> list[dict[str, Any]]:
+    """Every payment order HQ holds for the station, through its payments API."""
+    orders: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 500}
+        if after:
+            params["after"] = after
+        answer = await hq.get(f"/v1/stations/{station}/payments", params=params)
+        answer.raise_for_status()
+        page = answer.json()
+        orders.extend(page["items"])
+        after = page["next_after"]
+        if not after:
+            return orders
 
 
 async def _audit_trail(hq: httpx.AsyncClient) -> dict[str, Any]:
@@ -1266,6 +2098,7 @@ def report(rec: Reconciliation, stations: int, drained: bool, elapsed_s: float) 
     sales_per_protocol: dict[str, dict[str, int]] = {}
     for (station, protocol), figures in by_protocol:
         sales_per_protocol.setdefault(station, {})[protocol] = figures["dispensers"].sales
+    payments = payments_report(rec)
     return {
         "stations": stations,
         "sales_at_dispensers": d.sales,
@@ -1280,7 +2113,15 @@ def report(rec: Reconciliation, stations: int, drained: bool, elapsed_s: float) 
         "duplicates": rec.duplicates,
         "lost": rec.lost,
         "quarantined": rec.quarantined,
-        "agree": agree and cells_agree and rec.lost == 0 and rec.duplicates == 0,
+        "agree": agree
+        and cells_agree
+        and rec.lost == 0
+        and rec.duplicates == 0
+        and payments["agree"],
+        "payments": payments,
+        "per_station_payments": [
+            {"station": code, **figures.as_json()} for code, figures in sorted(rec.payments.items())
+        ],
         "audit": rec.audit,
         "drained": drained,
         "elapsed_s": round(elapsed_s, 1),
@@ -1302,6 +2143,65 @@ def report(rec: Reconciliation, stations: int, drained: bool, elapsed_s: float) 
         ],
         "lost_sales": rec.lost_sales,
     }
+
+
+def payments_report(rec: Reconciliation) -> dict[str, Any]:
+    """The chain's payments: the stations' figures summed, and whether they all agree (no
+    payments taken: nothing to disagree about)."""
+    if not rec.payments_enabled:
+        return {"enabled": False, "agree": True}
+    stations = list(rec.payments.values())
+
+    def total(get: Callable[[PaymentFigures], dict[str, Tally]], names: Sequence[str]) -> Any:
+        out = {name: Tally() for name in names}
+        for figures in stations:
+            for name, tally in get(figures).items():
+                out.setdefault(name, Tally()).add(tally.count, tally.fen)
+        return {name: dataclasses.asdict(t) for name, t in out.items()}
+
+    paid_at_hq = sum(f.hq_paid_fen for f in stations)
+    refunded = sum(f.hq_refunded_fen for f in stations)
+    return {
+        "enabled": True,
+        "sales": sum(f.sales for f in stations),
+        "paid_sales": sum(f.paid_at_edge.count for f in stations),
+        "paid_fen_at_edges": sum(f.paid_at_edge.fen for f in stations),
+        "paid_sales_at_hq": sum(f.hq_paid.count for f in stations),
+        "paid_fen_at_hq": paid_at_hq,
+        "refunded_fen_at_hq": refunded,
+        "net_fen_at_hq": paid_at_hq - refunded,
+        "unpaid_sales": sum(f.unpaid for f in stations),
+        "unpaid_note": UNPAID_NOTE,
+        "by_tender": total(lambda f: f.by_tender, TENDERS),
+        "at_providers": total(lambda f: f.at_providers, ("wechat", "alipay")),
+        "declined_at_hq": sum(f.declined for f in stations),
+        "declined_codes": sum(f.counter.declined for f in stations if f.counter),
+        "paid_twice": sum(f.paid_twice for f in stations),
+        "open_orders": sum(f.open_orders for f in stations),
+        "mismatched_sales": sum(len(f.mismatched) for f in stations),
+        "stray_trades": rec.payment_strays,
+        "agree": all(f.agree for f in stations) and not rec.payment_strays,
+    }
+
+
+def describe_chain_payments(result: dict[str, Any]) -> str | None:
+    """``payments: 93 of 93 sales paid, ¥7,654.32 at HQ, 37 WeChat Pay trades ¥... and 28
+    Alipay trades ¥... as HQ has them; 0 unpaid; AGREE``; None without payments."""
+    pay = result.get("payments") or {}
+    if not pay.get("enabled"):
+        return None
+    sims = pay["at_providers"]
+    text = (
+        f"payments: {pay['paid_sales']} of {pay['sales']} sales paid, "
+        f"¥{pay['net_fen_at_hq'] / 100:,.2f} at HQ (paid ¥{pay['paid_fen_at_hq'] / 100:,.2f}, "
+        f"refunded ¥{pay['refunded_fen_at_hq'] / 100:,.2f}); provider trades: "
+        f"WeChat Pay {sims['wechat']['count']} ¥{sims['wechat']['fen'] / 100:,.2f}, "
+        f"Alipay {sims['alipay']['count']} ¥{sims['alipay']['fen'] / 100:,.2f}; "
+        f"paid twice {pay['paid_twice']}; unpaid {pay['unpaid_sales']}"
+    )
+    if pay["unpaid_sales"]:
+        text += f" ({UNPAID_NOTE})"
+    return text + ("; AGREE" if pay["agree"] else "; DISAGREE")
 
 
 _PROTOCOL_NAMES = {"jsonpts": "jsonPTS", "dart": "DART", "tls": "TLS"}
@@ -1421,6 +2321,10 @@ async def run_demo(
             for st in demo.stations:
                 progress(describe_station(result, st.code))
                 progress(describe_live(result, st.code))
+                if (paid := describe_payments(result, st.code)) is not None:
+                    progress(paid)
+            if (paid := describe_chain_payments(result)) is not None:
+                progress(paid)
         return result
     finally:
         await demo.stop()

@@ -386,6 +386,9 @@ class Settings(_TomlSettings):
     payments_recheck_s: float = Field(default=2.0, gt=0, le=600)
     payments_recheck_max_s: float = Field(default=60.0, gt=0, le=3600)
     payments_recovery_interval_s: float = Field(default=1.0, gt=0, le=600)
+    # A provider's "no such trade" is believed only this long after the order was made (a
+    # charge that timed out may still land): longer than the providers' time-outs.
+    payments_not_found_grace_s: float = Field(default=60.0, ge=0, le=3600)
 
     @field_validator("consumers", mode="before")
     @classmethod

@@ -2,7 +2,9 @@
 
 ``forecourt chaos delivery`` runs HQ, the outbox relay and a consumer host as separate
 processes, injects faults while sales are uploaded, and checks that every event was
-processed or dead-lettered, none twice and none left pending. Failures are one line on
+processed or dead-lettered, none twice and none left pending. ``forecourt chaos payments``
+runs HQ and the two payment provider simulators, takes payments under provider faults and HQ
+crashes, and compares HQ's orders with the providers' trades. Failures are one line on
 stderr (``FORECOURT_DEBUG=1`` shows the traceback); exit status 0: the guarantees held,
 1: they did not (the line says which) or the run could not be carried out, 2: a usage
 error, 130/143: interrupted by SIGINT/SIGTERM (its processes stopped, its database and
@@ -130,6 +132,134 @@ def delivery(
         _print_summary(result)
     if problems:
         click.echo(f"chaos delivery failed: {'; '.join(problems)}", err=True)
+        sys.exit(1)
+
+
+@chaos.command()
+@click.option(
+    "--orders",
+    type=click.IntRange(1, 100_000),
+    default=200,
+    show_default=True,
+    help="Counter payments to take (each of its own sale).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Counter clients paying at once.",
+)
+@click.option(
+    "--crashes",
+    type=click.IntRange(0, 50),
+    default=None,
+    help="HQ lives armed with a crash point (default: 2 + orders/100, at most 8).",
+)
+@click.option(
+    "--drain-s",
+    type=click.FloatRange(1, 3600),
+    default=150.0,
+    show_default=True,
+    help="How long the drain waits for every order to settle.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the processes' logs and the crash marker here (default: a temporary folder, "
+    "removed at the end).",
+)
+@click.option(
+    "--postgres-url",
+    default="postgresql://postgres@127.0.0.1:5432/postgres",
+    show_default=True,
+    help="PostgreSQL server (and a database to connect to) where the run creates, then "
+    "drops, a database of its own.",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the mix and crashes.")
+def payments(
+    orders: int,
+    concurrency: int,
+    crashes: int | None,
+    drain_s: float,
+    as_json: bool,
+    workdir: Path | None,
+    postgres_url: str,
+    seed: int,
+) -> None:
+    """Take counter payments under provider faults and HQ crashes, then compare HQ with the
+    providers.
+
+    The WeChat Pay and Alipay simulators and HQ run as separate processes. While N payments
+    (code and cash, some refunded or voided) are taken and retried under the same
+    Idempotency-Key, the simulators time out, fail, answer slowly, charge without answering
+    and mangle their notifications, and HQ is SIGKILLed at named crash points and
+    restarted. Then the faults stop and the run waits until no order is in flight.
+
+    Exit status 0 when nothing was charged twice, captured without a paid order, paid
+    without a capture, left in flight, left uncompensated or refunded differently; 1
+    otherwise.
+    """
+    from forecourt.chaos.payments import PaymentsOptions, run_payments, verdict
+    from forecourt.cli import _interruptible
+
+    opts = PaymentsOptions(
+        orders=orders,
+        seed=seed,
+        concurrency=concurrency,
+        crashes=crashes,
+        drain_s=drain_s,
+        workdir=workdir,
+        postgres_url=postgres_url,
+    )
+
+    def progress(line: str) -> None:
+        if not as_json:
+            click.echo(line, err=True)
+
+    try:
+        result, interrupted_by = asyncio.run(
+            _interruptible(run_payments(opts, progress), on_overdue=_overdue, stop_s=CLEANUP_S)
+        )
+    except Exception as exc:
+        if os.environ.get("FORECOURT_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        raise _failure(exc) from None
+    if interrupted_by is not None or result is None:
+        signum = interrupted_by or signal.SIGINT
+        click.echo(
+            f"chaos run interrupted ({signal.Signals(signum).name}): its processes stopped, "
+            "its database removed",
+            err=True,
+        )
+        sys.exit(128 + signum)
+    problems = verdict(result)
+    if as_json:
+        click.echo(json.dumps(result, separators=(",", ":")))
+    else:
+        click.echo(
+            f"{result['orders']} orders ({result['hq_orders']} at HQ, "
+            f"{result['provider_trades']} provider trades) in {result['seconds']:g} s; "
+            f"crashes: {', '.join(result['crashes']) or 'none'}"
+        )
+        click.echo(
+            "  "
+            + ", ".join(
+                f"{key.replace('_', ' ')} {result[key]}"
+                for key in (
+                    "charged_twice",
+                    "captured_without_sale",
+                    "sales_without_capture",
+                    "not_terminal",
+                    "compensations_incomplete",
+                    "refund_mismatch",
+                )
+            )
+        )
+    if problems:
+        click.echo(f"chaos payments failed: {'; '.join(problems)}", err=True)
         sys.exit(1)
 
 

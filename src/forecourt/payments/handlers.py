@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from fastapi import Response
 from sqlalchemy.exc import IntegrityError
 
+from forecourt.infra.crash import crash_point
 from forecourt.infra.db import Database, UnitOfWork
 from forecourt.infra.http import error_envelope
 from forecourt.infra.idempotency import IdempotencyKey, IdempotencyRecord, StoredResponse
@@ -118,6 +119,7 @@ class PaymentsConfig:
             unknown_deadline_s=settings.payments_unknown_deadline_s,
             recheck_s=settings.payments_recheck_s,
             recheck_max_s=settings.payments_recheck_max_s,
+            not_found_grace_s=settings.payments_not_found_grace_s,
         )
 
 
@@ -513,6 +515,7 @@ class PaymentsService:
                 )
         assert provider is not None
         assert request.auth_code is not None
+        crash_point("payments.after_order_insert")
         await key.mark_started(recovery_point=order.out_trade_no)
         with metrics.timed(provider.name, "charge"):
             result = await provider.charge_by_code(
@@ -522,6 +525,7 @@ class PaymentsService:
                 description=f"Forecourt {station} fuel",
                 store_id=station,
             )
+        crash_point("payments.after_provider_charge")
         _observe(provider.name, "code", _CHARGE_OUTCOMES.get(result.status, "unknown"))
         log.info(
             "payments.charge_answered",
@@ -530,13 +534,17 @@ class PaymentsService:
             status=result.status.value,
             code=result.code,
         )
+        answer: Response | None = None
         async with self.db.begin() as uow:
             order = await self.apply_charge(uow, order.order_id, result, actor=request.actor)
             if order.state is not OrderState.PENDING:
                 outcome = charge_outcome(order)
-                return await key.complete(
+                answer = await key.complete(
                     outcome.status_code, outcome.body, outcome.headers, uow=uow
                 )
+        if answer is not None:
+            crash_point("payments.after_paid_commit")
+            return answer
         order = await self._await_payer(order, provider, request.actor)
         async with self.db.begin() as uow:
             order = await self._get(uow, order.order_id)
@@ -707,6 +715,7 @@ class PaymentsService:
         provider = self.provider(order.tender)
         await key.mark_started(recovery_point=refund.out_refund_no)
         result = await self.send_refund(provider, order, refund, reason or None)
+        crash_point("payments.refund.after_provider")
         async with self.db.begin() as uow:
             refund, order = await self.settle_refund(uow, refund, result, actor=actor)
             outcome = refund_outcome(refund, order)
@@ -859,6 +868,7 @@ class PaymentsService:
         provider = self.provider(order.tender)
         with metrics.timed(provider.name, "reverse"):
             result = await provider.reverse(order.out_trade_no)
+        crash_point("payments.after_reverse")
         _observe(provider.name, "reverse", _REVERSE_OUTCOMES[result.status])
         if result.status is ReverseStatus.REFUSED:
             # Refused: believed closed only if the provider says nothing was or can be charged.

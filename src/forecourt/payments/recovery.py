@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
+from forecourt.infra.crash import crash_point
 from forecourt.infra.db import Database
 from forecourt.infra.logging import get_logger
 from forecourt.kernel.errors import ForecourtError
@@ -79,6 +80,7 @@ async def drive(service: PaymentsService, order: PaymentOrder, now: datetime) ->
             )
     if order.state in (OrderState.PENDING, OrderState.UNKNOWN):
         result = await service.query(provider, order.out_trade_no)
+        crash_point("payments.recovery.after_query")
         age = now - order.created_at
         if result.status in (ChargeStatus.PAID, ChargeStatus.REFUSED, ChargeStatus.CLOSED):
             async with service.db.begin() as uow:
