@@ -7,7 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,12 @@ import sqlalchemy as sa
 
 from forecourt.bootstrap import HeadOffice, build_head_office
 from forecourt.infra.db import audit_outbox_table
-from forecourt.kernel.ids import new_id
 from forecourt.network.handlers import SAMPLE_CHAIN, import_chain, issue_credential, load_chain_file
 from forecourt.payments import store
 from forecourt.payments.domain import PaymentOrder
 from forecourt.payments.recovery import recover_once
 from forecourt.settings import Settings
+from tests.sales.conftest import make_sale as sales_sale
 from tests.support import staff_headers
 
 from . import alipay_support, wechat_support
@@ -96,31 +96,10 @@ _seq = count(1)
 
 
 def make_sale(amount_minor: int = 30200, **overrides: Any) -> dict[str, Any]:
-    """A valid v1 sale of S001's layout (FP1 nozzle 1, 92#), ``amount_minor`` fen."""
+    """A valid v1 sale of S001's layout (FP1 nozzle 1, 92#), ``amount_minor`` fen; its
+    station_seq spread so that sales of several tests never meet."""
     seq = next(_seq) + 10_000 * (uuid.uuid4().int % 1000)
-    sale = {
-        "sale_id": str(new_id()),
-        "station_seq": seq,
-        "fuelling_point": 1,
-        "nozzle": 1,
-        "grade": "92",
-        "volume_ml": 40000,
-        "unit_price_mmu": 755000,
-        "amount_minor": amount_minor,
-        "currency": "CNY",
-        "price_version": "p-92",
-        "snapshot_version": 1,
-        "totalizer_start_ml": 1_000_000 + seq * 40000,
-        "totalizer_end_ml": 1_040_000 + seq * 40000,
-        "device_txn": seq,
-        "dispense_type": "sale",
-        "started_at": datetime(2026, 11, 25, 1, 0, tzinfo=UTC).isoformat(),
-        "ended_at": datetime(2026, 11, 25, 1, 2, tzinfo=UTC).isoformat(),
-        "business_date": "2026-11-25",
-        "shift_id": "2026-11-25/1",
-    }
-    sale.update(overrides)
-    return sale
+    return sales_sale(**{"station_seq": seq, "amount_minor": amount_minor, **overrides})
 
 
 @dataclass
