@@ -105,7 +105,7 @@ async def uploaded_sale(counter: Counter, headers: dict[str, str]) -> dict[str, 
 async def test_a_code_payment_goes_from_the_counter_through_hq_to_wechat_pay(
     station: Station, wechat: WechatSimProcess
 ) -> None:
-    async with counter_at(station) as counter:
+    async with counter_at(station, pos_hq_timeout_s=10.0) as counter:  # HQ answers, if slowly
         headers = await counter.cashier()
         sale = await counter.a_sale(headers)  # its upload is flushed by the payment itself
         code = auth_code()
@@ -135,7 +135,7 @@ async def test_a_code_payment_goes_from_the_counter_through_hq_to_wechat_pay(
 async def test_a_declined_code_is_402_and_the_next_code_is_a_new_attempt_with_a_new_key(
     station: Station,
 ) -> None:
-    async with counter_at(station) as counter:
+    async with counter_at(station, pos_hq_timeout_s=10.0) as counter:  # HQ answers, if slowly
         headers = await counter.cashier()
         sale = await uploaded_sale(counter, headers)
         poor = {"method": "code", "auth_code": auth_code("0001")}  # not enough balance
