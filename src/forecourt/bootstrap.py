@@ -7,7 +7,6 @@ raised as :class:`ServiceUnavailable`, naming which one and where.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -31,6 +30,7 @@ from forecourt.devices.subscriber import DevicesMetrics, TelemetrySubscriber
 from forecourt.identity import api as identity_api
 from forecourt.identity.handlers import IdentityConfig, IdentityService, looks_like_jwt
 from forecourt.infra.access import install_access
+from forecourt.infra.background import BackgroundService, Job
 from forecourt.infra.bus import Bus, make_bus
 from forecourt.infra.consumers import Consumer, ConsumerHost
 from forecourt.infra.db import Database
@@ -106,23 +106,46 @@ def known_consumers() -> dict[str, Consumer]:
     return {c.name: c for c in (PROBE,)}
 
 
+def known_jobs() -> dict[str, Job]:
+    """Every background job a context registers, by name (hosted like the consumers)."""
+    from forecourt.payments.worker import RECOVERY_JOB
+
+    return {j.name: j for j in (RECOVERY_JOB,)}
+
+
+def _check_names(names: list[str]) -> None:
+    known = sorted({*known_consumers(), *known_jobs()})
+    for name in names:
+        if name not in ("none", "default") and name not in known:
+            raise UnknownConsumer(
+                f"unknown consumer {name!r}; known: {', '.join(known) or 'none'} (or default, none)"
+            )
+
+
 def select_consumers(names: list[str]) -> list[Consumer]:
-    """The consumers ``names`` asks for: names, ``default`` (every default consumer) or
-    ``none``; an unknown name is refused, naming the known ones."""
+    """The event consumers ``names`` asks for: names, ``default`` (every default consumer)
+    or ``none``; a name neither a consumer nor a job is refused, naming the known ones."""
+    _check_names(names)
     known = known_consumers()
     chosen: dict[str, Consumer] = {}
     for name in names:
-        if name == "none":
-            continue
         if name == "default":
             chosen.update({n: c for n, c in known.items() if c.default})
         elif name in known:
             chosen[name] = known[name]
-        else:
-            raise UnknownConsumer(
-                f"unknown consumer {name!r}; known: {', '.join(sorted(known)) or 'none'} "
-                "(or default, none)"
-            )
+    return list(chosen.values())
+
+
+def select_jobs(names: list[str]) -> list[Job]:
+    """The background jobs ``names`` asks for (as :func:`select_consumers` does)."""
+    _check_names(names)
+    known = known_jobs()
+    chosen: dict[str, Job] = {}
+    for name in names:
+        if name == "default":
+            chosen.update({n: j for n, j in known.items() if j.default})
+        elif name in known:
+            chosen[name] = known[name]
     return list(chosen.values())
 
 
@@ -254,8 +277,7 @@ class HeadOffice:
     devices: DevicesService | None = None  # the devices context, when this process runs it
     telemetry: TelemetrySubscriber | None = None  # its MQTT subscriber, when configured
     payments: PaymentsService | None = None  # the payments context, when this process runs it
-    payments_recovery: asyncio.Task[None] | None = None
-    payments_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    jobs: list[BackgroundService] = field(default_factory=list)  # the jobs this process runs
 
     async def start(
         self, *, migrate: bool = True, relay: bool | None = None, telemetry: bool | None = None
@@ -274,27 +296,18 @@ class HeadOffice:
             await self.consumers.start()
         if self.telemetry is not None and (self.settings.relay if telemetry is None else telemetry):
             self.telemetry.start()
-        background = self.settings.relay if relay is None else relay
-        if self.payments is not None and self.payments.providers and background:
-            # The payments recovery worker: where HQ's background work runs.
-            from forecourt.payments.recovery import run_recovery
-
-            self.payments_stop.clear()
-            self.payments_recovery = asyncio.create_task(
-                run_recovery(
-                    self.db,
-                    self.payments.providers,
-                    self.settings.payments_recovery_interval_s,
-                    self.payments_stop,
-                    config=self.payments.config,
-                )
-            )
+        if self.settings.relay if relay is None else relay:
+            # The background jobs (payments recovery) are HQ's background work too: they run
+            # where the relay runs, whatever the consumers (a worker may host them as well).
+            for job in select_jobs(["default"]):
+                service = job.build(self.settings, self.db)
+                service.start()
+                self.jobs.append(service)
 
     async def stop(self) -> None:
-        if self.payments_recovery is not None:
-            self.payments_stop.set()
-            await self.payments_recovery
-            self.payments_recovery = None
+        jobs, self.jobs = self.jobs, []
+        for service in jobs:
+            await service.stop()
         if self.payments is not None:
             for provider in self.payments.providers.values():
                 await provider.aclose()

@@ -471,8 +471,8 @@ _DB_OPTION_HELP = (
     "(default: FORECOURT_DATABASE_URL or forecourt.toml, else var/forecourt-hq.db)."
 )
 _CONSUMERS_OPTION_HELP = (
-    "Event consumers to host: comma-separated names (e.g. probe), default (every consumer "
-    "registered as default) or none (default: FORECOURT_CONSUMERS, else default)."
+    "Event consumers and jobs to host: comma-separated names (e.g. probe, payments), default "
+    "(every one registered as default) or none (default: FORECOURT_CONSUMERS, else default)."
 )
 
 
@@ -972,9 +972,13 @@ async def _check_services(settings: Settings) -> None:
 def _hosts_consumers(settings: Settings) -> bool:
     """Whether a process with these settings runs a consumer host (as HeadOffice.start
     decides: unless told ``none``, even with no consumer chosen, for its retention)."""
-    from forecourt.bootstrap import select_consumers
+    from forecourt.bootstrap import select_consumers, select_jobs
 
-    return bool(select_consumers(settings.consumers)) or "none" not in settings.consumers
+    return (
+        bool(select_consumers(settings.consumers))
+        or bool(select_jobs(settings.consumers))
+        or "none" not in settings.consumers
+    )
 
 
 WORKERS_START_S = 120.0  # every HTTP worker listens within this, or the supervisor gives up
@@ -1176,8 +1180,9 @@ def relay() -> None:
     "(0: a port the kernel picks; default: FORECOURT_WORKER_METRICS_PORT, else none).",
 )
 def worker(consumers: str | None, database_url: str | None, metrics_port: int | None) -> None:
-    """Host event consumers (no HTTP API, no relay) on the configured database and bus until
-    stopped (SIGINT or SIGTERM: exit status 0).
+    """Host event consumers and background jobs (payments: the payment recovery worker; no
+    HTTP API, no relay) on the configured database and bus until stopped (SIGINT or SIGTERM:
+    exit status 0).
 
     Migrates the database like serve, then says "consumers running: NAME, ..." once every
     consumer is subscribed. Processes hosting the same consumer share its events. With
@@ -1190,7 +1195,9 @@ def worker(consumers: str | None, database_url: str | None, metrics_port: int | 
         open_bus,
         open_database,
         select_consumers,
+        select_jobs,
     )
+    from forecourt.infra.background import BackgroundService
     from forecourt.infra.db import Database
     from forecourt.infra.migrate import upgrade
     from forecourt.kernel.clock import SimulatedClock
@@ -1198,7 +1205,8 @@ def worker(consumers: str | None, database_url: str | None, metrics_port: int | 
     settings = _hq_settings(database_url, consumers=consumers)
     configure_logging(settings.log_level, settings.log_json)
     chosen = select_consumers(settings.consumers)
-    names = [c.name for c in chosen]
+    jobs = select_jobs(settings.consumers)
+    names = [c.name for c in chosen] + [j.name for j in jobs]
 
     async def run(stop: _Stop) -> None:
         # A simulation (FORECOURT_SIM_* set) runs in the same simulated time as HQ.
@@ -1208,6 +1216,8 @@ def worker(consumers: str | None, database_url: str | None, metrics_port: int | 
         port = metrics_port if metrics_port is not None else settings.worker_metrics_port
         registry = CollectorRegistry() if port is not None else None
         host = build_consumer_host(db, bus, settings, registry, chosen)
+        # Built before anything starts: a provider half configured is refused at once.
+        running: list[BackgroundService] = [job.build(settings, db) for job in jobs]
         metrics_server: Any = None
         if registry is not None and port is not None:
             try:
@@ -1226,6 +1236,8 @@ def worker(consumers: str | None, database_url: str | None, metrics_port: int | 
             await upgrade(db)
             await open_bus(bus, settings.bus_url)
             await host.start()
+            for service in running:
+                service.start()
             announce(
                 f"consumers running: {', '.join(names) or 'none'}",
                 service="worker",
@@ -1237,6 +1249,8 @@ def worker(consumers: str | None, database_url: str | None, metrics_port: int | 
             if await stop.race(start()):
                 await stop.requested.wait()
         finally:
+            for service in running:
+                await service.stop()
             await host.stop()
             await bus.close()
             await db.dispose()

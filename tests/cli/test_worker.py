@@ -96,7 +96,7 @@ def test_an_unknown_consumer_is_a_usage_error_naming_the_known_ones(tmp_path: Pa
     assert done.code == 2, done.stderr
     message = done.one_line_error()
     assert "unknown consumer 'nosuch'" in message
-    assert "known: probe" in message
+    assert "known: payments, probe" in message
 
 
 def test_an_unknown_consumer_in_the_environment_is_a_usage_error_too(tmp_path: Path) -> None:

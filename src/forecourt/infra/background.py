@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from forecourt.infra.logging import get_logger
@@ -136,3 +137,17 @@ class SupervisedTask(BackgroundService):
 
     async def run(self) -> None:
         await self._loop()
+
+
+@dataclass(frozen=True)
+class Job:
+    """A named background job a context registers beside its event consumers: hosted by
+    ``forecourt worker`` when its name is among the consumers given (``default`` includes
+    it when ``default`` is true), and inside ``forecourt serve`` where HQ's background work
+    runs. ``build(settings, db)`` makes the service (its ``run()`` loop is supervised); the
+    job may run in several processes at once, so it must be safe under that."""
+
+    name: str
+    build: Callable[[Any, Any], BackgroundService]
+    default: bool = True
+    description: str = ""

@@ -13,10 +13,18 @@ from forecourt.payments.providers.wechat import (
     WechatPayProvider,
     certificate_serial,
 )
+from forecourt.settings import SettingsInvalid
 
 
-class ProviderSettingsInvalid(ValueError):
-    """A provider is half configured (a key file missing, a setting left out)."""
+class ProviderSettingsInvalid(SettingsInvalid):
+    """A provider is half configured (a key file missing, a setting left out): a usage
+    error at start, in one line (``forecourt serve`` and ``forecourt worker`` exit 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"payments settings: {message} (see docs/payments.md, configuration)",
+            setting="FORECOURT_PAYMENTS_*",
+        )
 
 
 def _read(path: Path | None, setting: str) -> str:
