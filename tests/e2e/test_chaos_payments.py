@@ -25,7 +25,7 @@ from forecourt.chaos.payments import (
     verdict,
 )
 
-RUN_S = 170.0  # about 80-110 s (the drain waits out WeChat's 60 s not-found grace); a hard stop
+RUN_S = 170.0  # about a minute on two cores (see docs/chaos.md); a hard stop
 
 
 def clean_env() -> dict[str, str]:

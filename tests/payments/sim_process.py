@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, Self
 import httpx
 import uvicorn
 from starlette.types import ASGIApp
+
+from forecourt.chaos.processes import ChildProcess, read_port, simulator_command
 
 
 class SimProcess:
@@ -34,39 +35,31 @@ class SimProcess:
         self.config_path.write_text(json.dumps(dict(config)), encoding="utf-8")
         self.port_file = self.workdir / f"{name}_port"
         self.log_path = self.workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self._child = ChildProcess(name, self.log_path)
         self.base_url = ""
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._child.process
 
     def start(self, timeout_s: float = 20.0) -> str:
         """Start the simulator and wait (at most ``timeout_s``) until it serves; its base URL."""
         self.port_file.unlink(missing_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            self.module,
-            "--config",
-            str(self.config_path),
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--port-file",
-            str(self.port_file),
-            "--log-level",
-            "WARNING",
-        ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT
-            )
+        # In the test run's process group: an interrupted test run takes it along.
+        self._child.spawn(
+            simulator_command(self.module, self.config_path, self.port_file),
+            env=os.environ,
+            new_session=False,
+            truncate=True,
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
-                if self.process.poll() is not None:
+                if self._child.poll() is not None:
                     raise RuntimeError(f"simulator exited early:\n{self.log_tail()}")
-                text = self.port_file.read_text().strip() if self.port_file.exists() else ""
-                if text:
-                    self.base_url = f"http://127.0.0.1:{int(text)}"
+                port = read_port(self.port_file)
+                if port is not None:
+                    self.base_url = f"http://127.0.0.1:{port}"
                     with contextlib.suppress(httpx.HTTPError):
                         if httpx.get(f"{self.base_url}/sim/health", timeout=1).status_code == 200:
                             return self.base_url
@@ -84,15 +77,7 @@ class SimProcess:
 
     def stop(self) -> None:
         """Terminate the simulator (killed if it has not exited in 5 s); again is harmless."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        self._child.stop_now(timeout_s=5)
 
     def get(self, path: str) -> Any:
         """``GET`` a simulator endpoint; its JSON."""

@@ -18,12 +18,40 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 CLEANUP_S = 45.0  # an interrupted run stops its processes and drops its data within this
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The options every chaos run takes.
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object as the last line."
+)
+_postgres_option = click.option(
+    "--postgres-url",
+    default="postgresql://postgres@127.0.0.1:5432/postgres",
+    show_default=True,
+    help="PostgreSQL server (and a database to connect to) where the run creates, then "
+    "drops, a database of its own.",
+)
+
+
+def _workdir_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--workdir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=help_text,
+    )
+
+
+def _seed_option(help_text: str) -> Callable[[F], F]:
+    return click.option("--seed", type=int, default=1, show_default=True, help=help_text)
 
 
 @click.group()
@@ -47,28 +75,19 @@ def chaos() -> None:
 @click.option(
     "--quick", is_flag=True, help="Fewer sales, a shorter outage and pacing (well under a minute)."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep the processes' logs (and, with --embedded, the SQLite file) here "
-    "(default: a temporary folder, removed at the end).",
+@_json_option
+@_workdir_option(
+    "Keep the processes' logs (and, with --embedded, the SQLite file) here "
+    "(default: a temporary folder, removed at the end)."
 )
-@click.option(
-    "--postgres-url",
-    default="postgresql://postgres@127.0.0.1:5432/postgres",
-    show_default=True,
-    help="PostgreSQL server (and a database to connect to) where the run creates, then "
-    "drops, a database of its own.",
-)
+@_postgres_option
 @click.option(
     "--nats-url",
     default="nats://127.0.0.1:4222",
     show_default=True,
     help="NATS server with JetStream; the run's stream is deleted at the end.",
 )
-@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the sales mix.")
+@_seed_option("Seed of the sales mix.")
 def delivery(
     embedded: bool,
     sales: int | None,
@@ -93,7 +112,6 @@ def delivery(
     was observed; 1 otherwise.
     """
     from forecourt.chaos.delivery import DeliveryOptions, run_delivery, verdict
-    from forecourt.cli import _interruptible
 
     opts = DeliveryOptions(
         embedded=embedded,
@@ -105,34 +123,14 @@ def delivery(
         seed=seed,
     )
 
-    def progress(line: str) -> None:
-        if not as_json:
-            click.echo(line, err=True)
-
-    try:
-        result, interrupted_by = asyncio.run(
-            _interruptible(run_delivery(opts, progress), on_overdue=_overdue, stop_s=CLEANUP_S)
-        )
-    except Exception as exc:
-        if os.environ.get("FORECOURT_DEBUG", "").lower() in ("1", "true", "yes"):
-            raise
-        raise _failure(exc) from None
-    if interrupted_by is not None or result is None:
-        signum = interrupted_by or signal.SIGINT
-        click.echo(
-            f"chaos run interrupted ({signal.Signals(signum).name}): its processes stopped, "
-            "its database and stream removed",
-            err=True,
-        )
-        sys.exit(128 + signum)
-    problems = verdict(result)
-    if as_json:
-        click.echo(json.dumps(result, separators=(",", ":")))
-    else:
-        _print_summary(result)
-    if problems:
-        click.echo(f"chaos delivery failed: {'; '.join(problems)}", err=True)
-        sys.exit(1)
+    _carry_out(
+        "delivery",
+        lambda progress: run_delivery(opts, progress),
+        verdict,
+        as_json=as_json,
+        summary=_print_delivery_summary,
+        removed="its database and stream removed",
+    )
 
 
 @chaos.command()
@@ -163,22 +161,13 @@ def delivery(
     show_default=True,
     help="How long the drain waits for every order to settle.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep the processes' logs and the crash marker here (default: a temporary folder, "
-    "removed at the end).",
+@_json_option
+@_workdir_option(
+    "Keep the processes' logs and the crash marker here (default: a temporary folder, "
+    "removed at the end)."
 )
-@click.option(
-    "--postgres-url",
-    default="postgresql://postgres@127.0.0.1:5432/postgres",
-    show_default=True,
-    help="PostgreSQL server (and a database to connect to) where the run creates, then "
-    "drops, a database of its own.",
-)
-@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the mix and crashes.")
+@_postgres_option
+@_seed_option("Seed of the mix and crashes.")
 def payments(
     orders: int,
     concurrency: int,
@@ -203,7 +192,6 @@ def payments(
     otherwise.
     """
     from forecourt.chaos.payments import PaymentsOptions, run_payments, verdict
-    from forecourt.cli import _interruptible
 
     opts = PaymentsOptions(
         orders=orders,
@@ -215,13 +203,39 @@ def payments(
         postgres_url=postgres_url,
     )
 
+    _carry_out(
+        "payments",
+        lambda progress: run_payments(opts, progress),
+        verdict,
+        as_json=as_json,
+        summary=_print_payments_summary,
+        removed="its database removed",
+    )
+
+
+def _carry_out(
+    name: str,
+    run: Callable[[Callable[[str], None]], Coroutine[Any, Any, dict[str, Any]]],
+    verdict: Callable[[dict[str, Any]], list[str]],
+    *,
+    as_json: bool,
+    summary: Callable[[dict[str, Any]], None],
+    removed: str,
+) -> None:
+    """Carry out one chaos run: ``run(progress)`` (progress lines on stderr, none with
+    ``--json``), interruptible by SIGINT/SIGTERM; then its result (one JSON line, or
+    ``summary``) and the exit status: 0 when ``verdict`` finds nothing, 1 (one line naming
+    what failed, or why the run could not be carried out), 128 + the signal when
+    interrupted (``removed`` says what the run's cleanup removed)."""
+    from forecourt.cli import _interruptible
+
     def progress(line: str) -> None:
         if not as_json:
             click.echo(line, err=True)
 
     try:
         result, interrupted_by = asyncio.run(
-            _interruptible(run_payments(opts, progress), on_overdue=_overdue, stop_s=CLEANUP_S)
+            _interruptible(run(progress), on_overdue=_overdue, stop_s=CLEANUP_S)
         )
     except Exception as exc:
         if os.environ.get("FORECOURT_DEBUG", "").lower() in ("1", "true", "yes"):
@@ -231,7 +245,7 @@ def payments(
         signum = interrupted_by or signal.SIGINT
         click.echo(
             f"chaos run interrupted ({signal.Signals(signum).name}): its processes stopped, "
-            "its database removed",
+            + removed,
             err=True,
         )
         sys.exit(128 + signum)
@@ -239,33 +253,15 @@ def payments(
     if as_json:
         click.echo(json.dumps(result, separators=(",", ":")))
     else:
-        click.echo(
-            f"{result['orders']} orders ({result['hq_orders']} at HQ, "
-            f"{result['provider_trades']} provider trades) in {result['seconds']:g} s; "
-            f"crashes: {', '.join(result['crashes']) or 'none'}"
-        )
-        click.echo(
-            "  "
-            + ", ".join(
-                f"{key.replace('_', ' ')} {result[key]}"
-                for key in (
-                    "charged_twice",
-                    "captured_without_sale",
-                    "sales_without_capture",
-                    "not_terminal",
-                    "compensations_incomplete",
-                    "refund_mismatch",
-                )
-            )
-        )
+        summary(result)
     if problems:
-        click.echo(f"chaos payments failed: {'; '.join(problems)}", err=True)
+        click.echo(f"chaos {name} failed: {'; '.join(problems)}", err=True)
         sys.exit(1)
 
 
 def _overdue(signum: int) -> None:
     """The cleanup of an interrupted run took too long: kill every process of the run."""
-    from forecourt.chaos.delivery import kill_everything
+    from forecourt.chaos.processes import kill_everything
 
     kill_everything()
     click.echo(f"chaos run interrupted; its cleanup took over {CLEANUP_S:.0f} s", err=True)
@@ -282,7 +278,18 @@ def _failure(exc: Exception) -> click.ClickException:
     return Failure(message, code)
 
 
-def _print_summary(result: dict[str, Any]) -> None:
+def _print_payments_summary(result: dict[str, Any]) -> None:
+    from forecourt.chaos.payments import FIGURES
+
+    click.echo(
+        f"{result['orders']} orders ({result['hq_orders']} at HQ, "
+        f"{result['provider_trades']} provider trades) in {result['seconds']:g} s; "
+        f"crashes: {', '.join(result['crashes']) or 'none'}"
+    )
+    click.echo("  " + ", ".join(f"{key.replace('_', ' ')} {result[key]}" for key in FIGURES))
+
+
+def _print_delivery_summary(result: dict[str, Any]) -> None:
     click.echo(
         f"{result['backend']}: {result['sales']} sales, {result['conflicts']} conflicts → "
         f"{result['events']} events in {result['seconds']:g} s"

@@ -48,8 +48,6 @@ import random
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -63,6 +61,13 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from forecourt.chaos.processes import (
+    ChaosError,
+    Service,
+    first_failure,
+    read_marker,
+    reason,
+)
 from forecourt.chaos.proxy import FaultProxy
 from forecourt.infra.db import (
     Database,
@@ -74,7 +79,6 @@ from forecourt.infra.db import (
 )
 from forecourt.infra.migrate import upgrade
 from forecourt.infra.probe import FAIL_MARKER, PROBE
-from forecourt.kernel.errors import ForecourtError
 from forecourt.kernel.ids import new_id
 from forecourt.kernel.money import Rounding, charge_minor
 from forecourt.sales.contracts import (
@@ -93,7 +97,6 @@ __all__ = [
     "DeliveryOptions",
     "ExpectedEvents",
     "expected_events",
-    "kill_everything",
     "run_delivery",
     "verdict",
 ]
@@ -111,29 +114,9 @@ DUPLICATE_WINDOW_S = 1.0  # the NATS stream's: a restarted relay republishes out
 RELAY_RESTART_S = 2 * DUPLICATE_WINDOW_S  # a killed relay is restarted after this
 ACK_WAIT_S = 3.0  # a killed consumer host's deliveries come back this soon
 SQLITE_BUSY_TIMEOUT_S = 30.0  # what every Forecourt SQLite connection waits for a lock
-STOP_S = 15.0  # a stopped process ends within this, or it is killed
 MAX_UNEXPECTED_EXITS = 8  # per process: then the run gives up
 
 Progress = Callable[[str], None]
-
-_LIVE: set[subprocess.Popen[bytes]] = set()  # every process of a run still running
-
-
-def kill_everything() -> None:
-    """SIGKILL every process a run started and that still runs (a stop that hangs)."""
-    for process in list(_LIVE):
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        with contextlib.suppress(Exception):
-            process.wait(timeout=5)
-        _LIVE.discard(process)
-
-
-class ChaosError(ForecourtError):
-    """The chaos run could not be carried out (not: it found a problem)."""
-
-    code = "chaos.failed"
-
 
 # --- options and plan -------------------------------------------------------------------
 
@@ -188,118 +171,6 @@ def plan_for(opts: DeliveryOptions) -> Plan:
         injections_timeout_s=60.0 if quick else 120.0,
         drain_s=60.0 if quick else 180.0,
     )
-
-
-# --- the processes ----------------------------------------------------------------------
-
-
-class Service:
-    """A Forecourt process of the run: started, watched, restarted and stopped here.
-
-    ``stages`` are the crash settings of its successive lives: life *i* runs with
-    ``stages[i]`` (``FORECOURT_CRASH_AT`` ...), every later life without any.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        args: list[str],
-        env: dict[str, str],
-        workdir: Path,
-        stages: Sequence[dict[str, str]] = (),
-    ) -> None:
-        self.name = name
-        self.args = args
-        self.env = env
-        self.workdir = workdir
-        self.stages = list(stages)
-        self.stage = 0
-        self.log = workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.lives = 0
-        self.unexpected_exits: list[int] = []
-
-    @property
-    def armed(self) -> bool:
-        return self.stage < len(self.stages)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        env = {**self.env, **(self.stages[self.stage] if self.armed else {})}
-        with self.log.open("ab") as out:
-            out.write(
-                f"--- {self.name} life {self.lives + 1}: "
-                f"{env.get('FORECOURT_CRASH_AT', 'no crash point')}\n".encode()
-            )
-            out.flush()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "forecourt.cli", *self.args],
-                cwd=self.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C at the terminal reaches the run, which stops
-                # its processes in order, not every process at once.
-                start_new_session=True,
-            )
-        _LIVE.add(self.process)
-        self.lives += 1
-
-    def poll(self) -> int | None:
-        if self.process is None:
-            return None
-        code = self.process.poll()
-        if code is not None:
-            _LIVE.discard(self.process)
-        return code
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def last_lines(self, count: int = 3) -> str:
-        lines = [line for line in self.text().splitlines() if line.strip()]
-        return " | ".join(lines[-count:])
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after :data:`STOP_S`; reaped either way."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is not None:
-            _LIVE.discard(process)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_S
-        while process.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.to_thread(process.wait)
-        _LIVE.discard(process)
-
-
-def read_marker(path: Path) -> dict[int, str]:
-    """The crash marker: pid → the crash point that process died at."""
-    found: dict[int, str] = {}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return found
-    for line in text.splitlines():
-        name, _, rest = line.partition(" pid=")
-        if rest.strip().isdigit():
-            found[int(rest)] = name.strip()
-    return found
 
 
 # --- backends ---------------------------------------------------------------------------
@@ -404,7 +275,7 @@ class PostgresNats(Backend):
             await self._js.account_info()
         except Exception as exc:
             raise ChaosError(
-                f"cannot use NATS JetStream at {self.nats_url}: {_reason(exc)} — is "
+                f"cannot use NATS JetStream at {self.nats_url}: {reason(exc)} — is "
                 "nats-server running with -js? (--nats-url; or --embedded)"
             ) from exc
         self._created = True  # dropped at the end even if this is cut short
@@ -414,7 +285,7 @@ class PostgresNats(Backend):
             self._created = False
             host = f"{self.admin_url.host or '127.0.0.1'}:{self.admin_url.port or 5432}"
             raise ChaosError(
-                f"cannot create a database on PostgreSQL at {host}: {_reason(exc)} — is it "
+                f"cannot create a database on PostgreSQL at {host}: {reason(exc)} — is it "
                 "running, and may this user create databases? (--postgres-url; or --embedded)"
             ) from exc
         await self.proxy.start()
@@ -503,13 +374,6 @@ class Embedded(Backend):
         if not self.keep:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- what the run expects: the events HQ's database says were emitted --------------------
@@ -1040,10 +904,10 @@ class DeliveryRun:
             outage = asyncio.create_task(self._outage(), name="chaos-outage")
             ingest = asyncio.create_task(self._ingest(url, tokens), name="chaos-ingest")
             try:
-                await _first_failure(ingest, supervisor, outage)
-                await _first_failure(outage, supervisor)
+                await first_failure(ingest, supervisor, outage)
+                await first_failure(outage, supervisor)
                 drain = asyncio.create_task(self._drain(), name="chaos-drain")
-                await _first_failure(drain, supervisor)
+                await first_failure(drain, supervisor)
                 drained = drain.result()
             finally:
                 for task in (supervisor, outage, ingest):
@@ -1123,17 +987,6 @@ class DeliveryRun:
             "lost_ids": sorted(lost)[:10],
             "processed_twice_ids": sorted(twice)[:10],
         }
-
-
-async def _first_failure(main: asyncio.Task[Any], *others: asyncio.Task[Any]) -> None:
-    """Wait for ``main``; if one of ``others`` fails first, raise its error."""
-    while not main.done():
-        await asyncio.wait({main, *others}, return_when=asyncio.FIRST_COMPLETED)
-        for task in others:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        others = tuple(t for t in others if not t.done())
-    main.result()
 
 
 def verdict(result: dict[str, Any]) -> list[str]:

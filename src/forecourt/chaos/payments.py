@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import secrets
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -49,7 +46,14 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from forecourt.chaos.delivery import ChaosError, Service, read_marker
+from forecourt.chaos.processes import (
+    ChaosError,
+    Service,
+    SimulatorProcess,
+    first_failure,
+    read_marker,
+    reason,
+)
 from forecourt.infra.db import Database
 from forecourt.infra.migrate import upgrade
 
@@ -82,6 +86,7 @@ REQUEST_DEADLINE_S = 40.0  # a client gives up retrying one request after this
 POLL_S = 12.0  # a 202 is polled this long (then the drain finishes the order)
 IN_PROGRESS_S = 3.0  # a key held by a dead HQ is waited for this long, then looked up
 HTTP_TIMEOUT_S = 10.0
+SIM_STOP_S = 5.0  # a simulator ends within this once stopped, or it is killed
 
 PAID_LIKE = frozenset({"paid", "partially_refunded", "refunded", "refunding"})
 IN_FLIGHT = frozenset({"created", "pending", "unknown", "reversing", "refunding"})
@@ -320,60 +325,20 @@ def make_keys() -> Keys:
     )
 
 
-class Simulator:
-    """One provider simulator as a child process on a port it picks."""
+class Simulator(SimulatorProcess):
+    """One provider simulator as a child process on a port it picks: its config, port file
+    and log are ``NAME-sim.json``, ``NAME-sim.port`` and ``NAME-sim.log`` in the work
+    folder."""
 
     def __init__(self, name: str, module: str, config: Mapping[str, Any], workdir: Path) -> None:
-        self.name = name
-        self.module = module
-        self.config_path = workdir / f"{name}-sim.json"
-        self.config_path.write_text(json.dumps(dict(config)), encoding="utf-8")
-        self.port_file = workdir / f"{name}-sim.port"
-        self.log = workdir / f"{name}-sim.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-
-    async def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    self.module,
-                    "--config",
-                    str(self.config_path),
-                    "--port",
-                    "0",
-                    "--host",
-                    "127.0.0.1",
-                    "--port-file",
-                    str(self.port_file),
-                    "--log-level",
-                    "WARNING",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30.0
-        async with httpx.AsyncClient(timeout=2.0) as http:
-            while True:
-                if self.process.poll() is not None:
-                    raise ChaosError(f"the {self.name} simulator exited: {self.tail()}")
-                text = self.port_file.read_text().strip() if self.port_file.exists() else ""
-                if text:
-                    self.base_url = f"http://127.0.0.1:{int(text)}"
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await http.get(f"{self.base_url}/sim/health")).status_code == 200:
-                            return
-                if time.monotonic() > deadline:
-                    raise ChaosError(f"the {self.name} simulator did not start in 30 s")
-                await asyncio.sleep(0.05)
-
-    def tail(self) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return " | ".join(line for line in text.splitlines()[-3:] if line.strip())
+        super().__init__(
+            name,
+            module,
+            config,
+            config_path=workdir / f"{name}-sim.json",
+            port_file=workdir / f"{name}-sim.port",
+            log=workdir / f"{name}-sim.log",
+        )
 
     async def control(self, payload: Mapping[str, Any]) -> None:
         async with httpx.AsyncClient(timeout=10.0) as http:
@@ -383,7 +348,7 @@ class Simulator:
 
     async def faults_off(self) -> None:
         async with httpx.AsyncClient(timeout=10.0) as http:
-            faults = (await http.get(f"{self.base_url}/sim/health")).json()["faults"]
+            faults = (await http.get(self.health_url)).json()["faults"]
         await self.control({"faults": dict.fromkeys(faults)})
 
     async def trades(self) -> list[dict[str, Any]]:
@@ -392,16 +357,8 @@ class Simulator:
         found: list[dict[str, Any]] = answer.json()["trades"]
         return found
 
-    async def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, 5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait, 5)
+    async def stop(self, timeout_s: float = SIM_STOP_S) -> None:
+        await super().stop(timeout_s)
 
 
 def _free_port() -> int:
@@ -409,11 +366,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- the plan of the orders -------------------------------------------------------------------
@@ -573,7 +525,7 @@ class PaymentsRun:
             self.created = False
             raise ChaosError(
                 f"cannot create a database on PostgreSQL at {self.admin_url.host}:"
-                f"{self.admin_url.port or 5432}: {_reason(exc)} (--postgres-url)"
+                f"{self.admin_url.port or 5432}: {reason(exc)} (--postgres-url)"
             ) from exc
         db = self.db = Database(self._db_url(), application_name="forecourt-chaos")
         await db.connect()
@@ -1001,14 +953,14 @@ class PaymentsRun:
             supervisor = asyncio.create_task(self._supervise(), name="chaos-pay-supervisor")
             orders_started = time.monotonic()
             work = asyncio.create_task(self._orders(tokens), name="chaos-pay-orders")
-            await _first_failure(work, supervisor)
+            await first_failure(work, supervisor)
             orders_s = time.monotonic() - orders_started
             self.say(f"orders taken in {orders_s:.1f} s; faults off, draining")
             for sim in self.sims.values():
                 await sim.faults_off()
             drain_started = time.monotonic()
             drain = asyncio.create_task(self._drain(), name="chaos-pay-drain")
-            await _first_failure(drain, supervisor)
+            await first_failure(drain, supervisor)
             drained = drain.result()
             drain_s = time.monotonic() - drain_started
             supervisor.cancel()
@@ -1065,18 +1017,6 @@ class PaymentsRun:
                 await self._admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-async def _first_failure(main: asyncio.Task[Any], *others: asyncio.Task[Any]) -> None:
-    """Wait for ``main``; if one of ``others`` fails first, raise its error."""
-    while not main.done():
-        await asyncio.wait({main, *others}, return_when=asyncio.FIRST_COMPLETED)
-        for task in others:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                main.cancel()
-                raise task.exception()  # type: ignore[misc]
-        others = tuple(t for t in others if not t.done())
-    main.result()
 
 
 async def run_payments(opts: PaymentsOptions, progress: Progress | None = None) -> dict[str, Any]:
