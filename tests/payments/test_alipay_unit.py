@@ -195,6 +195,21 @@ def test_notification_refund(adapter: AlipayProvider) -> None:
     assert note.charge.refunded_fen == 200
 
 
+def test_a_cancel_that_refunded_a_paid_trade_is_the_trade_closing_not_a_refund(
+    adapter: AlipayProvider,
+) -> None:
+    # trade.cancel of a paid trade refunds it: the notification has gmt_refund and the
+    # refunded total but no out_biz_no, since HQ asked for no refund.
+    params = paid_notification_params(
+        "T123456", trade_status="TRADE_CLOSED", refund_fee="12.34", gmt_refund="2026-12-02 11:00:00"
+    )
+    note = adapter.parse_notification(*signed_notification(params))
+    assert note.kind is NotificationKind.PAYMENT
+    assert note.refund is None
+    assert note.charge is not None
+    assert note.charge.status is ChargeStatus.CLOSED
+
+
 @pytest.mark.parametrize(
     ("change", "code"),
     [

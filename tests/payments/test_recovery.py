@@ -4,6 +4,7 @@ HQ process died after it was sent is settled by querying the provider, never cha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -12,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from forecourt.infra.idempotency import IdempotencyKey, request_hash
 from forecourt.payments.domain import OrderState
 from forecourt.payments.handlers import ChargeRequest, PaymentsService
 from forecourt.payments.providers.base import ChargeResult, PaymentProvider
-from forecourt.payments.recovery import recover_once, run_recovery
+from forecourt.payments.recovery import drive, recover_once, run_recovery
 
-from . import wechat_support
+from . import alipay_support, wechat_support
 from .hq_payments import PaymentsHq, Sims, payments_hq, running_sims
 
 
@@ -171,3 +173,34 @@ async def test_the_recovery_loop_runs_until_told_to_stop(hq: PaymentsHq) -> None
         stop.set()
         await asyncio.wait_for(task, 5)
     assert await recover_once(hq.office.db, service.providers) == 0
+
+
+async def test_a_refund_settled_after_the_worker_read_its_order_is_left_alone(
+    hq: PaymentsHq,
+) -> None:
+    """The worker reads the due orders, then looks at them one by one (each look may wait
+    seconds for a provider): meanwhile the request that sent a refund settles it. The
+    worker's look at the order it read as refunding finds nothing in flight and nothing
+    owed: no error, no write."""
+    service = hq.office.payments
+    assert service is not None
+    sale = await hq.upload_sale(amount_minor=1000)
+    paid = await hq.pay(sale, code=alipay_support.auth_code())
+    assert paid.status_code == 201, paid.text
+    order_id = paid.json()["order_id"]
+    refunded = await hq.client.post(
+        f"/v1/stations/S001/payments/{order_id}/refunds",
+        json={"reason": "customer changed their mind", "amount_fen": 400},
+        headers={**hq.manager, "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert refunded.status_code == 201, refunded.text
+    settled = await hq.order(order_id)
+    assert settled.state is OrderState.PARTIALLY_REFUNDED
+    # The order as the worker read it among the due ones: the move before the settlement.
+    seen = dataclasses.replace(settled, state=OrderState.REFUNDING, version=settled.version - 1)
+    with capture_logs() as logs:
+        looked = await drive(service, seen, hq.office.db.clock.now())
+    assert looked == settled
+    assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
+    assert await hq.order(order_id) == settled
+    assert await hq.recover(after_s=3600) == 0  # nothing owed

@@ -50,11 +50,14 @@ from forecourt.infra.background import BackgroundService
 from forecourt.infra.db import UTCDateTime
 from forecourt.infra.http import error_responses
 from forecourt.infra.logging import get_logger
+from forecourt.infra.tracing import annotate, client_span, current_trace_id, request_span
+from forecourt.infra.tracing import trace_headers as current_trace_headers
 from forecourt.kernel.access import Principal
 from forecourt.kernel.clock import Clock
 from forecourt.kernel.errors import Conflict, ForecourtError, InvalidValue, NotFound
 
 log = get_logger("forecourt.edge.pos")
+TRACER_NAME = "forecourt.edge"
 
 md = sa.MetaData()
 pos_payment_t = sa.Table(
@@ -209,6 +212,9 @@ class PayOut(BaseModel):
     payment: AttemptOut
     change_fen: int | None
     pump_released: bool
+    trace_id: str | None = Field(
+        None, description="the payment's trace id (W3C), from the edge to HQ and the provider"
+    )
 
 
 @dataclass(frozen=True)
@@ -594,29 +600,62 @@ class PosHq:
     def _station(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self._credential}"}
 
+    async def _traced(
+        self,
+        name: str,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        *,
+        traceparent: str | None = None,
+        json_body: Any = None,
+        attributes: dict[str, str | int] | None = None,
+    ) -> httpx.Response:
+        """One call of HQ in a client span (a child of the current span, else of
+        ``traceparent``), which the request's ``traceparent`` names."""
+        with client_span(
+            name,
+            traceparent=traceparent,
+            attributes={"http.request.method": method, "url.path": path, **(attributes or {})},
+            tracer_name=TRACER_NAME,
+        ) as span:
+            response = await self._client.request(
+                method, path, json=json_body, headers={**headers, **current_trace_headers()}
+            )
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
     async def charge(
         self, token: str, key: str, body: dict[str, Any], traceparent: str | None
     ) -> httpx.Response:
-        headers = {"authorization": f"Bearer {token}", "idempotency-key": key}
-        if traceparent:
-            headers["traceparent"] = traceparent
-        return await self._client.post(
-            f"/v1/stations/{self.station}/payments", json=body, headers=headers
+        return await self._traced(
+            "edge.hq.charge",
+            "POST",
+            f"/v1/stations/{self.station}/payments",
+            {"authorization": f"Bearer {token}", "idempotency-key": key},
+            traceparent=traceparent,
+            json_body=body,
+            attributes={"payment.idempotency_key": key},
         )
 
     async def order(self, token: str, order_id: str, traceparent: str | None) -> httpx.Response:
-        headers = {"authorization": f"Bearer {token}"}
-        if traceparent:
-            headers["traceparent"] = traceparent
-        return await self._client.get(
-            f"/v1/stations/{self.station}/payments/{order_id}", headers=headers
+        return await self._traced(
+            "edge.hq.order",
+            "GET",
+            f"/v1/stations/{self.station}/payments/{order_id}",
+            {"authorization": f"Bearer {token}"},
+            traceparent=traceparent,
+            attributes={"payment.order_id": order_id},
         )
 
     async def upload_cash(self, payments: list[dict[str, Any]]) -> httpx.Response:
-        return await self._client.post(
+        return await self._traced(
+            "edge.hq.cash_upload",
+            "POST",
             f"/v1/stations/{self.station}/payments/cash",
-            json={"payments": payments},
-            headers=self._station,
+            self._station,
+            json_body={"payments": payments},
+            attributes={"payment.count": len(payments)},
         )
 
     async def staff_keys(self) -> Any:
@@ -765,11 +804,19 @@ class PosService:
                 )
                 released = await self._release(sale)
             attempts = await self.store.attempts(sale_id)
+        annotate(
+            {
+                "pos.payment.attempt": attempt.attempt,
+                "pos.payment.status": attempt.status,
+                "payment.order_id": attempt.order_id,
+            }
+        )
         body = {
             "sale": self.sale_json(sale, attempts),
             "payment": attempt.as_json(),
             "change_fen": attempt.change_minor,
             "pump_released": released,
+            "trace_id": current_trace_id(),
         }
         return (200 if attempt.status == "paid" else 202), body
 
@@ -819,7 +866,15 @@ class PosService:
         # An attempt that may have reached HQ is sent again exactly as it was (HQ replays
         # its answer under the key); one that never did takes the code scanned now.
         code = current.auth_code if current.status == "unknown" and current.auth_code else None
-        return await self._submit(token, sale, current, code or request.auth_code, traceparent)
+        attempt = await self._submit(token, sale, current, code or request.auth_code, traceparent)
+        log.info(
+            "edge.pos_code_payment",
+            sale_id=sale.sale_id,
+            attempt=attempt.attempt,
+            status=attempt.status,
+            order_id=attempt.order_id,
+        )
+        return attempt
 
     async def _flush(self, sale_id: str) -> None:
         """The sale's upload has reached HQ (HQ takes no payment of a sale it lacks): a sale
@@ -1207,9 +1262,22 @@ def build_router(service: PosService) -> APIRouter:
         N}`` (recorded here, offline too; uploaded to HQ later). 409 ``pos.sale_paid`` for a
         paid sale, ``pos.payment_in_progress`` while a code payment's outcome is open."""
         principal, token = cashier(request)
-        status, answer = await service.pay(
-            principal, token, sale_id.lower(), body, request.headers.get("traceparent")
-        )
+        # The payment's server span: the terminal's trace continued (or the one this answer
+        # announces started); every line logged meanwhile carries its trace id.
+        with request_span(
+            request,
+            "edge.pos.pay",
+            attributes={
+                "pos.sale_id": sale_id.lower(),
+                "pos.payment.method": body.method,
+                "payment.station": service.hq.station,
+            },
+            tracer_name=TRACER_NAME,
+        ) as span:
+            status, answer = await service.pay(
+                principal, token, sale_id.lower(), body, request.headers.get("traceparent")
+            )
+            span.set_attribute("http.response.status_code", status)
         return JSONResponse(answer, status_code=status)
 
     return router

@@ -3,11 +3,15 @@ the cash an edge took while HQ was away."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 
 from forecourt.infra.access import require, source_of
@@ -22,6 +26,7 @@ from forecourt.payments.handlers import (
     order_json,
     refund_json,
 )
+from forecourt.payments.tracing import TRACER_NAME, request_span
 
 USERS = frozenset({PrincipalKind.USER})
 STATION = "path:station_code"
@@ -166,6 +171,25 @@ def _order_key(key: IdempotencyKey) -> None:
         raise KeyInvalid(f"a payment's Idempotency-Key is at most {MAX_ORDER_KEY} characters")
 
 
+@contextmanager
+def _command_span(
+    request: Request, name: str, station: str, **attributes: AttributeValue
+) -> Iterator[Span]:
+    """The server span of one payment command, continuing the caller's trace."""
+    with request_span(
+        request,
+        name,
+        attributes={"payment.station": station, **attributes},
+        tracer_name=TRACER_NAME,
+    ) as span:
+        yield span
+
+
+def _answered(span: Span, response: Response) -> Response:
+    span.set_attribute("http.response.status_code", response.status_code)
+    return response
+
+
 def build_router(service: PaymentsService) -> APIRouter:
     router = APIRouter(tags=["payments"])
     charge_key = idempotent(
@@ -208,18 +232,27 @@ def build_router(service: PaymentsService) -> APIRouter:
         paid, 202 pending or unknown (never charge again under a new key: a retry with the
         same key replays the answer), 402 ``payments.declined`` with the provider's code."""
         _order_key(key)
-        return await service.charge(
-            ChargeRequest(
-                station=station_code,
-                sale_id=body.sale_id,
-                amount_fen=body.amount_fen,
-                currency=body.currency,
-                method=body.method,
-                auth_code=body.auth_code,
-                actor=request.state.principal.actor,
-            ),
-            key,
-        )
+        with _command_span(
+            request,
+            "payments.charge",
+            station_code,
+            **{"payment.sale_id": str(body.sale_id), "payment.method": body.method},
+        ) as span:
+            return _answered(
+                span,
+                await service.charge(
+                    ChargeRequest(
+                        station=station_code,
+                        sale_id=body.sale_id,
+                        amount_fen=body.amount_fen,
+                        currency=body.currency,
+                        method=body.method,
+                        auth_code=body.auth_code,
+                        actor=request.state.principal.actor,
+                    ),
+                    key,
+                ),
+            )
 
     @router.get(
         "/v1/stations/{station_code}/payments",
@@ -283,14 +316,20 @@ def build_router(service: PaymentsService) -> APIRouter:
         ``payments.refund_too_large``; one refund at a time, none on a failed or cancelled
         order: 409). A provider's refusal is 422 ``payments.refund_refused``."""
         _order_key(key)
-        return await service.refund(
-            station_code,
-            order_id,
-            amount_fen=body.amount_fen,
-            reason=body.reason,
-            actor=request.state.principal.actor,
-            key=key,
-        )
+        with _command_span(
+            request, "payments.refund", station_code, **{"payment.order_id": str(order_id)}
+        ) as span:
+            return _answered(
+                span,
+                await service.refund(
+                    station_code,
+                    order_id,
+                    amount_fen=body.amount_fen,
+                    reason=body.reason,
+                    actor=request.state.principal.actor,
+                    key=key,
+                ),
+            )
 
     @router.post(
         "/v1/stations/{station_code}/payments/{order_id}/void",
@@ -308,9 +347,15 @@ def build_router(service: PaymentsService) -> APIRouter:
         """Void an order: a payment not settled yet (pending, unknown) is reversed at the
         provider; a payment of the same business day is handed back (cash) or refunded in
         full. Voiding a voided order answers it as it is."""
-        return await service.void(
-            station_code, order_id, actor=request.state.principal.actor, reason=body.reason
-        )
+        with _command_span(
+            request, "payments.void", station_code, **{"payment.order_id": str(order_id)}
+        ) as span:
+            return _answered(
+                span,
+                await service.void(
+                    station_code, order_id, actor=request.state.principal.actor, reason=body.reason
+                ),
+            )
 
     @router.post(
         "/v1/stations/{station_code}/payments/cash",
@@ -334,9 +379,12 @@ def build_router(service: PaymentsService) -> APIRouter:
             )
             for p in body.payments
         ]
-        verdicts = await service.upload_cash(
-            station_code, items, actor=request.state.principal.actor
-        )
+        with _command_span(
+            request, "payments.cash_upload", station_code, **{"payment.count": len(items)}
+        ):
+            verdicts = await service.upload_cash(
+                station_code, items, actor=request.state.principal.actor
+            )
         return {
             "station": station_code,
             "results": [
@@ -382,4 +430,13 @@ def _notify_route(router: APIRouter, service: PaymentsService, name: str) -> Non
         """A payment or refund notification from the provider: believed only when its
         signature verifies (otherwise refused in the provider's form, and audited)."""
         body = await request.body()
-        return await service.notification(name, dict(request.headers), body, source_of(request))
+        with request_span(
+            request,
+            "payments.notification",
+            attributes={"payment.provider": name},
+            tracer_name=TRACER_NAME,
+        ) as span:
+            return _answered(
+                span,
+                await service.notification(name, dict(request.headers), body, source_of(request)),
+            )

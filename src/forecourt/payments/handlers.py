@@ -12,8 +12,9 @@ provider, never by charging again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from fastapi import Response
+from opentelemetry.trace import Span, SpanKind
 from sqlalchemy.exc import IntegrityError
 
 from forecourt.infra.crash import crash_point
@@ -56,6 +58,12 @@ from forecourt.payments.providers.base import (
     RefundResult,
     RefundStatus,
     ReverseStatus,
+)
+from forecourt.payments.tracing import (
+    TRACER_NAME,
+    annotate,
+    current_traceparent,
+    span_from_traceparent,
 )
 from forecourt.sales.contracts import SaleDue, sale_due
 
@@ -375,7 +383,20 @@ class PaymentsService:
     ) -> PaymentOrder:
         """Apply what the provider says of a charge to the order as it is now (read again:
         a notification or the worker may have moved it meanwhile). Unknown and unconfirmed
-        outcomes leave it for the recovery worker."""
+        outcomes leave it for the recovery worker.
+
+        An order moved by another process between that read and the write (the version
+        compare) is read and applied once more in the same transaction (the failed write
+        changed nothing): a charge answer is never lost to a race, nor answered 409."""
+        try:
+            return await self._apply_charge_once(uow, order_id, result, actor=actor)
+        except store.ConcurrentUpdate:
+            log.info("payments.charge_reapplied", order_id=str(order_id))
+            return await self._apply_charge_once(uow, order_id, result, actor=actor)
+
+    async def _apply_charge_once(
+        self, uow: UnitOfWork, order_id: UUID, result: ChargeResult, *, actor: str
+    ) -> PaymentOrder:
         order = await self._get(uow, order_id)
         now = self.now()
         open_states = (OrderState.PENDING, OrderState.UNKNOWN)
@@ -485,7 +506,11 @@ class PaymentsService:
                     idempotency_key=key.key,
                     actor=request.actor,
                 )
-                await store.insert_order(uow.conn, order, due_fen=sale.amount_minor)
+                # The order keeps the trace of the command that made it: whoever drives
+                # it later (the recovery worker) joins that trace.
+                await store.insert_order(
+                    uow.conn, order, due_fen=sale.amount_minor, traceparent=current_traceparent()
+                )
                 await uow.record_audit(
                     actor=request.actor,
                     action="payments.order.created",
@@ -500,6 +525,7 @@ class PaymentsService:
                 )
                 if provider is None:
                     order = await self.move(uow, order, Event.CASH_TAKEN, actor=request.actor)
+                    _annotate_order(order)
                     _observe("cash", "cash", "success")
                     outcome = charge_outcome(order)
                     return await key.complete(
@@ -513,6 +539,7 @@ class PaymentsService:
                     actor=request.actor,
                     next_check_at=self.recheck_at(now),
                 )
+        _annotate_order(order)
         assert provider is not None
         assert request.auth_code is not None
         crash_point("payments.after_order_insert")
@@ -537,6 +564,7 @@ class PaymentsService:
         answer: Response | None = None
         async with self.db.begin() as uow:
             order = await self.apply_charge(uow, order.order_id, result, actor=request.actor)
+            _annotate_order(order)
             if order.state is not OrderState.PENDING:
                 outcome = charge_outcome(order)
                 answer = await key.complete(
@@ -548,6 +576,7 @@ class PaymentsService:
         order = await self._await_payer(order, provider, request.actor)
         async with self.db.begin() as uow:
             order = await self._get(uow, order.order_id)
+            _annotate_order(order)
             outcome = charge_outcome(order)
             return await key.complete(outcome.status_code, outcome.body, outcome.headers, uow=uow)
 
@@ -578,6 +607,10 @@ class PaymentsService:
             order = await store.order_by_key(conn, station, record.key)
         if order is None:
             return None
+        async with self.traced(order, "payments.charge.recover"):
+            return await self._recover_charge(order)
+
+    async def _recover_charge(self, order: PaymentOrder) -> StoredResponse:
         if order.state in (OrderState.PENDING, OrderState.UNKNOWN) and order.tender.provider:
             provider = self.providers.get(order.tender.value)
             if provider is not None:
@@ -606,6 +639,10 @@ class PaymentsService:
             order = await store.get_order(conn, order_id)
         if refund is None or order is None or order.station_code != station:
             return None
+        async with self.traced(order, "payments.refund.recover"):
+            return await self._recover_refund(refund, order)
+
+    async def _recover_refund(self, refund: Refund, order: PaymentOrder) -> StoredResponse:
         if refund.state not in (RefundState.SUCCEEDED, RefundState.REFUSED):
             provider = self.providers.get(order.tender.value)
             if provider is not None:
@@ -619,6 +656,29 @@ class PaymentsService:
                         uow, refund, result, actor=SYSTEM_ACTOR
                     )
         return refund_outcome(refund, order)
+
+    @contextlib.asynccontextmanager
+    async def traced(
+        self, order: PaymentOrder, name: str = "payments.recovery"
+    ) -> AsyncIterator[Span]:
+        """A span of work on ``order`` outside a request (the recovery worker's look at it),
+        in the trace the order was made in (the traceparent stored with it; a new trace for
+        an order that has none). Its provider calls are children of this span."""
+        async with self.db.connection() as conn:
+            traceparent = await store.traceparent_of(conn, order.order_id)
+        with span_from_traceparent(
+            name,
+            traceparent,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "payment.order_id": str(order.order_id),
+                "payment.station": order.station_code,
+                "payment.tender": order.tender.value,
+                "payment.state": order.state.value,
+            },
+            tracer_name=TRACER_NAME,
+        ) as span:
+            yield span
 
     # -- reads --
 
@@ -712,6 +772,7 @@ class PaymentsService:
                     )
                     outcome = refund_outcome(refund, order)
                     return await key.complete(outcome.status_code, outcome.body, uow=uow)
+        annotate({"payment.refund_id": str(refund.refund_id), "payment.tender": order.tender.value})
         provider = self.provider(order.tender)
         await key.mark_started(recovery_point=refund.out_refund_no)
         result = await self.send_refund(provider, order, refund, reason or None)
@@ -732,11 +793,18 @@ class PaymentsService:
         now = self.now()
         if current.state in (RefundState.SUCCEEDED, RefundState.REFUSED):
             return current, order
-        if result.status is RefundStatus.SUCCEEDED:
+        final = _FINAL_REFUNDS.get(result.status)
+        if final is not None:
+            state, event = final
+            succeeded = state is RefundState.SUCCEEDED
+            # A success keeps the provider's refund number, a refusal its code.
             after = replace(
                 current,
-                state=RefundState.SUCCEEDED,
-                provider_refund_no=result.provider_refund_no or current.provider_refund_no,
+                state=state,
+                provider_refund_no=(result.provider_refund_no or current.provider_refund_no)
+                if succeeded
+                else current.provider_refund_no,
+                failure_code=current.failure_code if succeeded else result.code,
                 updated_at=now,
             )
             await store.update_refund(uow.conn, current, after)
@@ -744,22 +812,7 @@ class PaymentsService:
                 order = await self.move(
                     uow,
                     order,
-                    Event.REFUND_SUCCEEDED,
-                    actor=actor,
-                    change=Change(refund_fen=current.amount_fen),
-                    details={"refund_id": str(current.refund_id), "provider_code": result.code},
-                )
-            return after, order
-        if result.status is RefundStatus.REFUSED:
-            after = replace(
-                current, state=RefundState.REFUSED, failure_code=result.code, updated_at=now
-            )
-            await store.update_refund(uow.conn, current, after)
-            if order.state is OrderState.REFUNDING:
-                order = await self.move(
-                    uow,
-                    order,
-                    Event.REFUND_REFUSED,
+                    event,
                     actor=actor,
                     change=Change(refund_fen=current.amount_fen),
                     details={"refund_id": str(current.refund_id), "provider_code": result.code},
@@ -1088,7 +1141,12 @@ class PaymentsService:
                         idempotency_key=item.idempotency_key,
                         actor=f"user:{item.cashier}",
                     )
-                    await store.insert_order(uow.conn, order, due_fen=sale.amount_minor)
+                    await store.insert_order(
+                        uow.conn,
+                        order,
+                        due_fen=sale.amount_minor,
+                        traceparent=current_traceparent(),
+                    )
                     details = {
                         "cashier": item.cashier,
                         "recorded_at": item.recorded_at.isoformat(),
@@ -1133,12 +1191,29 @@ _REFUND_OUTCOMES = {
     RefundStatus.PROCESSING: "success",
     RefundStatus.REFUSED: "declined",
 }
+#: A provider's final word on a refund: the refund's state and its order's move.
+_FINAL_REFUNDS = {
+    RefundStatus.SUCCEEDED: (RefundState.SUCCEEDED, Event.REFUND_SUCCEEDED),
+    RefundStatus.REFUSED: (RefundState.REFUSED, Event.REFUND_REFUSED),
+}
 _REVERSE_OUTCOMES = {
     ReverseStatus.REVERSED: "success",
     ReverseStatus.RETRY: "unknown",
     ReverseStatus.REFUSED: "declined",
     ReverseStatus.UNKNOWN: "unknown",
 }
+
+
+def _annotate_order(order: PaymentOrder) -> None:
+    """The order on the current span (a payment command's)."""
+    annotate(
+        {
+            "payment.order_id": str(order.order_id),
+            "payment.tender": order.tender.value,
+            "payment.out_trade_no": order.out_trade_no or None,
+            "payment.state": order.state.value,
+        }
+    )
 
 
 def _observe(provider: str, method: str, outcome: str) -> None:

@@ -55,7 +55,8 @@ async def recover_once(
     looked = 0
     for order in due:
         try:
-            await drive(service, order, at)
+            async with service.traced(order):  # the provider calls join the order's trace
+                await drive(service, order, at)
         except ForecourtError as exc:  # a concurrent move, a provider not configured
             log.info("payments.recovery_skipped", order_id=str(order.order_id), code=exc.code)
         except Exception:  # noqa: BLE001 - one order's trouble never stops the others
@@ -151,6 +152,13 @@ async def _drive_refund(
 ) -> PaymentOrder:
     async with service.db.connection() as conn:
         refund = await store.refund_in_flight(conn, order.order_id)
+        # Read after the refund: a refund settles in the same transaction as its order's
+        # move, so an order still at the version looked at here has its refund in flight.
+        latest = await store.get_order(conn, order.order_id) if refund is None else order
+    if latest is None or latest.version != order.version:
+        # Its refund settled after the due orders were read (by the request that sent it,
+        # or another worker): nothing owed.
+        return latest or order
     if refund is None:
         log.error("payments.refunding_without_refund", order_id=str(order.order_id))
         async with service.db.begin() as uow:

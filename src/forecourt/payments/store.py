@@ -330,6 +330,13 @@ async def checks_of(conn: AsyncConnection, order_id: UUID) -> tuple[int, str | N
     return int(row.checks), row.traceparent
 
 
+async def traceparent_of(conn: AsyncConnection, order_id: UUID) -> str | None:
+    """The traceparent stored with an order (the trace it was made in), None if none."""
+    return (
+        await conn.execute(sa.select(order_t.c.traceparent).where(order_t.c.order_id == order_id))
+    ).scalar_one_or_none()
+
+
 async def counts_by_state(conn: AsyncConnection) -> dict[tuple[str, str], int]:
     rows = await conn.execute(
         sa.select(order_t.c.tender, order_t.c.state, sa.func.count()).group_by(

@@ -99,7 +99,10 @@ Simulator-only endpoints (no signature): ``GET /sim/health``; ``GET /sim/trades`
 trade (state, ``charged_times``: how often the payer was charged for it, ``returned_fen``,
 ``refunded_fen``), every refund, per payer (auth code) ``charged_times``, ``charged_fen``,
 ``returned_fen``, ``refunded_fen``, and ``charged_twice`` (trades charged more than once);
-``GET /sim/notifications``; ``POST /sim/control {"faults": {...}}`` merges faults (``null``
+``GET /sim/notifications`` (each with what each send was answered, ``answers``);
+``GET /sim/requests`` (the newest gateway requests received, each ``{method, traceparent,
+tracestate}``: the W3C trace context they carried, or null);
+``POST /sim/control {"faults": {...}}`` merges faults (``null``
 puts one back to its default), checked before anything changes (400 otherwise).
 
 Faults (config ``faults`` and ``/sim/control``; a seeded RNG, ``seed`` in the config; all off by
@@ -116,7 +119,9 @@ default) on every gateway request:
 - ``tamper_answer_rate`` - the answer is changed after it was signed;
 - ``notify_drop_rate`` (never sent), ``notify_duplicate_rate`` (sent twice, same notify_id),
   ``notify_delay_ms`` (each sent that late), ``notify_reorder: bool`` (each delayed a further
-  random 0..max(notify_delay_ms, 200) ms, so they arrive out of order).
+  random 0..max(notify_delay_ms, 200) ms, so they arrive out of order);
+- ``notify_wrong_key_rate`` - a notification is signed with a key that is not the simulator's
+  "Alipay" key, every copy and re-send of it alike: a forged notification.
 
 [I] marks behaviour inferred where no Alipay text was found. Times are Beijing time
 (Asia/Shanghai), ``yyyy-MM-dd HH:mm:ss``.
@@ -127,6 +132,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import csv
 import io
@@ -260,6 +266,7 @@ class Faults:
     notify_duplicate_rate: float = 0.0
     notify_delay_ms: int = 0
     notify_reorder: bool = False
+    notify_wrong_key_rate: float = 0.0
 
 
 _RATES = {
@@ -270,6 +277,7 @@ _RATES = {
     "tamper_answer_rate",
     "notify_drop_rate",
     "notify_duplicate_rate",
+    "notify_wrong_key_rate",
 }
 _MILLIS = {"timeout_hold_ms", "slow_ms", "notify_delay_ms"}
 
@@ -515,6 +523,17 @@ class NotificationRecord:
     deliveries: int = 0
     dropped: bool = False
     given_up: int = 0
+    answers: list[str] = field(default_factory=list)  # what each send was answered
+
+
+def _note_answer(
+    record: NotificationRecord, response: httpx.Response | None, error: Exception | None = None
+) -> None:
+    """Keep what a send of ``record`` was answered: ``"<status> <body>"``, or the failure."""
+    if response is None:
+        record.answers.append(f"no answer: {type(error).__name__}")
+    else:
+        record.answers.append(f"{response.status_code} {response.text[:200]}")
 
 
 class _Drop(Exception):
@@ -1080,7 +1099,7 @@ class AlipaySimulator:
         if trade.state == "TRADE_CLOSED" and trade.closed_at:
             params["gmt_close"] = fmt(trade.closed_at)
         content = sign_content(params, exclude=("sign", "sign_type")).encode("utf-8")
-        params["sign"] = rsa_sign(self.config.alipay_private_key, content)
+        params["sign"] = self._notification_sign(content)
         record = NotificationRecord(
             params["notify_id"], trade.out_trade_no, trade.state, trade.notify_url, params
         )
@@ -1121,11 +1140,12 @@ class AlipaySimulator:
             record.attempts += 1
             try:
                 response = await self._client.post(record.url, content=body, headers=headers)
+                _note_answer(record, response)
                 if response.status_code == 200 and response.content.strip() == b"success":
                     record.deliveries += 1
                     return
-            except httpx.HTTPError:
-                pass
+            except httpx.HTTPError as exc:
+                _note_answer(record, None, exc)
             if wait_ms is None:
                 break
             await asyncio.sleep(wait_ms / 1000)
@@ -1139,6 +1159,21 @@ class AlipaySimulator:
                 await task
         if self._client is not None:
             await self._client.aclose()
+
+    def _notification_sign(self, content: bytes) -> str:
+        """A notification's signature: by the "Alipay" key, or with the fault
+        ``notify_wrong_key_rate`` by a stranger's."""
+        rate = self.faults.notify_wrong_key_rate
+        if rate > 0 and self.rng.random() < rate:
+            return rsa_sign(self._stranger_key(), content)
+        return rsa_sign(self.config.alipay_private_key, content)
+
+    def _stranger_key(self) -> rsa.RSAPrivateKey:
+        """A key that is not the simulator's "Alipay" key (made once, on first use)."""
+        key: rsa.RSAPrivateKey | None = getattr(self, "_stranger", None)
+        if key is None:
+            key = self._stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return key
 
     # ------------------------------------------------------------------ views
 
@@ -1189,6 +1224,7 @@ class AlipaySimulator:
                 "deliveries": n.deliveries,
                 "dropped": n.dropped,
                 "given_up": n.given_up,
+                "answers": list(n.answers),
             }
             for n in self.notifications
         ]
@@ -1334,6 +1370,10 @@ def _parse_params(query: str, body: bytes) -> dict[str, str]:
     return params
 
 
+#: How many gateway requests ``GET /sim/requests`` keeps (the newest).
+REQUEST_LOG_SIZE = 1000
+
+
 def build_app(
     config: SimConfig | Mapping[str, Any],
     *,
@@ -1342,10 +1382,18 @@ def build_app(
     """The simulator as an ASGI app (``app.state.sim`` is the :class:`AlipaySimulator`)."""
     sim_config = config if isinstance(config, SimConfig) else config_from_mapping(config)
     sim = AlipaySimulator(sim_config)
+    # The trace context of each gateway request received (the newest REQUEST_LOG_SIZE).
+    received: collections.deque[dict[str, Any]] = collections.deque(maxlen=REQUEST_LOG_SIZE)
 
     async def gateway(request: Request) -> Response:
         sim.stats["requests"] += 1
         body = await request.body()
+        seen: dict[str, Any] = {
+            "method": None,
+            "traceparent": request.headers.get("traceparent"),
+            "tracestate": request.headers.get("tracestate"),
+        }
+        received.append(seen)
         faults = sim.faults
         rng = sim.rng
         if rng.random() < faults.timeout_rate:
@@ -1368,6 +1416,7 @@ def build_app(
         try:
             params = _parse_params(request.url.query, body)
             method = params.get("method")
+            seen["method"] = method
             method = sim.authenticate(params)
             if rng.random() < faults.system_error_rate:
                 sim.stats["system_errors"] += 1
@@ -1409,6 +1458,9 @@ def build_app(
     async def notifications(request: Request) -> Response:  # noqa: ARG001
         return JSONResponse(sim.notifications_view())
 
+    async def requests(request: Request) -> Response:  # noqa: ARG001
+        return JSONResponse({"requests": list(received)})
+
     async def control(request: Request) -> Response:
         try:
             payload = json.loads(await request.body() or b"{}")
@@ -1441,6 +1493,7 @@ def build_app(
             Route("/sim/health", health, methods=["GET"]),
             Route("/sim/trades", trades, methods=["GET"]),
             Route("/sim/notifications", notifications, methods=["GET"]),
+            Route("/sim/requests", requests, methods=["GET"]),
             Route("/sim/control", control, methods=["POST"]),
         ],
         lifespan=lifespan,

@@ -93,7 +93,9 @@ Simulator-only endpoints (no authentication): ``GET /sim/health``; ``GET /sim/tr
 trade (state, ``charged_times``: how often the payer was charged for it, ``returned_fen``,
 ``refunded_fen``), every refund, and per payer (auth code) ``charged_times``, ``charged_fen``,
 ``returned_fen``, ``refunded_fen``; ``GET /sim/notifications`` - each notification's id, event,
-copies, attempts and deliveries;
+copies, attempts, deliveries and what each send was answered (``answers``);
+``GET /sim/requests`` - the newest API requests received, each ``{method, path, traceparent,
+tracestate}`` (the W3C trace context they carried, or null);
 ``POST /sim/control {"faults": {...}, "notify_url": URL|null}`` merges faults (``null`` puts
 one back to its default) and sets where payment notifications go, everything checked before
 anything changes (400 otherwise).
@@ -111,7 +113,9 @@ default) on every ``/v3`` request:
 - ``answer_skew_s`` - answer and notification timestamps are off by that many seconds;
 - ``notify_drop_rate`` (never sent), ``notify_duplicate_rate`` (sent twice, same id),
   ``notify_delay_ms`` (each sent that late), ``notify_reorder: bool`` (each delayed a further
-  random 0..max(notify_delay_ms, 200) ms, so they arrive out of order).
+  random 0..max(notify_delay_ms, 200) ms, so they arrive out of order);
+- ``notify_wrong_key_rate`` - a notification is signed with a key that is not the platform's
+  (under the platform's serial), every copy and re-send of it alike: a forged notification.
 
 [I] marks behaviour inferred where no WeChat text was found: the 202 status of a USERPAYING
 codepay answer (WeChat documents only ``{"trade_state": "USERPAYING"}``), the payment-code
@@ -123,6 +127,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import csv
 import gzip
@@ -289,6 +294,7 @@ class Faults:
     notify_duplicate_rate: float = 0.0
     notify_delay_ms: int = 0
     notify_reorder: bool = False
+    notify_wrong_key_rate: float = 0.0
 
     def merged(self, changes: Mapping[str, Any]) -> Faults:
         """These faults with ``changes`` applied (``None`` = default); raises SimConfigError."""
@@ -542,6 +548,18 @@ class NotificationRecord:
     attempts: int = 0
     deliveries: int = 0
     dropped: bool = False
+    wrong_key: bool | None = None  # signed with a stranger's key (decided at its first send)
+    answers: list[str] = field(default_factory=list)  # what each send was answered
+
+
+def _note_answer(
+    record: NotificationRecord, response: httpx.Response | None, error: Exception | None = None
+) -> None:
+    """Keep what a send of ``record`` was answered: ``"<status> <body>"``, or the failure."""
+    if response is None:
+        record.answers.append(f"no answer: {type(error).__name__}")
+    else:
+        record.answers.append(f"{response.status_code} {response.text[:200]}")
 
 
 @dataclass
@@ -1213,15 +1231,37 @@ class WechatPaySimulator:
             if wait_ms:
                 await asyncio.sleep(wait_ms / 1000)
             record.attempts += 1
-            headers = self.signed_headers(body)
+            headers = self._notification_headers(record, body)
             headers["Content-Type"] = "application/json"
             try:
                 response = await self._client.post(record.url, content=body, headers=headers)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
+                _note_answer(record, None, exc)
                 continue
+            _note_answer(record, response)
             if 200 <= response.status_code < 300:
                 record.deliveries += 1
                 return
+
+    def _notification_headers(self, record: NotificationRecord, body: bytes) -> dict[str, str]:
+        """A notification's signed headers: the platform key's, or with the fault
+        ``notify_wrong_key_rate`` a stranger's signature under the platform's serial."""
+        if record.wrong_key is None:
+            record.wrong_key = self._hit(self.faults.notify_wrong_key_rate)
+        headers = self.signed_headers(body)
+        if record.wrong_key:
+            message = f"{headers['Wechatpay-Timestamp']}\n{headers['Wechatpay-Nonce']}\n"
+            headers["Wechatpay-Signature"] = rsa_sign(
+                self._stranger_key(), message.encode() + body + b"\n"
+            )
+        return headers
+
+    def _stranger_key(self) -> rsa.RSAPrivateKey:
+        """A key that is not the platform's (made once, on first use)."""
+        key: rsa.RSAPrivateKey | None = getattr(self, "_stranger", None)
+        if key is None:
+            key = self._stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return key
 
     # ------------------------------------------------------------------ views
 
@@ -1385,6 +1425,10 @@ class _DroppedAnswer(Response):
         await send({"type": "http.response.body", "body": b'{"', "more_body": True})
 
 
+#: How many API requests ``GET /sim/requests`` keeps (the newest).
+REQUEST_LOG_SIZE = 1000
+
+
 def build_app(
     config: SimConfig | Mapping[str, Any],
     *,
@@ -1393,6 +1437,8 @@ def build_app(
     """The simulator's ASGI app (config as :class:`SimConfig` or its JSON mapping)."""
     sim_config = config if isinstance(config, SimConfig) else config_from_mapping(config)
     sim = WechatPaySimulator(sim_config)
+    # The trace context of each API request received (the newest REQUEST_LOG_SIZE).
+    received: collections.deque[dict[str, Any]] = collections.deque(maxlen=REQUEST_LOG_SIZE)
 
     async def api(request: Request) -> Response:
         sim.stats["requests"] += 1
@@ -1400,6 +1446,14 @@ def build_app(
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         query = request.scope.get("query_string") or b""
         url_path = raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+        received.append(
+            {
+                "method": request.method,
+                "path": url_path,
+                "traceparent": request.headers.get("traceparent"),
+                "tracestate": request.headers.get("tracestate"),
+            }
+        )
         request_serial = request.headers.get("wechatpay-serial")
         try:
             sim.authenticate(request.method, url_path, request.headers, body)
@@ -1478,6 +1532,9 @@ def build_app(
     async def notifications(_request: Request) -> Response:
         return JSONResponse({"notifications": [vars(n) for n in sim.notifications]})
 
+    async def requests(_request: Request) -> Response:
+        return JSONResponse({"requests": list(received)})
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await sim.start()
@@ -1494,6 +1551,7 @@ def build_app(
             Route("/sim/health", health, methods=["GET"]),
             Route("/sim/trades", trades, methods=["GET"]),
             Route("/sim/notifications", notifications, methods=["GET"]),
+            Route("/sim/requests", requests, methods=["GET"]),
             Route("/v3/{rest:path}", api, methods=["GET", "POST"]),
         ],
         lifespan=lifespan,

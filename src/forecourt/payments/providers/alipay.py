@@ -79,6 +79,8 @@ from forecourt.payments.providers.base import (
     ReverseResult,
     ReverseStatus,
 )
+from forecourt.payments.tracing import provider_call
+from forecourt.payments.tracing import trace_headers as current_trace_headers
 
 logger = logging.getLogger("forecourt.payments.alipay")
 
@@ -364,7 +366,9 @@ class AlipayProvider:
         headers: Mapping[str, str] | None = None,
     ) -> _Answer | _NoAnswer:
         params = self.signed_params(method, biz, notify_url=notify_url)
-        sent_headers = dict(headers or {})  # e.g. trace context: not signed, not read by Alipay
+        # The trace context of the current call's span (or the one given): headers, not
+        # parameters, so the signature (over the parameters) is as it was.
+        sent_headers = _trace_only(headers or current_trace_headers())
         sent_headers["content-type"] = "application/x-www-form-urlencoded;charset=utf-8"
         try:
             response = await self._client.post(
@@ -419,6 +423,7 @@ class AlipayProvider:
 
     # ------------------------------------------------------------------ payments
 
+    @provider_call("charge")
     async def charge_by_code(
         self,
         *,
@@ -504,6 +509,7 @@ class AlipayProvider:
             message=answer.message,
         )
 
+    @provider_call("query")
     async def query(self, out_trade_no: str) -> ChargeResult:
         _check_out_no(out_trade_no, "out_trade_no")
         answer = await self._call("alipay.trade.query", {"out_trade_no": out_trade_no})
@@ -544,6 +550,7 @@ class AlipayProvider:
             )
         return _unknown_charge(out_trade_no, answer.full_code, answer.message)
 
+    @provider_call("reverse")
     async def reverse(self, out_trade_no: str) -> ReverseResult:
         _check_out_no(out_trade_no, "out_trade_no")
         answer = await self._call("alipay.trade.cancel", {"out_trade_no": out_trade_no})
@@ -583,6 +590,7 @@ class AlipayProvider:
             message=answer.message,
         )
 
+    @provider_call("refund")
     async def refund(
         self,
         *,
@@ -654,6 +662,7 @@ class AlipayProvider:
             message=answer.message,
         )
 
+    @provider_call("query_refund")
     async def query_refund(self, *, out_trade_no: str, out_refund_no: str) -> RefundResult:
         _check_out_no(out_trade_no, "out_trade_no")
         _check_out_no(out_refund_no, "out_refund_no")
@@ -775,10 +784,13 @@ class AlipayProvider:
         except ValueError as exc:
             raise NotificationRejected("malformed", str(exc)) from None
         out_biz_no = params.get("out_biz_no")
-        if out_biz_no or refund_text:
+        # A refund of ours names its out_request_no (out_biz_no); gmt_refund without one is
+        # a trade.cancel that had to refund a paid trade: the trade closing (TRADE_CLOSED),
+        # told as a payment notification, not a refund HQ asked for.
+        if out_biz_no:
             refund = RefundResult(
                 status=RefundStatus.SUCCEEDED,
-                out_refund_no=out_biz_no or "",
+                out_refund_no=out_biz_no,
                 provider_refund_no=params.get("trade_no"),
                 refund_fen=None,  # Alipay tells the trade's refunded total (charge.refunded_fen)
                 refunded_at=refunded_at,
@@ -809,6 +821,7 @@ class AlipayProvider:
 
     # ------------------------------------------------------------------ bill
 
+    @provider_call("trade_bill")
     async def trade_bill(self, day: date) -> list[BillLine]:
         answer = await self._call(
             "alipay.data.dataservice.bill.downloadurl.query",
@@ -988,3 +1001,11 @@ def _s(value: Any) -> str | None:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:300]
+
+
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+def _trace_only(headers: Mapping[str, str]) -> dict[str, str]:
+    """The W3C trace context headers of ``headers``, nothing else."""
+    return {k.lower(): v for k, v in headers.items() if k.lower() in _TRACE_HEADERS}

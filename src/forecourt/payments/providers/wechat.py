@@ -80,6 +80,8 @@ from forecourt.payments.providers.base import (
     ReverseResult,
     ReverseStatus,
 )
+from forecourt.payments.tracing import provider_call
+from forecourt.payments.tracing import trace_headers as current_trace_headers
 
 logger = logging.getLogger(__name__)
 
@@ -459,8 +461,10 @@ class WechatPayProvider:
             else b""
         )
         headers = self._headers(method, url_path, body)
-        if trace_headers:
-            headers.update({k: v for k, v in trace_headers.items() if k.lower() != "authorization"})
+        # The trace context of the current call's span (or the one given): headers the
+        # signature does not cover (it covers method, path, timestamp, nonce and body), and
+        # never anything but ``traceparent``/``tracestate``: the signed headers stay as built.
+        headers.update(_trace_only(trace_headers or current_trace_headers()))
         try:
             response = await self._client.request(
                 method,
@@ -527,6 +531,7 @@ class WechatPayProvider:
 
     # ------------------------------------------------------------------ charges
 
+    @provider_call("charge")
     async def charge_by_code(
         self,
         *,
@@ -623,6 +628,7 @@ class WechatPayProvider:
             payer=_str(payer.get("openid")),
         )
 
+    @provider_call("query")
     async def query(self, out_trade_no: str) -> ChargeResult:
         _check_out_no(out_trade_no)
         answer = await self._call(
@@ -648,6 +654,7 @@ class WechatPayProvider:
             out_trade_no=out_trade_no,
         )
 
+    @provider_call("reverse")
     async def reverse(self, out_trade_no: str) -> ReverseResult:
         _check_out_no(out_trade_no)
         answer = await self._call(
@@ -688,6 +695,7 @@ class WechatPayProvider:
 
     # ------------------------------------------------------------------ refunds
 
+    @provider_call("refund")
     async def refund(
         self,
         *,
@@ -714,6 +722,7 @@ class WechatPayProvider:
         answer = await self._call("POST", "/v3/refund/domestic/refunds", payload)
         return self._refund_result(out_trade_no, out_refund_no, answer, query=False)
 
+    @provider_call("query_refund")
     async def query_refund(self, *, out_trade_no: str, out_refund_no: str) -> RefundResult:
         _check_out_no(out_refund_no)
         answer = await self._call("GET", f"/v3/refund/domestic/refunds/{quote(out_refund_no)}")
@@ -840,6 +849,7 @@ class WechatPayProvider:
 
     # ------------------------------------------------------------------ bill
 
+    @provider_call("trade_bill")
     async def trade_bill(self, day: date) -> list[BillLine]:
         answer = await self._call(
             "GET", f"/v3/bill/tradebill?bill_date={day.isoformat()}&bill_type=ALL"
@@ -995,3 +1005,11 @@ __all__ = [
     "verify",
     "yuan_to_fen",
 ]
+
+
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+def _trace_only(headers: Mapping[str, str]) -> dict[str, str]:
+    """The W3C trace context headers of ``headers``, nothing else."""
+    return {k.lower(): v for k, v in headers.items() if k.lower() in _TRACE_HEADERS}
