@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -31,16 +30,12 @@ from forecourt.infra.logging import get_logger
 from forecourt.kernel.access import Grant, Permission, Policy, Principal, PrincipalKind, Scope
 from forecourt.kernel.clock import Clock
 from forecourt.kernel.errors import ForecourtError, Unauthorized
+from forecourt.kernel.tokens import ALGORITHM, looks_like_jwt, token_claims, token_kid
 
 log = get_logger("forecourt.edge.cashiers")
 
 #: the permission a counter payment needs (HQ's name for it)
 PAYMENTS_CHARGE = "payments:charge"
-ALGORITHM = "EdDSA"
-REQUIRED_CLAIMS = ["exp", "iat", "sub", "aud", "iss", "jti"]
-CLOCK_SKEW_S = 30  # an ``iat`` this far ahead of the edge's clock is still taken
-MAX_TOKEN_CHARS = 8192
-_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _STAFF = frozenset({PrincipalKind.USER, PrincipalKind.SERVICE})
 
 #: the POS routes: a staff member holding ``payments:charge`` over this station
@@ -62,11 +57,6 @@ class InvalidStaffToken(Unauthorized):
 
 class StaffTokenExpired(Unauthorized):
     code = "auth.token_expired"
-
-
-def looks_like_jwt(token: str) -> bool:
-    """A staff token's shape (three base64url parts), not a terminal's secret."""
-    return len(token) <= MAX_TOKEN_CHARS and _JWT.fullmatch(token) is not None
 
 
 def _public_keys(jwks: Any, origin: str) -> dict[str, tuple[str, Any]]:
@@ -103,6 +93,8 @@ class StaffKeys(BackgroundService):
         keys_file: Path | None = None,
         refresh_s: float = 300.0,
         miss_interval_s: float = 5.0,
+        miss_retry_s: float = 0.1,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.journal = journal
         self.clock = clock
@@ -110,9 +102,13 @@ class StaffKeys(BackgroundService):
         self.keys_file = keys_file
         self.refresh_s = refresh_s
         self.miss_interval_s = miss_interval_s
+        self.miss_retry_s = miss_retry_s
+        self.monotonic = monotonic
         self._cached: dict[str, Any] = {}
         self._file: dict[str, Any] = {}
         self._last_miss = float("-inf")
+        self._held_keys = False  # the last refresh got HQ's keys
+        self._miss_retries = 0  # refreshes on a miss since the last one that got keys
         self._lock = asyncio.Lock()
         self.source = "none"  # "hq", "cache" (the journal's database) or "none"
         self.last_error: str | None = None
@@ -148,10 +144,12 @@ class StaffKeys(BackgroundService):
             try:
                 jwks = await self.fetch()
             except Exception as exc:  # noqa: BLE001 - any failure keeps the cached keys
+                self._held_keys = False
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 return False
             keys = _public_keys(jwks, "hq")
             if not keys:
+                self._held_keys = False
                 self.last_error = "HQ's key set holds no Ed25519 key"
                 return False
             await self.journal._run(self._store, {kid: text for kid, (text, _) in keys.items()})
@@ -161,6 +159,8 @@ class StaffKeys(BackgroundService):
             self.source = "hq"
             self.last_error = None
             self.fetched += 1
+            self._held_keys = True
+            self._miss_retries = 0
             return True
 
     def _store(self, keys: dict[str, str]) -> None:
@@ -173,15 +173,31 @@ class StaffKeys(BackgroundService):
             )
 
     async def key(self, kid: str) -> Any | None:
-        """The public key ``kid`` names; an unknown one is asked of HQ (at most once every
-        ``miss_interval_s``: a forged kid must not turn into a flood of fetches)."""
+        """The public key ``kid`` names; an unknown one is asked of HQ (see
+        :meth:`_miss_may_refresh`: a forged kid must not turn into a flood of fetches)."""
         found = self._cached.get(kid) or self._file.get(kid)
         if found is not None:
             return found
-        if time.monotonic() - self._last_miss >= self.miss_interval_s:
-            self._last_miss = time.monotonic()
+        now = self.monotonic()
+        if self._miss_may_refresh(now):
+            self._last_miss = now
+            if not self._held_keys:
+                self._miss_retries += 1
             await self.refresh()
         return self._cached.get(kid) or self._file.get(kid)
+
+    def _miss_may_refresh(self, now: float) -> bool:
+        """Whether a kid not known may fetch HQ's key set now. After a refresh that got
+        HQ's keys, at most once every ``miss_interval_s`` (a key HQ made since is seldom
+        needed at once: HQ signs with a new key only after rotating). After a refresh that
+        failed or got no keys (HQ was away, or has not made its first key yet: it does when
+        it first signs), the first miss fetches at once, and the next ones after
+        ``miss_retry_s``, doubled with each further miss up to ``miss_interval_s``."""
+        if self._held_keys or self._miss_retries == 0:
+            gap = self.miss_interval_s if self._held_keys else 0.0
+        else:
+            gap = min(self.miss_interval_s, self.miss_retry_s * 2 ** (self._miss_retries - 1))
+        return now - self._last_miss >= gap
 
     async def run(self) -> None:
         while True:
@@ -192,10 +208,8 @@ class StaffKeys(BackgroundService):
             await asyncio.sleep(self.refresh_s)
 
 
-def _timestamp(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidStaffToken("invalid access token: exp and iat must be integers")
-    return value
+def _expired(_: str) -> StaffTokenExpired:
+    return StaffTokenExpired("the access token has expired: sign in again")
 
 
 class StaffTokens:
@@ -218,43 +232,19 @@ class StaffTokens:
         self.charge_roles = frozenset(charge_roles)
 
     async def claims(self, token: str) -> dict[str, Any]:
-        if not looks_like_jwt(token):
-            raise InvalidStaffToken("invalid access token")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            raise InvalidStaffToken("invalid access token: malformed") from None
-        kid = header.get("kid")
-        if header.get("alg") != ALGORITHM:
-            raise InvalidStaffToken("invalid access token: unsupported algorithm")
-        if not isinstance(kid, str) or not kid or len(kid) > 64:
-            raise InvalidStaffToken("invalid access token: no key id")
+        kid = token_kid(token, invalid=InvalidStaffToken)
         key = await self.keys.key(kid)
         if key is None:
             raise InvalidStaffToken("invalid access token: unknown key")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=[ALGORITHM],
-                audience=self.audience,
-                issuer=self.issuer,
-                options={
-                    "require": REQUIRED_CLAIMS,
-                    "verify_exp": False,  # checked below, on the edge's clock
-                    "verify_iat": False,
-                    "verify_nbf": False,
-                },
-            )
-        except jwt.InvalidTokenError as exc:
-            raise InvalidStaffToken(f"invalid access token: {type(exc).__name__}") from None
-        now = self.clock.now().timestamp()
-        exp, iat = _timestamp(claims["exp"]), _timestamp(claims["iat"])
-        if iat > now + CLOCK_SKEW_S:
-            raise InvalidStaffToken("invalid access token: issued in the future")
-        if exp <= now:
-            raise StaffTokenExpired("the access token has expired: sign in again")
-        return claims
+        return token_claims(
+            token,
+            key,
+            issuer=self.issuer,
+            audience=self.audience,
+            now=self.clock.now().timestamp(),  # the lifetime on the edge's clock
+            invalid=InvalidStaffToken,
+            expired=_expired,
+        )
 
     async def principal(self, token: str) -> Principal:
         claims = await self.claims(token)
